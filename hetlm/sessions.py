@@ -1,0 +1,204 @@
+"""Events -> sessions -> cleaned sessions -> next-session samples (all polars, no row loops).
+
+Sessions table: user, session (sequence number within the user, from 0), start (ms), pages (list[str]).
+Samples table: user, split, target_start, history (list[list[str]]), target (list[str]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from .ingest.base import CART, PURCHASE
+
+
+@dataclass
+class CleaningReport:
+    """Rows (events) removed or changed by each cleaning step, by reason."""
+
+    dropped: dict[str, int] = field(default_factory=dict)
+    long_session_cutoff: int | None = None
+
+    def add(self, reason: str, rows: int) -> None:
+        if rows:
+            self.dropped[reason] = self.dropped.get(reason, 0) + int(rows)
+
+
+def sessionize(events: pl.DataFrame, gap_minutes: float = 30.0, use_log_sessions: bool = True) -> pl.DataFrame:
+    """One row per event with `session` = the user's session number, ordered by time.
+
+    Rows with a session id from the log keep it (when `use_log_sessions`); the others are split
+    where two consecutive events of a user are more than `gap_minutes` apart.
+    """
+    gap_ms = int(gap_minutes * 60_000)
+    ev = events.with_row_index("_order").sort("user", "ts", "_order")
+    new_by_gap = (pl.col("ts").diff().over("user").fill_null(gap_ms + 1) > gap_ms).cum_sum().over("user")
+    key = pl.lit("gap:") + new_by_gap.cast(pl.Utf8)
+    if use_log_sessions:
+        key = pl.coalesce(pl.lit("log:") + pl.col("session"), key)
+    ev = ev.with_columns(_key=key).drop("session")
+    # Sessions are numbered by their first event's time, so log ids interleaved in time stay ordered.
+    starts = (
+        ev.group_by("user", "_key").agg(start=pl.col("ts").min(), first=pl.col("_order").min())
+        .sort("user", "start", "first")
+        .with_columns(session=pl.int_range(pl.len()).over("user"))
+    )
+    return (
+        ev.join(starts.select("user", "_key", "session", "start"), on=["user", "_key"])
+        .sort("user", "session", "ts", "_order")
+        .select("user", "session", "start", "ts", "page")
+    )
+
+
+def clean_sessions(
+    events: pl.DataFrame,
+    report: CleaningReport,
+    collapse_repeats: bool = True,
+    min_session_len: int = 2,
+    long_session_percentile: float | None = 99.0,
+    long_sessions: str = "truncate",
+    min_sessions: int = 2,
+) -> pl.DataFrame:
+    """Sessionized events -> sessions table, with the paper's filters; every removed row is counted."""
+    ev = events
+    if collapse_repeats:
+        repeat = (pl.col("page") == pl.col("page").shift(1)).over("user", "session").fill_null(False)
+        report.add("immediate repeat of the same page (collapsed)", ev.select(repeat.sum()).item())
+        ev = ev.filter(~repeat)
+    sessions = ev.group_by("user", "session", maintain_order=True).agg(
+        start=pl.col("start").first(), pages=pl.col("page")
+    ).with_columns(n=pl.col("pages").list.len())
+
+    short = pl.col("n") < min_session_len
+    report.add(f"session shorter than {min_session_len} pages", sessions.filter(short)["n"].sum())
+    sessions = sessions.filter(~short)
+
+    if long_session_percentile is not None and sessions.height:
+        cutoff = max(int(sessions["n"].quantile(long_session_percentile / 100, "higher")), min_session_len)
+        report.long_session_cutoff = cutoff
+        long = sessions.filter(pl.col("n") > cutoff)
+        if long_sessions == "truncate":
+            report.add(f"page beyond the {long_session_percentile:g}th-percentile session length ({cutoff})",
+                       (long["n"] - cutoff).sum())
+            sessions = sessions.with_columns(pages=pl.col("pages").list.head(cutoff))
+        elif long_sessions == "drop":
+            report.add(f"session longer than the {long_session_percentile:g}th percentile ({cutoff})",
+                       long["n"].sum())
+            sessions = sessions.filter(pl.col("n") <= cutoff)
+        else:
+            raise ValueError(f"long_sessions must be 'truncate' or 'drop', not {long_sessions!r}")
+
+    sessions = sessions.with_columns(n=pl.col("pages").list.len())
+    few = pl.len().over("user") < min_sessions
+    report.add(f"user with fewer than {min_sessions} sessions", sessions.filter(few)["n"].sum())
+    sessions = sessions.filter(~few)
+    # Renumber so session numbers are 0..n-1 again after the filters.
+    return sessions.sort("user", "start", "session").with_columns(
+        session=pl.int_range(pl.len()).over("user")
+    ).select("user", "session", "start", "pages")
+
+
+def split_within_sessions(sessions: pl.DataFrame, min_target_len: int = 1) -> pl.DataFrame:
+    """For logs of single anonymous visits: each visit becomes a 'history' (its first half) and a
+    'next session' (the rest), so the next-pages task still exists. Documented in the summary."""
+    n = pl.col("pages").list.len()
+    half = n // 2
+    return (
+        sessions.filter(n >= 2 * min_target_len)
+        .with_columns(first=pl.col("pages").list.head(half), rest=pl.col("pages").list.slice(half))
+        .select(
+            "user",
+            pl.concat_list(
+                pl.struct(session=pl.lit(0, pl.Int64), pages=pl.col("first"), start=pl.col("start")),
+                pl.struct(session=pl.lit(1, pl.Int64), pages=pl.col("rest"), start=pl.col("start") + 1),
+            ).alias("parts"),
+        )
+        .explode("parts").unnest("parts").select("user", "session", "start", "pages")
+    )
+
+
+@dataclass
+class SplitSettings:
+    split: str = "time"              # "time": by target start time; "user": the paper's one sample per user
+    test_fraction: float = 0.1
+    val_fraction: float = 0.05
+    test_targets: str = "first"      # "first" test/val sample per user, or "all"
+    seed: int = 0
+
+
+def assign_splits(sessions: pl.DataFrame, s: SplitSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Targets table (user, session, start, split) and the sessions allowed in training.
+
+    Time split: targets starting at or after the test cutoff are test, those in the window before it
+    val, the rest train. Every session a training sample uses starts before the val cutoff, so no
+    val/test target appears in training data. User split: users are drawn into train/val/test and
+    their last session is the target.
+    """
+    candidates = sessions.filter(pl.col("session") >= 1)
+    if candidates.height == 0:
+        raise ValueError("no user has two sessions after cleaning: nothing to predict")
+    if s.split == "time":
+        t_test = candidates["start"].quantile(1 - s.test_fraction, "higher")
+        t_val = candidates["start"].quantile(1 - s.test_fraction - s.val_fraction, "higher")
+        split = (pl.when(pl.col("start") >= t_test).then(pl.lit("test"))
+                 .when(pl.col("start") >= t_val).then(pl.lit("val")).otherwise(pl.lit("train")))
+        targets = candidates.with_columns(split=split)
+        if s.test_targets == "first":
+            first = pl.col("session") == pl.col("session").min().over("user", "split")
+            targets = targets.filter((pl.col("split") == "train") | first)
+        train_sessions = sessions.filter(pl.col("start") < t_val)
+    elif s.split == "user":
+        last = candidates.filter(pl.col("session") == pl.col("session").max().over("user"))
+        u = pl.col("user").hash(s.seed) / float(2**64)
+        split = (pl.when(u < s.test_fraction).then(pl.lit("test"))
+                 .when(u < s.test_fraction + s.val_fraction).then(pl.lit("val")).otherwise(pl.lit("train")))
+        targets = last.with_columns(split=split)
+        train_users = targets.filter(pl.col("split") == "train")["user"]
+        train_sessions = sessions.filter(pl.col("user").is_in(train_users.implode()))
+    else:
+        raise ValueError(f"split must be 'time' or 'user', not {s.split!r}")
+    return targets.select("user", "session", "start", "split"), train_sessions
+
+
+def session_ids(sessions: pl.DataFrame, vocab: dict[str, int], unk_id: int, bos_id: int, eos_id: int) -> pl.DataFrame:
+    """Add `ids`: each session as [BOS] page ids [EOS], pages outside `vocab` -> unk_id."""
+    mapped = pl.col("pages").list.eval(pl.element().replace_strict(vocab, default=unk_id, return_dtype=pl.Int32))
+    return sessions.with_columns(
+        ids=pl.concat_list(pl.lit([bos_id], pl.List(pl.Int32)), mapped, pl.lit([eos_id], pl.List(pl.Int32)))
+    )
+
+
+def build_samples(sessions: pl.DataFrame, targets: pl.DataFrame, history_budget: int) -> pl.DataFrame:
+    """Pair each target with the most recent whole past sessions whose tokens fit `history_budget`.
+
+    A session costs len(pages) + 2 tokens ([BOS] ... [EOS]). For target j the history starts at the
+    first session k with cost(k..j-1) <= budget, found by an as-of join on cumulative cost.
+    """
+    cost = pl.col("pages").list.len().cast(pl.Int64) + 2
+    sess = sessions.sort("user", "session").with_columns(
+        cum_before=(cost.cum_sum() - cost).over("user")
+    )
+    tgt = (
+        targets.join(sess.select("user", "session", "cum_before", "pages", "ids"), on=["user", "session"])
+        .with_columns(need=pl.col("cum_before") - history_budget)
+        .sort("need")
+    )
+    starts = sess.select("user", k="session", need="cum_before").sort("need")
+    tgt = tgt.join_asof(starts, on="need", by="user", strategy="forward", check_sortedness=False)
+    per_user = sess.group_by("user").agg(
+        all_pages=pl.col("pages").sort_by("session"), all_ids=pl.col("ids").sort_by("session")
+    )
+    past = lambda col: pl.col(col).list.slice(pl.col("k"), pl.col("session") - pl.col("k"))  # noqa: E731
+    return (
+        tgt.join(per_user, on="user")
+        .select(
+            "user", "split", target_start="start",
+            history=past("all_pages"), target="pages",
+            input_ids=past("all_ids").list.eval(pl.element().explode()), target_ids="ids",
+        )
+        .with_columns(
+            cart=pl.col("target").list.contains(CART), purchase=pl.col("target").list.contains(PURCHASE)
+        )
+        .sort("split", "target_start", "user")
+    )
