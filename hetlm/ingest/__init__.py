@@ -1,0 +1,41 @@
+"""Click logs in, one Event table out: `read_events(source, path, **options)`.
+
+Each source module states its one page-naming rule in its docstring; `base` holds the Event table
+contract shared by all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .base import CART, EVENT_SCHEMA, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult
+from .ga360 import read_ga360
+from .generic import read_generic
+from .msnbc import read_msnbc
+from .otto import read_otto
+from .rees46 import read_rees46
+from .taobao import read_taobao
+
+SOURCES: dict[str, Callable[..., IngestResult]] = {
+    "generic": read_generic,
+    "taobao": read_taobao,
+    "rees46": read_rees46,
+    "ga360": read_ga360,
+    "otto": read_otto,
+    "msnbc": read_msnbc,
+}
+
+__all__ = [
+    "CART", "EVENT_SCHEMA", "OUTCOME_PAGES", "PURCHASE", "SOURCES", "IngestError", "IngestResult",
+    "read_events",
+]
+
+
+def read_events(source: str, path: str | Path, **options) -> IngestResult:
+    """Read `path` with the `source` adapter; options go to it (e.g. on_bad_rows="skip")."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if not Path(path).is_file():
+        raise IngestError(path, "no such file", hint=f"check the path given for the {source} log")
+    return SOURCES[source](path, **options)

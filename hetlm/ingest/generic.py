@@ -1,0 +1,207 @@
+"""Any click log as a table: CSV (any delimiter), TSV or Parquet, with the columns named by the user.
+
+Naming rule: a page is `page_prefix` + the value of the `page` column. When an `event` column is
+named, events listed in `cart_events` -> Cart and in `purchase_events` -> Purchase (compared
+case-insensitively); any other event keeps its page. Users that are null, empty or "NA" become
+"session:<session id>" (an anonymous visit) when a session column is named.
+
+Also home to the small readers the other adapters share: `read_bytes`, `read_json_lines`, `to_millis`.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import polars as pl
+
+from .base import CART, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish, normalize_pages
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TAB_SUFFIXES = (".tsv", ".tab")
+MISSING_USER = ("", "NA")
+UNIT_MS = {"s": 1000, "ms": 1}
+
+
+def read_generic(
+    path: str | Path,
+    *,
+    user: str,
+    page: str,
+    time: str | None = None,
+    session: str | None = None,
+    event: str | None = None,
+    order: str | None = None,
+    sep: str | None = None,
+    time_format: str | None = None,
+    time_unit: str = "s",
+    page_prefix: str = "",
+    cart_events: tuple[str, ...] = ("cart",),
+    purchase_events: tuple[str, ...] = ("purchase",),
+    on_bad_rows: str = "error",
+) -> IngestResult:
+    """Events from a table whose columns are named by the caller.
+
+    time: unix seconds/milliseconds (`time_unit`) or date/datetime strings (`time_format`, else
+    inferred); None -> the data row index is the (synthetic) clock. order: a numeric column added
+    to ts in milliseconds (e.g. Diginetica's timeframe within eventdate); used alone when time is None.
+    Events are returned in file order.
+    """
+    if time_unit not in UNIT_MS:
+        raise ValueError(f"time_unit must be one of {list(UNIT_MS)}, not {time_unit!r}")
+    raw, first_line = read_table(path, sep)
+    named = [c for c in (user, page, time, session, event, order) if c is not None]
+    check_named_columns(path, [c for c in raw.columns if c != "_row"], named)
+    skipped: dict[str, int] = {}
+
+    raw = raw.with_columns(_session=_blank_to_null(pl.col(session)) if session else pl.lit(None, pl.Utf8))
+    raw = _with_users(raw, user)
+    raw = bad_rows(
+        raw, raw["_user"].is_null(), path, "missing user id (and no session id to stand in)",
+        on_bad_rows, skipped, first_line,
+    )
+    raw = raw.with_columns(_page=_pages(page, event, page_prefix, cart_events, purchase_events))
+    raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, first_line)
+    raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
+    raw = bad_rows(
+        raw, raw["_ts"].is_null(), path, f"unparsable time in {[c for c in (time, order) if c]}",
+        on_bad_rows, skipped, first_line,
+        hint="give time_format / time_unit, fix the file, or pass --skip-bad-rows",
+    )
+    events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
+    fallback_users = raw.filter(pl.col("_anonymous"))["_user"].n_unique()
+    anonymous = fallback_users > events["user"].n_unique() / 2
+    return IngestResult(finish(events), "generic", str(path), skipped, anonymous)
+
+
+def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, int]:
+    """All columns (CSV as strings) plus a 0-based `_row`, and the file line of row 0."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
+    suffix = suffixes[-1] if suffixes else ""
+    if suffix in PARQUET_SUFFIXES:
+        try:
+            return pl.read_parquet(path, row_index_name="_row"), 1  # "line" = 1-based row number
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise IngestError(path, f"not a readable Parquet file: {e}".splitlines()[0]) from None
+    separator = sep or ("\t" if suffix in TAB_SUFFIXES else ",")
+    try:
+        raw = pl.read_csv(path, separator=separator, infer_schema=False, row_index_name="_row")
+    except pl.exceptions.NoDataError:
+        raise IngestError(path, "the file is empty", hint="point at a log with a header line") from None
+    except pl.exceptions.ComputeError as e:
+        raise IngestError(path, f"not a {separator!r}-separated table: {e}".splitlines()[0]) from None
+    return raw, 2  # line 1 is the header
+
+
+def check_named_columns(path: str | Path, present: list[str], needed: list[str]) -> None:
+    """Like `check_columns`, but a one-column file almost always means the wrong delimiter."""
+    missing = [c for c in needed if c not in present]
+    if missing and len(present) == 1:
+        raise IngestError(
+            path, f"missing column(s) {missing}; the file has only one column {present}", 1,
+            "the delimiter is probably wrong: pass it with --sep (e.g. --sep ';')",
+        )
+    check_columns(path, present, needed)
+
+
+def _blank_to_null(expr: pl.Expr) -> pl.Expr:
+    text = expr.cast(pl.Utf8).str.strip_chars()
+    return pl.when(text.str.len_chars() > 0).then(text).otherwise(None)
+
+
+def _with_users(raw: pl.DataFrame, user: str) -> pl.DataFrame:
+    """`_user`, falling back to the session id for anonymous rows; `_anonymous` marks the fallback."""
+    given = pl.col(user).cast(pl.Utf8).str.strip_chars()
+    missing = given.is_null() | given.is_in(MISSING_USER)
+    return raw.with_columns(
+        _user=pl.when(missing).then(pl.lit("session:") + pl.col("_session")).otherwise(given),
+        _anonymous=missing,
+    )
+
+
+def _pages(
+    page: str, event: str | None, prefix: str, cart_events: tuple[str, ...], purchase_events: tuple[str, ...]
+) -> pl.Expr:
+    """The page name of each row: outcome events by their event, any other row by its page column."""
+    viewed = _blank_to_null(pl.col(page))
+    name = normalize_pages(pl.lit(prefix) + viewed)
+    if event is not None:
+        kind = pl.col(event).cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+        name = (
+            pl.when(kind.is_in([e.lower() for e in cart_events])).then(pl.lit(CART))
+            .when(kind.is_in([e.lower() for e in purchase_events])).then(pl.lit(PURCHASE))
+            .otherwise(name)
+        )
+    return name
+
+
+def _clock(
+    raw: pl.DataFrame, time: str | None, order: str | None, time_format: str | None, time_unit: str
+) -> pl.Series:
+    """ts in ms: time (+ order); order alone; or the row index when the log has no clock."""
+    if time is None and order is None:
+        return raw["_row"].cast(pl.Int64)
+    ts = to_millis(raw[time], time_format, time_unit) if time is not None else 0
+    return ts + to_millis(raw[order], None, "ms") if order is not None else ts
+
+
+def to_millis(values: pl.Series, time_format: str | None = None, time_unit: str = "s") -> pl.Series:
+    """Epoch milliseconds (Int64, null where unparsable) from numbers, dates or datetime strings.
+
+    Numbers are unix time in `time_unit`; strings count as numbers when most of them parse as
+    numbers and no `time_format` is given, else they are parsed with `time_format` (or inferred).
+    """
+    if values.dtype.is_temporal():
+        return values.cast(pl.Datetime("ms")).dt.epoch("ms")
+    text = values.cast(pl.Utf8).str.strip_chars()
+    numbers = text.cast(pl.Float64, strict=False)
+    if time_format is None and numbers.is_not_null().sum() * 2 > text.is_not_null().sum():
+        return (numbers * UNIT_MS[time_unit]).round().cast(pl.Int64, strict=False)
+    return text.str.to_datetime(time_format, strict=False).dt.epoch("ms")
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The whole file, gunzipped when it is gzip (by its magic bytes, not its name)."""
+    data = Path(path).read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def read_json_lines(
+    path: str | Path, dtype: pl.Struct, on_bad_rows: str, skipped: dict[str, int]
+) -> pl.DataFrame:
+    """One row per non-blank line of a (gzipped) JSON-lines file: the `dtype` fields plus `_row`.
+
+    Lines that are not a JSON object are bad rows (raised with their line number, or skipped).
+    Fields missing from a line are null; fields not in `dtype` are ignored.
+    """
+    data = read_bytes(path)
+    n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    try:
+        rows = pl.read_ndjson(data, schema=dtype.to_schema(), row_index_name="_row")
+        if rows.height == n_lines:  # no blank lines skipped, so `_row` + 1 is the file line
+            return rows
+    except pl.exceptions.ComputeError:
+        pass
+    return _decode_lines(path, data, dtype, on_bad_rows, skipped)
+
+
+def _decode_lines(
+    path: str | Path, data: bytes, dtype: pl.Struct, on_bad_rows: str, skipped: dict[str, int]
+) -> pl.DataFrame:
+    """The slow path of `read_json_lines`, for files with blank or malformed lines."""
+    lines = pl.DataFrame({"line": data.decode("utf-8", errors="replace").split("\n")}).with_row_index("_row")
+    lines = lines.with_columns(pl.col("line").str.strip_chars()).filter(pl.col("line") != "")
+    if lines.height == 0:
+        raise IngestError(path, "the file is empty", hint="point at a JSON-lines file")
+    text = pl.col("line")
+    ok = lines.select(text.str.starts_with("{") & text.str.json_path_match("$").is_not_null())[:, 0]
+    bad_rows(
+        lines.select("_row", start=text.str.slice(0, 80)), ~ok, path,
+        "malformed JSON line (expected one JSON object per line)", on_bad_rows, skipped,
+    )
+    lines = lines.filter(ok)
+    try:
+        decoded = lines["line"].str.json_decode(dtype)
+    except pl.exceptions.ComputeError as e:
+        raise IngestError(path, f"JSON lines not in the expected layout: {e}".splitlines()[0]) from None
+    return pl.DataFrame({"_row": lines["_row"], "json": decoded}).unnest("json")

@@ -1,0 +1,53 @@
+"""REES46 "eCommerce behavior data from multi category store" (Kechinov 2019): CSV with a header:
+event_time ("2019-10-01 00:00:00 UTC"), event_type, product_id, category_id, category_code, brand,
+price, user_id, user_session.
+
+Naming rule: a `view` is the product's category page, its category_code with dots as word breaks
+("electronics.smartphone" -> `electronics_smartphone`), or `category_<category_id>` when the code is
+empty; `cart` -> Cart, `purchase` -> Purchase, `remove_from_cart` -> `Remove_from_cart`.
+session = user_session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from .base import CART, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish, normalize_pages
+
+COLUMNS = ["event_time", "event_type", "category_id", "category_code", "user_id", "user_session"]
+EVENT_PAGES = {"cart": CART, "purchase": PURCHASE, "remove_from_cart": "Remove from cart"}
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+
+
+def read_rees46(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
+    try:
+        raw = pl.read_csv(path, infer_schema=False, row_index_name="_row")
+    except pl.exceptions.NoDataError:
+        raise IngestError(path, "the file is empty", hint="point at a REES46 month CSV") from None
+    except pl.exceptions.ComputeError as e:
+        raise IngestError(path, f"not a REES46 CSV: {e}".splitlines()[0]) from None
+    check_columns(path, raw.columns, COLUMNS)
+    skipped: dict[str, int] = {}
+    raw = bad_rows(raw, raw["user_id"].is_null(), path, "missing user_id", on_bad_rows, skipped, 2)
+    ts = raw["event_time"].str.to_datetime(TIME_FORMAT, strict=False).dt.epoch("ms")
+    raw = bad_rows(
+        raw.with_columns(ts=ts), ts.is_null(), path, f"unparsable event_time (expected {TIME_FORMAT})",
+        on_bad_rows, skipped, 2,
+    )
+    known = raw["event_type"].is_in(["view", *EVENT_PAGES])
+    raw = bad_rows(
+        raw, ~known, path, "unknown event_type (expected view/cart/remove_from_cart/purchase)",
+        on_bad_rows, skipped, 2,
+    )
+    category = pl.col("category_code").str.replace_all(".", " ", literal=True).fill_null(
+        pl.lit("category ") + pl.col("category_id")
+    )
+    page = pl.col("event_type").replace_strict(EVENT_PAGES, default=None).fill_null(category)
+    raw = raw.with_columns(page=normalize_pages(page))
+    raw = bad_rows(
+        raw, raw["page"].is_null(), path, "view without category_code or category_id", on_bad_rows, skipped, 2
+    )
+    events = raw.select(user="user_id", session="user_session", ts="ts", page="page")
+    return IngestResult(finish(events), "rees46", str(path), skipped)
