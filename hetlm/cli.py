@@ -10,15 +10,14 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that spin while waiting slow torch 10x or more when the CPU is shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
-
-SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
-
 
 @app.callback()
 def _root() -> None:
@@ -94,3 +93,151 @@ def _print_summary(summary: dict, out: Path) -> None:
         value = summary[key]
         t.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(t)
+
+
+def _load_split(prepared: Path, split: str):
+    import polars as pl
+
+    path = prepared / f"{split}.parquet"
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path} not found: run `hetlm prepare ... --out {prepared}` first"))
+    return pl.read_parquet(path)
+
+
+@app.command()
+def train(
+    prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare`"),
+    out: Path = typer.Option(..., "--out", help="run folder: best/ (save_pretrained), checkpoint/, history.json"),
+    preset: str = typer.Option("tiny", help="tiny | small | base | opt-350m | opt-2.7b | qwen2.5-0.5b | qwen2.5-7b | smollm2-360m"),
+    family: Optional[str] = typer.Option(None, help="llama | qwen2 | opt (for tiny/small/base)"),
+    init_from: Optional[Path] = typer.Option(None, help="released weights (save_pretrained folder) to start from"),
+    epochs: int = typer.Option(3),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(32),
+    grad_accum: int = typer.Option(1),
+    max_steps: Optional[int] = typer.Option(None),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast (CPU or GPU)"),
+    eval_every: int = typer.Option(200),
+    patience: Optional[int] = typer.Option(5, help="early stopping: evaluations without improvement"),
+    resume: bool = typer.Option(False, help="continue from out/checkpoint"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a page-level LM on prepared samples (causal LM loss on history + next session)."""
+    import torch
+
+    from .models import build_model, count_parameters, init_from as load_released
+    from .tokenizer import load_tokenizer
+    from .train import TrainConfig, train_lm
+
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    torch.manual_seed(seed)
+    try:
+        model = build_model(preset, len(tokenizer), family)
+    except (KeyError, ValueError) as err:
+        _fail(err)
+    if init_from:
+        report = load_released(model, init_from)
+        console.print(f"loaded {len(report.loaded)} tensors from {init_from}, skipped {len(report.skipped)}")
+    console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
+    config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+                         bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
+    result = train_lm(model, _load_split(prepared, "train"), _load_split(prepared, "val"), config, out, resume=resume)
+    tokenizer.save_pretrained(out / "best")
+    console.print(f"{result.steps} steps, best val loss {result.best_val_loss} at step {result.best_step}, "
+                  f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder (e.g. RUN/best) or a clusterwise model folder"),
+    prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare`"),
+    out: Path = typer.Option(..., "--out", help="Parquet file of generations"),
+    split: str = typer.Option("test"),
+    max_new_tokens: int = typer.Option(40),
+    batch_size: int = typer.Option(64),
+    strategy: str = typer.Option("greedy", help="greedy | beam | sample"),
+    num_beams: int = typer.Option(4),
+    temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate each user's next session (constrained to pages, batched, KV-cached)."""
+    from .evaluate import GenerationSettings, load_any_model, predict
+    from .tokenizer import load_tokenizer
+
+    df = _load_split(prepared, split)
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,
+                                  num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    model, z = load_any_model(model_dir, df)
+    pred = predict(model, df, tokenizer, settings, z, routing)
+    import polars as pl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.select("user", "target_start", "history", "target").with_columns(
+        generated=pl.Series(pred.pages, dtype=pl.List(pl.Utf8)), cluster=pl.Series(pred.clusters.astype(int))
+    ).write_parquet(out)
+    console.print(f"{len(pred.pages)} next sessions in {pred.seconds['generation']:.1f} s -> {out}")
+
+
+@app.command()
+def evaluate(
+    generations: Path = typer.Argument(..., help="Parquet written by `hetlm generate`"),
+    prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare` (for the page vocabulary)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON file of the metrics"),
+    bert_score: bool = typer.Option(False, help="BERTScore-style P/R/F1 with the bundled MiniLM"),
+) -> None:
+    """The paper's 20 metrics (per cluster and Combined), BLEU and optionally BERTScore."""
+    import polars as pl
+
+    from .evaluate import score
+    from .metrics import format_table
+    from .tokenizer import load_tokenizer, page_vocabulary
+
+    df = pl.read_parquet(generations)
+    vocabulary = set(page_vocabulary(load_tokenizer(prepared / "tokenizer")))
+    encoder = None
+    if bert_score:
+        from .encoders import load_minilm
+        encoder = load_minilm()
+    result = score(df["generated"].to_list(), df, vocabulary, df["cluster"].to_numpy(), bert_encoder=encoder)
+    rows = {"Combined": result["combined"] | result["extra"]}
+    if len(result["clusters"]) > 1:
+        rows |= {f"cluster {k}": m for k, m in result["clusters"].items()}
+    console.print(format_table(rows))
+    if out:
+        out.write_text(json.dumps(result, indent=1, default=float))
+        console.print(f"-> {out}")
+
+
+@app.command()
+def experiment(
+    config: Path = typer.Argument(..., help="experiment config (JSON), e.g. configs/quick.json"),
+    out: Path = typer.Option(..., "--out", help="run folder"),
+    data: Optional[Path] = typer.Option(None, help="override the config's log file"),
+    source: Optional[str] = typer.Option(None, help="override the config's source format"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """The paper's Step 2: small LM, k-means, HeTLM, larger LM, baselines; Tables 2-6 and 17."""
+    from pydantic import ValidationError
+
+    from .experiment import ExperimentConfig, run_experiment
+
+    try:
+        cfg = ExperimentConfig.from_file(config)
+    except ValidationError as err:
+        _fail(ValueError(f"{config}: {err}"))
+    updates = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
+    run_experiment(cfg.model_copy(update=updates), out, progress=progress)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out"),
+    config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "quick.json",
+                                help="the quick profile on the shipped Taobao sample"),
+) -> None:
+    """The main job on the dataset shipped in the repo: `experiment configs/quick.json`."""
+    experiment(config, out, None, None, True)

@@ -192,7 +192,7 @@ def test_msnbc_matches_a_plain_reading(msnbc_raw):
     assert pages == {names[int(k) - 1]: n for k, n in numbers.items()}
     first = result.events.filter(pl.col("user") == "v2")
     assert first["page"].to_list() == [names[int(k) - 1] for k in sequences[2].split()]
-    assert first["ts"].to_list() == [20_000 + i for i in range(len(first))]
+    assert first["ts"].to_list() == [200_000 + i for i in range(len(first))]
     assert (result.events["user"] == result.events["session"]).all()
 
 

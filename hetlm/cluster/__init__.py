@@ -1,0 +1,1 @@
+"""Clusterwise training: k-means (exogenous) and HeTLM (endogenous, actor-critic)."""

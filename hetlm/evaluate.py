@@ -1,0 +1,132 @@
+"""Evaluation of one model on the test samples: generate each user's next session (routing users to
+their cluster's LM for clusterwise models), then score with `metrics`, per cluster and Combined."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from . import metrics as M
+from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
+from .cluster.base import ClusterwiseLM
+from .encoders import make_encoder
+from .generate import generate_next_sessions, next_page_scores
+from .ingest.base import CART, PURCHASE
+from .tokenizer import SPECIALS
+
+
+class GenerationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    strategy: str = "greedy"
+    num_beams: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Predictions:
+    """What a model produced for the test users, in test-frame order."""
+
+    pages: list[list[str]]
+    clusters: np.ndarray
+    first_page_logprobs: np.ndarray     # (n, vocab) log P(first page of the next session)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _decode(tokenizer, ids: list[list[int]]) -> list[list[str]]:
+    return [tokenizer.convert_ids_to_tokens(list(row)) for row in ids]
+
+
+def predict(model: PreTrainedModel | ClusterwiseLM, test: pl.DataFrame, tokenizer, settings: GenerationSettings,
+            z: np.ndarray | None = None, routing: str | None = None, progress: bool = True) -> Predictions:
+    """Generate every test user's next session with `model` (one LM, or routed cluster LMs)."""
+    inputs = test["input_ids"].to_list()
+    kwargs = settings.model_dump()
+    if isinstance(model, PreTrainedModel):
+        clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
+    else:
+        clusters, models = model.route(z, routing), model.models
+    pages: list[list[str]] = [[] for _ in inputs]
+    scores = np.zeros((len(inputs), len(tokenizer)), dtype=np.float32)
+    started = time.perf_counter()
+    for k, lm in models.items():
+        idx = np.flatnonzero(clusters == k)
+        if not len(idx):
+            continue
+        generated = generate_next_sessions(lm, [inputs[i] for i in idx], progress=progress, **kwargs)
+        for i, row in zip(idx, _decode(tokenizer, generated)):
+            pages[i] = row
+    generation_s = time.perf_counter() - started
+    for k, lm in models.items():
+        idx = np.flatnonzero(clusters == k)
+        if len(idx):
+            scores[idx] = next_page_scores(lm, [inputs[i] for i in idx], settings.batch_size)
+    return Predictions(pages, clusters, scores, {"generation": generation_s,
+                                                 "scoring": time.perf_counter() - started - generation_s})
+
+
+def load_any_model(path: str | Path, samples: pl.DataFrame) -> tuple[PreTrainedModel | ClusterwiseLM, np.ndarray | None]:
+    """A single LM folder (plain transformers) or a clusterwise folder; for the latter also the
+    embeddings of `samples`' histories with the encoder it was trained with (for routing)."""
+    path = Path(path)
+    if (path / CLUSTERWISE_FILE).exists():
+        model = ClusterwiseLM.from_pretrained(path)
+        settings = {k: v for k, v in model.encoder.items() if k in ("name", "pooling", "model_name_or_path", "cache_dir")}
+        name = settings.pop("name")
+        if name != "sbert":
+            settings.pop("pooling", None)
+        z = make_encoder(name, **settings).transform(samples["history"].to_list())
+        return model, z
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval(), None
+
+
+def _flat(history: list[list[str]]) -> list[str]:
+    return [p for s in history for p in s]
+
+
+def score(pages: list[list[str]], test: pl.DataFrame, vocabulary: set[str], clusters: np.ndarray | None = None,
+          first_page_logprobs: np.ndarray | None = None, tokenizer=None, bert_encoder=None) -> dict:
+    """The 20 metrics per cluster and Combined, plus (Combined only) BLEU, BERTScore, ranking and AUC."""
+    actual = test["target"].to_list()
+    history = [_flat(h) for h in test["history"].to_list()]
+    clusters = np.zeros(len(pages), dtype=int) if clusters is None else clusters
+    result = M.evaluate_generations(pages, actual, history, vocabulary)
+    per_cluster = {}
+    for k in np.unique(clusters):
+        idx = np.flatnonzero(clusters == k)
+        sub = M.evaluate_generations([pages[i] for i in idx], [actual[i] for i in idx],
+                                     [history[i] for i in idx], vocabulary)
+        per_cluster[int(k)] = {"n": len(idx), **sub.metrics}
+    extra = {"BLEU": M.bleu(pages, actual)}
+    if bert_encoder is not None:
+        extra |= {f"BERTScore-{k}": v for k, v in M.bert_score(pages, actual, bert_encoder).items()}
+    if first_page_logprobs is not None and tokenizer is not None:
+        extra |= _ranking_and_auc(first_page_logprobs, test, tokenizer)
+    return {"combined": {"n": len(pages), **result.metrics}, "clusters": per_cluster, "extra": extra,
+            "per_user_iou": result.per_user["IoU"].to_list()}
+
+
+def _ranking_and_auc(logprobs: np.ndarray, test: pl.DataFrame, tokenizer) -> dict[str, float]:
+    """Ranking of the actual first next page; AUC of P(first page is Cart / Purchase) for the outcome."""
+    first = np.array([tokenizer.convert_tokens_to_ids(t[0]) for t in test["target"].to_list()])
+    known = first >= len(SPECIALS)  # unknown first pages cannot be ranked
+    out = M.ranking_metrics(logprobs[known], first[known]) if known.any() else {}
+    probs = np.exp(logprobs)
+    for page, col in ((CART, "cart"), (PURCHASE, "purchase")):
+        page_id = tokenizer.convert_tokens_to_ids(page)
+        out[f"AUC-{page}(first page)"] = (
+            M.outcome_auc(probs[:, page_id], test[col].to_numpy()) if page_id >= len(SPECIALS) else math.nan
+        )
+    return out

@@ -1,0 +1,324 @@
+"""The paper's Step 2 on one dataset, from a config: prepare -> small LM -> k-means clusterwise ->
+HeTLM (a list of alpha, beta) -> parameter-matched larger LM -> evaluation of all of them and of the
+baselines -> the paper's Tables 2-6 and 17, as Markdown and JSON, in one run folder.
+
+Run folder:
+    config.json, prepared/ (samples, tokenizer, summary), models/<name>/ (save_pretrained),
+    generations/<name>.parquet, results.json, tables.md, timings in results.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from . import metrics as M
+from .baselines import BASELINES
+from .cluster.base import ClusterwiseLM
+from .cluster.hetlm import HeTLM, HeTLMConfig
+from .cluster.kmeans import fit_kmeans_clusterwise
+from .encoders import make_encoder
+from .evaluate import GenerationSettings, predict, score
+from .models import build_model, count_parameters, init_from, scale_preset
+from .prepare import PrepareConfig, prepare
+from .tokenizer import load_tokenizer, page_vocabulary
+from .train import TrainConfig, train_lm
+
+console = Console()
+SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: str = "tiny"
+    family: str | None = None
+    init_from: str | None = Field(None, description="released weights on disk to start from (all but vocab layers)")
+
+
+class KMeansSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    n_clusters: int = Field(6, ge=2)
+    finetune: TrainConfig = TrainConfig(lr=3e-4, epochs=2, early_stopping_patience=None)
+
+
+class HeTLMSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    runs: list[tuple[float, float]] = [(5.0, 9.0)]   # (alpha, beta) pairs
+    config: HeTLMConfig = HeTLMConfig()
+
+
+class LargerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    factor: float | Literal["final_k"] = "final_k"   # x the small LM's parameters; final_k = max final K of HeTLM
+
+
+class EncoderSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["sbert", "pagebag"] = "sbert"
+    pooling: Literal["mean", "recency"] = "mean"
+    model_name_or_path: str | None = None
+    cache_dir: str | None = None    # None: <run>/embedding_cache
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "experiment"
+    source: str = "taobao"
+    path: str = str(SHIPPED_DATA)
+    source_options: dict[str, Any] = {}
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelSettings = ModelSettings()
+    pretrain: TrainConfig = TrainConfig(epochs=3, early_stopping_patience=None)
+    larger: LargerSettings = LargerSettings()
+    kmeans: KMeansSettings = KMeansSettings()
+    hetlm: HeTLMSettings = HeTLMSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    generation: GenerationSettings = GenerationSettings()
+    baselines: list[str] = list(BASELINES)
+    bert_score: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ExperimentConfig:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+def _git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class Clock:
+    """Wall time of each stage, for the closing tables."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                console.rule(f"[bold]{stage}")
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.seconds[stage] = round(time.perf_counter() - self.t, 2)
+
+        return _Stage()
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    clock = Clock()
+    torch.manual_seed(config.seed)
+
+    with clock("prepare"):
+        summary = prepare(config.source, config.path, out / "prepared", config.prepare, **config.source_options)
+    train, val, test = (pl.read_parquet(out / "prepared" / f"{s}.parquet") for s in ("train", "val", "test"))
+    tokenizer = load_tokenizer(out / "prepared" / "tokenizer")
+    vocabulary = set(page_vocabulary(tokenizer))
+    console.print(f"{summary['users']} users, {len(vocabulary)} pages; samples {summary['samples']}")
+
+    models: dict[str, Any] = {}
+    params: dict[str, int] = {}
+    histories: dict[str, Any] = {}
+    max_len = config.prepare.max_len
+
+    with clock("small LM pre-training"):
+        torch.manual_seed(config.seed)
+        small = build_model(config.model.preset, len(tokenizer), config.model.family, max_positions=max_len)
+        if config.model.init_from:
+            report = init_from(small, config.model.init_from)
+            console.print(f"init from {config.model.init_from}: {len(report.loaded)} tensors loaded, "
+                          f"{len(report.skipped)} skipped")
+        result = train_lm(small, train, val, config.pretrain, out / "train" / "small", progress=progress)
+        name = f"{config.model.preset} single"
+        models[name], params[name], histories[name] = small.eval(), count_parameters(small), result.history
+        small.save_pretrained(out / "models" / "small")
+
+    z = {}
+    if config.kmeans.enabled or config.hetlm.enabled:
+        with clock("encoder"):
+            enc = config.encoder
+            encoder = make_encoder(enc.name, model_name_or_path=enc.model_name_or_path,
+                                   cache_dir=enc.cache_dir or str(out / "embedding_cache"),
+                                   **({"pooling": enc.pooling} if enc.name == "sbert" else {}))
+            for split, df in (("train", train), ("val", val), ("test", test)):
+                z[split] = encoder.transform(df["history"].to_list())
+            np.savez(out / "embeddings.npz", **z)
+    encoder_info = config.encoder.model_dump()
+
+    if config.kmeans.enabled:
+        k = config.kmeans.n_clusters
+        with clock(f"k-means K={k} fine-tuning"):
+            km = fit_kmeans_clusterwise(small, train, z["train"], val, z["val"], k, config.kmeans.finetune,
+                                        out / "train" / f"kmeans_k{k}", encoder_info, progress)
+            name = f"{config.model.preset} k-means K={k}"
+            models[name], params[name] = km, sum(count_parameters(m) for m in km.models.values())
+            histories[name] = km.info.pop("histories")
+            km.save_pretrained(out / "models" / f"kmeans_k{k}", tokenizer)
+
+    final_ks = []
+    if config.hetlm.enabled:
+        for alpha, beta in config.hetlm.runs:
+            cfg = dataclasses.replace(config.hetlm.config, alpha=alpha, beta=beta)
+            with clock(f"HeTLM a={alpha:g} b={beta:g}"):
+                het = HeTLM(cfg).fit(small, train, z["train"], val, z["val"], encoder_info, progress,
+                                     out / "train" / f"hetlm_a{alpha:g}_b{beta:g}")
+            name = f"{config.model.preset} HeTLM a={alpha:g} b={beta:g}"
+            models[name], params[name] = het, sum(count_parameters(m) for m in het.models.values())
+            histories[name] = het.info["history"]
+            final_ks.append(len(het.models))
+            het.save_pretrained(out / "models" / f"hetlm_a{alpha:g}_b{beta:g}", tokenizer)
+
+    larger_name = None
+    if config.larger.enabled:
+        factor = config.larger.factor
+        if factor == "final_k":
+            factor = max(final_ks or [config.kmeans.n_clusters if config.kmeans.enabled else 2])
+        shape, n = scale_preset(config.model.preset, factor, len(tokenizer), config.model.family, max_len)
+        larger_name = f"larger single ({n / 1e6:.1f}M, >= {factor:g}x)"
+        with clock("larger LM training"):
+            torch.manual_seed(config.seed)
+            larger = build_model(shape, len(tokenizer), config.model.family, max_positions=max_len)
+            result = train_lm(larger, train, val, config.pretrain, out / "train" / "larger", progress=progress)
+            models[larger_name], params[larger_name], histories[larger_name] = larger.eval(), n, result.history
+            larger.save_pretrained(out / "models" / "larger")
+
+    bert_encoder = None
+    if config.bert_score:
+        from .encoders import load_minilm
+        bert_encoder = load_minilm()
+
+    results: dict[str, dict] = {}
+    generations = out / "generations"
+    generations.mkdir(exist_ok=True)
+    for name, model in models.items():
+        with clock(f"inference: {name}"):
+            t0 = time.perf_counter()
+            zt = None
+            if isinstance(model, ClusterwiseLM):
+                zt = encoder.transform(test["history"].to_list())  # cached: the routing cost in Table 17
+            pred = predict(model, test, tokenizer, config.generation, zt, progress=progress)
+            inference_s = time.perf_counter() - t0 - pred.seconds["scoring"]
+            results[name] = score(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
+                                  tokenizer, bert_encoder)
+            results[name] |= {"params": params[name], "inference_seconds": round(inference_s, 2),
+                              "kind": "clusterwise" if isinstance(model, ClusterwiseLM) else "single"}
+            if isinstance(model, ClusterwiseLM):
+                results[name]["train_cluster_sizes"] = model.sizes
+            _save_generations(generations / f"{_slug(name)}.parquet", test, pred.pages, pred.clusters)
+
+    with clock("baselines"):
+        histories_in = train["history"].to_list() + val["history"].to_list()
+        targets_in = train["target"].to_list() + val["target"].to_list()
+        for bname in config.baselines:
+            baseline = BASELINES[bname]().fit(histories_in, targets_in)
+            pages = baseline.predict(test["history"].to_list())
+            results[f"baseline: {bname}"] = score(pages, test, vocabulary, bert_encoder=bert_encoder) | {
+                "kind": "baseline"}
+            _save_generations(generations / f"baseline_{bname}.parquet", test, pages, np.zeros(len(pages), int))
+
+    reference = larger_name or next(iter(models))
+    for name, r in results.items():
+        if name != reference:
+            r["composite_vs_" + _slug(reference)] = M.composite_score(r["combined"], results[reference]["combined"])
+
+    run = {
+        "name": config.name, "reference": reference, "data": summary, "results": results,
+        "seconds": clock.seconds, "histories": histories,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_count": os.cpu_count(), "platform": platform.platform(), "git": _git_revision()},
+    }
+    (out / "results.json").write_text(json.dumps(run, indent=1, default=_json_default))
+    (out / "tables.md").write_text(tables_markdown(run))
+    console.print(M.format_table({n: r["combined"] | r.get("extra", {}) for n, r in results.items()},
+                                 metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
+                                          "MRR"], title="Combined over test users"))
+    console.print(f"stage times (s): {clock.seconds}")
+    console.print(f"run folder: {out}  (tables.md, results.json)")
+    return run
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
+
+
+def _save_generations(path: Path, test: pl.DataFrame, pages: list[list[str]], clusters: np.ndarray) -> None:
+    test.select("user", "target_start", "target").with_columns(
+        generated=pl.Series(pages, dtype=pl.List(pl.Utf8)), cluster=pl.Series(clusters.astype(int))
+    ).write_parquet(path)
+
+
+def tables_markdown(run: dict) -> str:
+    """The paper's Tables 2-6 and 17 from a finished run's results."""
+    results, ref = run["results"], run["reference"]
+
+    def rows(metric_names, with_clusters=True):
+        out = {}
+        for name, r in results.items():
+            if with_clusters and r.get("kind") == "clusterwise":
+                for k, m in sorted(r["clusters"].items(), key=lambda kv: int(kv[0])):
+                    out[f"{name} / cluster {k} (N={m['n']})"] = {n: m[n] for n in metric_names}
+                out[f"{name} / Combined (N={r['combined']['n']})"] = {n: r["combined"][n] for n in metric_names}
+            else:
+                out[name] = {n: r["combined"][n] for n in metric_names}
+        return out
+
+    composite_key = "composite_vs_" + _slug(ref)
+    composite = {n: r[composite_key] for n, r in results.items() if composite_key in r}
+    bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
+    ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
+               for n, r in results.items() if r.get("kind") != "baseline"}
+    timing = {n: {"params (M)": r["params"] / 1e6, "inference s (test set)": r["inference_seconds"]}
+              for n, r in results.items() if "inference_seconds" in r}
+    data = run["data"]
+    parts = [
+        f"# {run['name']}: results\n",
+        f"Data: {data['source']} `{data['path']}`: {data['users']} users, {data['pages']} pages, samples "
+        f"{data['samples']}. Test users: {results[ref]['combined']['n']}. Reference for composites: **{ref}**.\n",
+        "BERTScore is computed with all-MiniLM-L6-v2 token embeddings (not roberta-large): not comparable "
+        "with the paper's BERTScore values.\n",
+        "## Table 2: page generation (higher is better)\n", M.markdown_table(rows(M.GENERATION_MEANS)),
+        f"## Table 3: composite vs {ref} (share of metrics where the model is better)\n",
+        M.markdown_table(composite),
+        "## Table 4: outcome prediction (higher is better)\n", M.markdown_table(rows(M.OUTCOME_METRICS)),
+        "## Table 5: variance of page generation across users (lower is better)\n",
+        M.markdown_table(rows(M.VARIANCES)),
+        "## Table 6: BLEU and BERTScore\n", M.markdown_table(bleu_bert),
+        "## Beyond the paper: ranking of the first next page, outcome AUC\n", M.markdown_table(ranking),
+        "## Table 17: inference time of the whole test set\n", M.markdown_table(timing),
+        "## Stage wall times (s)\n", M.markdown_table({"seconds": run["seconds"]}),
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,83 @@
+"""HeTLM on synthetic logs with planted segments, the actor loss, and save/load of clusterwise models."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from hetlm.cluster.base import ClusterwiseLM
+from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, actor_loss
+from hetlm.cluster.kmeans import kmeans_labels
+from hetlm.cluster.selector import Selector
+from hetlm.models import Preset, build_model
+from hetlm.train import TrainConfig, train_lm
+
+from .synthetic import planted_samples
+
+MICRO = Preset(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    df, groups, z, vocab_size = planted_samples(seed=0)
+    torch.manual_seed(0)
+    base = build_model(MICRO, vocab_size)
+    train_lm(base, df, None, TrainConfig(lr=3e-3, epochs=5, batch_size=16), tmp_path_factory.mktemp("base"),
+             progress=False)
+    return df, groups, z, base
+
+
+def test_hetlm_recovers_planted_groups_and_shrinks_k(planted, tmp_path):
+    df, groups, z, base = planted
+    kmeans_ari = adjusted_rand_score(groups, kmeans_labels(z, 6)[0])
+    cfg = HeTLMConfig(n_clusters=6, epochs=6, batch_size=16, selector_lr=1e-2, predictor_lr=3e-3,
+                      selector_pretrain_epochs=300, device="cpu")
+    model = HeTLM(cfg).fit(base, df, z, progress=False)
+    ari = adjusted_rand_score(groups, model.route(z))
+    # 3 planted groups, noisy embeddings: k-means with K=6 splits them (ARI ~0.56 with seed 0).
+    # HeTLM must move users to the predictor that models their transitions best, which merges the
+    # sub-clusters (measured: K 6 -> 4, ARI 0.87); the bounds leave room for numeric noise.
+    assert len(model.models) < 6
+    assert ari > 0.7 and ari > kmeans_ari + 0.15, (ari, kmeans_ari)
+    sizes = model.info["history"]["cluster_sizes"]
+    assert len(sizes[-1]["sizes"]) == len(model.models) < len(sizes[0]["sizes"]) == 6
+
+    model.save_pretrained(tmp_path / "hetlm")
+    loaded = ClusterwiseLM.from_pretrained(tmp_path / "hetlm")
+    assert loaded.active == model.active
+    np.testing.assert_array_equal(loaded.route(z), model.route(z))
+    ids = torch.tensor([df["input_ids"][0].to_list()])
+    k = model.active[0]
+    torch.testing.assert_close(loaded.models[k](ids).logits, model.models[k](ids).logits)
+
+
+def test_actor_loss_terms():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(8, 384), dim=1)
+    logits = torch.randn(8, 3, requires_grad=True)
+    pi = torch.softmax(logits, 1)
+    nll = torch.tensor([[1.0, 2.0, 3.0]]).repeat(8, 1)
+    loss, parts = actor_loss(pi, nll, z, alpha=0.0, beta=0.0)
+    loss.backward()
+    # L1 alone: moving mass to the cluster with the lowest NLL (column 0) lowers the loss.
+    assert (logits.grad[:, 0] < 0).all() and (logits.grad[:, 2] > 0).all()
+    assert parts["L1"] == pytest.approx((pi * nll).sum(1).mean().item())
+    # The paper's L3 saturates for 384-d embeddings (sum of L1 distances >> 1); the scaled one does not.
+    _, paper = actor_loss(pi, nll, z, 1.0, 1.0, l3="paper")
+    _, scaled = actor_loss(pi, nll, z, 1.0, 1.0, l3="scaled", tau=1.0)
+    assert paper["L3"] < 1e-6 < scaled["L3"]
+    uniform = torch.full((8, 3), 1 / 3)
+    assert actor_loss(uniform, nll, z, 1.0, 0.0)[1]["L2"] == pytest.approx(np.log(3), rel=1e-5)
+
+
+def test_selector_fit_save_load(tmp_path):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(60, 8)).astype(np.float32)
+    labels = (z[:, 0] > 0).astype(int) + 2 * (z[:, 1] > 0)
+    sel = Selector(n_clusters=4, epochs=300, seed=0).fit(z, labels)
+    assert (sel.predict(z) == labels).mean() > 0.9
+    sel.retire([3])
+    assert 3 not in sel.predict(z) and sel.active_clusters == [0, 1, 2]
+    sel.save_pretrained(tmp_path)
+    again = Selector.from_pretrained(tmp_path)
+    np.testing.assert_allclose(again.predict_proba(z), sel.predict_proba(z), atol=1e-6)

@@ -1,0 +1,161 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hetlm.train
+from hetlm.models import Preset, build_model
+from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from hetlm.train import (
+    SequenceDataset,
+    TrainConfig,
+    evaluate_loss,
+    length_bucketed_batches,
+    pad_sequences,
+    sequence_nll,
+    train_lm,
+)
+
+# A toy site: pages form 6 chains of 4; every session walks one chain, and a user's next session walks
+# the same chain as the past ones. Within a session every next page is determined.
+CHAIN, N_CHAINS = 4, 6
+VOCAB = 4 + CHAIN * N_CHAINS
+MICRO = Preset(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def chain_session(chain: int) -> list[int]:
+    return [BOS_ID, *range(4 + CHAIN * chain, 4 + CHAIN * (chain + 1)), EOS_ID]
+
+
+def toy_samples(n_users: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n_users):
+        chain = rng.randrange(N_CHAINS)
+        history = [t for _ in range(rng.randint(1, 3)) for t in chain_session(chain)]
+        samples.append((history, chain_session(chain)))
+    return samples
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Micro models gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(MICRO, VOCAB, family, max_positions=64, **overrides)
+
+
+QUICK = dict(lr=3e-3, batch_size=16, epochs=6, eval_every=20, warmup_ratio=0.1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    model = micro_model()
+    val = toy_samples(60, seed=1)
+    before = evaluate_loss(model, SequenceDataset.from_samples(val), 32)
+    result = train_lm(model, toy_samples(300, seed=0), val, TrainConfig(**QUICK), out, progress=False)
+    return model, result, before, out
+
+
+def test_training_learns_the_toy_site(trained):
+    model, result, before, out = trained
+    assert result.best_val_loss < 0.5 * before
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["train"]) == result.steps == 6 * 19
+    assert [e["step"] for e in history["val"]][:2] == [19, 20]  # epoch end, then every 20 steps
+    assert all(e["tokens_per_s"] > 0 for e in history["train"])
+    assert history["train"][-1]["loss"] < history["train"][0]["loss"] / 2
+
+
+def test_best_model_reloads_in_plain_transformers(trained):
+    model, result, _, out = trained
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "best")
+    ids = torch.tensor([chain_session(2) + chain_session(2)])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, reloaded(ids).logits, atol=1e-6)
+    assert evaluate_loss(reloaded, SequenceDataset.from_samples(toy_samples(60, seed=1)), 32) == pytest.approx(result.best_val_loss, abs=1e-5)
+
+
+def test_sequence_nll_scores_the_next_session_after_its_bos(trained):
+    model = trained[0]
+    history, target = toy_samples(1, seed=5)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([history + target])).logits[0], -1)
+    start = len(history) + 1  # first scored token: the first page after the target's [BOS]
+    manual = -np.mean([logp[t - 1, tok].item() for t, tok in enumerate(history + target) if t >= start])
+    samples = toy_samples(40, seed=6) + [(history, target)]
+    nll = sequence_nll(model, [{"input_ids": h, "target_ids": t} for h, t in samples], batch_size=8)
+    assert nll.shape == (41,) and nll[-1] == pytest.approx(manual, abs=1e-5)
+    assert sequence_nll(model, [(history, [BOS_ID, 5, 6, 7, EOS_ID])])[0] > nll[-1]  # off-chain target is unlikely
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    # OPT has dropout 0.1, so the RNG state must survive the interruption too.
+    config = TrainConfig(lr=3e-3, batch_size=4, grad_accum=2, epochs=2, eval_every=3, save_every=4, device="cpu",
+                         early_stopping_patience=None)  # 40 users -> 5 steps per epoch, 10 in all
+    train, val = toy_samples(40, seed=0), toy_samples(8, seed=1)
+    straight = micro_model("opt")
+    full = train_lm(straight, train, val, config, tmp_path / "straight", progress=False)
+
+    real_save = hetlm.train.save_checkpoint
+
+    def save_then_crash(*args):
+        real_save(*args)
+        raise KeyboardInterrupt  # killed right after the step-4 checkpoint
+
+    monkeypatch.setattr(hetlm.train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(micro_model("opt"), train, val, config, tmp_path / "resumed", progress=False)
+    monkeypatch.undo()
+    resumed_model = micro_model("opt", seed=123)  # weights come from the checkpoint
+    resumed = train_lm(resumed_model, train, val, config, tmp_path / "resumed", resume=True, progress=False)
+
+    losses = [torch.tensor([e["loss"] for e in r.history["train"]]) for r in (full, resumed)]
+    assert len(losses[0]) == len(losses[1]) == 10
+    assert torch.allclose(losses[0], losses[1], atol=1e-6, rtol=0)
+    assert [e["val_loss"] for e in full.history["val"]] == pytest.approx([e["val_loss"] for e in resumed.history["val"]], abs=1e-6)
+    for a, b in zip(straight.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 10 and not (tmp_path / "resumed" / "checkpoint.tmp").exists()
+
+
+def test_early_stopping_after_patience_evaluations(tmp_path):
+    config = TrainConfig(lr=0.0, batch_size=4, epochs=50, eval_every=2, early_stopping_patience=2, device="cpu")
+    result = train_lm(micro_model(), toy_samples(40, seed=0), toy_samples(8, seed=1), config, tmp_path, progress=False)
+    # lr 0: the first evaluation is the best, the next two do not improve on it.
+    assert result.stopped_early and result.steps == 6 and result.best_step == 2
+    assert train_lm(micro_model(), toy_samples(40, seed=0), toy_samples(8, seed=1), config, tmp_path, resume=True,
+                    progress=False).steps == 6  # a finished run resumes to itself
+
+
+def test_length_bucketing_pads_little_and_covers_everything():
+    lengths = np.random.default_rng(0).integers(5, 500, 1000)
+    batches = length_bucketed_batches(lengths, 16, 50, np.random.default_rng(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padding = sum(max(lengths[b]) * len(b) - sum(lengths[b]) for b in batches)
+    assert padding < 0.03 * lengths.sum()  # shuffled batches of 16 would pad ~90 %
+    assert batches != length_bucketed_batches(lengths, 16, 50, np.random.default_rng(2))
+
+
+def test_pad_sequences_both_sides():
+    seqs = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    ids, mask = pad_sequences(seqs, side="left")
+    assert ids.tolist() == [[5, 6, 7], [PAD_ID, PAD_ID, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_sequences(seqs)
+    assert ids.tolist() == [[5, 6, 7], [8, PAD_ID, PAD_ID]]
+
+
+def test_long_samples_keep_their_most_recent_tokens():
+    data = SequenceDataset.from_samples([(list(range(4, 20)), [BOS_ID, 30, EOS_ID])], max_len=8)
+    assert data[0].tolist() == [15, 16, 17, 18, 19, BOS_ID, 30, EOS_ID] and data.target_starts == [5]
