@@ -54,6 +54,7 @@ def prepare(
     test_fraction: float = typer.Option(0.1),
     val_fraction: float = typer.Option(0.05),
     test_targets: str = typer.Option("first", help="first | all test targets per user"),
+    max_train_targets: Optional[int] = typer.Option(None, help="keep each user's N most recent training targets"),
     max_len: int = typer.Option(512, help="token budget of history + target"),
     min_page_count: int = typer.Option(1, help="pages seen fewer times in training -> [UNK]"),
     skip_bad_rows: bool = typer.Option(False, help="drop bad rows and count them instead of stopping"),
@@ -75,6 +76,7 @@ def prepare(
             gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
             long_session_percentile=long_percentile, long_sessions=long_sessions, samples=samples,
             split=split, test_fraction=test_fraction, val_fraction=val_fraction, test_targets=test_targets,
+            max_train_targets_per_user=max_train_targets,
             max_len=max_len, min_page_count=min_page_count, seed=seed,
             on_bad_rows="skip" if skip_bad_rows else "error",
         )

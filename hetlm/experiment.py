@@ -36,7 +36,7 @@ from .prepare import PrepareConfig, prepare
 from .tokenizer import load_tokenizer, page_vocabulary
 from .train import TrainConfig, train_lm
 
-console = Console()
+console = Console(width=200)  # wide tables stay readable in logs and CI
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
 
 

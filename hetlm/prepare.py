@@ -41,6 +41,7 @@ class PrepareConfig(BaseModel):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     val_fraction: float = Field(0.05, ge=0, lt=1)
     test_targets: Literal["first", "all"] = "first"
+    max_train_targets_per_user: int | None = Field(None, ge=1, description="keep each user's most recent training targets only")
     max_len: int = Field(512, ge=8, description="token budget of history + target")
     min_page_count: int = Field(1, ge=1, description="pages seen fewer times in training map to [UNK]")
     on_bad_rows: Literal["error", "skip"] = "error"
@@ -97,7 +98,8 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
             f"max_len={cfg.max_len} leaves no room for history beside the longest kept session "
             f"({longest} tokens); raise max_len or lower long_session_percentile"
         )
-    split = SplitSettings(cfg.split, cfg.test_fraction, cfg.val_fraction, cfg.test_targets, cfg.seed)
+    split = SplitSettings(cfg.split, cfg.test_fraction, cfg.val_fraction, cfg.test_targets,
+                          cfg.max_train_targets_per_user, cfg.seed)
     targets, train_sessions = assign_splits(sessions, split)
 
     counts = train_sessions.select(pl.col("pages").explode()).group_by("pages").len()

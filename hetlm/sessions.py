@@ -149,6 +149,7 @@ class SplitSettings:
     test_fraction: float = 0.1
     val_fraction: float = 0.05
     test_targets: str = "first"      # "first" test/val sample per user, or "all"
+    max_train_targets_per_user: int | None = None  # keep only each user's most recent training targets
     seed: int = 0
 
 
@@ -172,6 +173,12 @@ def assign_splits(sessions: pl.DataFrame, s: SplitSettings) -> tuple[pl.DataFram
         if s.test_targets == "first":
             first = pl.struct("user", "split").is_first_distinct()
             targets = targets.sort("user", "session").filter((pl.col("split") == "train") | first)
+        if s.max_train_targets_per_user is not None:
+            # Older targets' sessions still reach training inside the kept samples' histories.
+            is_train = pl.col("split") == "train"
+            recent = (targets.filter(is_train).sort("user", "session", descending=[False, True])
+                      .filter(_index_within_user() < s.max_train_targets_per_user))
+            targets = pl.concat([recent, targets.filter(~is_train)])
         train_sessions = sessions.filter(pl.col("start") < t_val)
     elif s.split == "user":
         last = candidates.sort("user", "session").filter(pl.col("user").is_last_distinct())

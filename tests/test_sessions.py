@@ -132,3 +132,15 @@ def test_history_budget_keeps_most_recent_sessions(tmp_path):
 def test_max_len_smaller_than_a_session_is_refused(tmp_path):
     with pytest.raises(ValueError, match="max_len"):
         prepare("taobao", SHIPPED, tmp_path, PrepareConfig(max_len=20))
+
+
+def test_train_targets_can_be_capped_per_user(tmp_path):
+    full = prepare("taobao", SHIPPED, tmp_path / "full")
+    capped = prepare("taobao", SHIPPED, tmp_path / "capped", PrepareConfig(max_train_targets_per_user=2))
+    train_full = pl.read_parquet(tmp_path / "full" / "train.parquet")
+    train = pl.read_parquet(tmp_path / "capped" / "train.parquet")
+    assert train.group_by("user").len()["len"].max() == 2
+    # The kept ones are each user's two most recent training targets; val/test are unchanged.
+    expected = train_full.sort("target_start", descending=True).group_by("user", maintain_order=True).head(2)
+    assert set(zip(train["user"], train["target_start"])) == set(zip(expected["user"], expected["target_start"]))
+    assert capped["samples"]["test"] == full["samples"]["test"]

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel
 
 from ..train import (
     SequenceDataset, TrainConfig, _autocast, length_bucketed_batches, make_optimizer, pad_sequences,
-    resolve_device, token_nll,
+    resolve_device, sorted_batches, token_nll,
 )
 from .base import ClusterwiseLM, centroids_of
 from .kmeans import kmeans_labels
@@ -215,10 +215,10 @@ class HeTLM:
     def _validate(self, net, models, val_set, zv, step, tau) -> None:
         """Selector loss L_A and each predictor's NLL on the validation users routed to it."""
         net.eval()
-        idx = list(range(len(val_set)))
         pi = net(zv)
-        nll = torch.cat([nll_matrix(models, val_set, idx[i:i + 64], len(pi[0]), self.config.bf16)
-                         for i in range(0, len(idx), 64)])
+        nll = torch.zeros(len(val_set), pi.shape[1])
+        for batch in sorted_batches(val_set.lengths, 64):  # length-sorted: little padding
+            nll[batch] = nll_matrix(models, val_set, batch, pi.shape[1], self.config.bf16)
         _, parts = actor_loss(pi, nll, zv, self.config.alpha, self.config.beta, self.config.l3, tau)
         routed = pi.argmax(1)
         per_cluster = {int(k): float(nll[routed == k, k].mean()) for k in models if (routed == k).any()}
