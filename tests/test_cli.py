@@ -4,6 +4,7 @@ train -> generate -> evaluate chain and the experiment runner on a small real sl
 import gzip
 import itertools
 import json
+import math
 
 import polars as pl
 import pytest
@@ -93,7 +94,9 @@ def test_train_generate_evaluate_chain(small_log, tmp_path):
     result = runner.invoke(app, ["evaluate", str(gen), str(prepared), "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())["combined"]
-    assert metrics["n"] == df.height and 0 <= metrics["IoU"] <= 1 and metrics["Val-P"] == 1.0
+    assert metrics["n"] == df.height and 0 <= metrics["IoU"] <= 1
+    # Val-P is NaN when a barely trained model ends every session at once (nothing to judge).
+    assert metrics["Val-P"] == 1.0 or math.isnan(metrics["Val-P"])
 
 
 @pytest.mark.slow
