@@ -60,6 +60,10 @@ class HeTLMConfig:
     selector_pretrain_epochs: int = 200
     selector_pretrain_lr: float = 1e-3
     selector_label_smoothing: float = 0.4  # not in the paper: see Selector
+    # Not in the paper: epochs in which each predictor first trains on its k-means cluster alone, before
+    # any actor step. With identical predictors, the one of the largest cluster otherwise gets ahead
+    # and L1 can pull every user to it.
+    critic_warmup_epochs: int = 0
     l3: Literal["paper", "scaled"] = "scaled"
     l3_tau: float | None = None        # scaled L3 temperature; None = mean pairwise L1 distance of the k-means centroids
     eval_every: int = 50               # steps between validation points (paper Figure 3)
@@ -157,6 +161,10 @@ class HeTLM:
         self._record_sizes(selector, z_train, epoch=0)
 
         rng = np.random.default_rng(c.seed)
+        kmeans_assigned = torch.as_tensor(labels)
+        for _ in range(c.critic_warmup_epochs):
+            for batch in length_bucketed_batches(train_set.lengths, c.batch_size, 50, rng):
+                self._critic_step(models, optimizers, train_set, batch, kmeans_assigned[batch], device)
         n_batches = math.ceil(len(train_set) / c.batch_size)
         step, started = 0, time.perf_counter()
         bar = Progress(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
