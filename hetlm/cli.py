@@ -166,7 +166,7 @@ def generate(
     seed: int = typer.Option(0),
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached)."""
-    from .evaluate import GenerationSettings, load_any_model, predict
+    from .evaluate import GenerationSettings, load_any_model, predict, save_generations
     from .tokenizer import load_tokenizer
 
     df = _load_split(prepared, split)
@@ -175,12 +175,7 @@ def generate(
                                   num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     model, z = load_any_model(model_dir, df)
     pred = predict(model, df, tokenizer, settings, z, routing)
-    import polars as pl
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.select("user", "target_start", "history", "target").with_columns(
-        generated=pl.Series(pred.pages, dtype=pl.List(pl.Utf8)), cluster=pl.Series(pred.clusters.astype(int))
-    ).write_parquet(out)
+    save_generations(out, df, pred.pages, pred.clusters)
     console.print(f"{len(pred.pages)} next sessions in {pred.seconds['generation']:.1f} s -> {out}")
 
 

@@ -295,3 +295,12 @@ def make_encoder(name: str, **params) -> SessionEncoder | PageBagEncoder:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
     return ENCODERS[name](**params)
+
+
+def encoder_from_settings(settings: dict) -> SessionEncoder | PageBagEncoder:
+    """An encoder from stored settings (name, model_name_or_path, cache_dir, pooling), as an experiment
+    config or a saved clusterwise model holds them; pooling applies to the session encoder only."""
+    params = {key: settings.get(key) for key in ("model_name_or_path", "cache_dir")}
+    if settings["name"] == "sbert":
+        params["pooling"] = settings.get("pooling", "mean")
+    return make_encoder(settings["name"], **params)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from . import metrics as M
 from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
 from .cluster.base import ClusterwiseLM
-from .encoders import make_encoder
+from .encoders import encoder_from_settings
 from .generate import generate_next_sessions, next_page_scores
 from .ingest.base import CART, PURCHASE
 from .tokenizer import SPECIALS
@@ -60,21 +60,29 @@ def predict(model: PreTrainedModel | ClusterwiseLM, test: pl.DataFrame, tokenize
         clusters, models = model.route(z, routing), model.models
     pages: list[list[str]] = [[] for _ in inputs]
     scores = np.zeros((len(inputs), len(tokenizer)), dtype=np.float32)
-    started = time.perf_counter()
+    seconds = {"generation": 0.0, "scoring": 0.0}
     for k, lm in models.items():
         idx = np.flatnonzero(clusters == k)
         if not len(idx):
             continue
-        generated = generate_next_sessions(lm, [inputs[i] for i in idx], progress=progress, **kwargs)
+        cluster_inputs = [inputs[i] for i in idx]
+        started = time.perf_counter()
+        generated = generate_next_sessions(lm, cluster_inputs, progress=progress, **kwargs)
         for i, row in zip(idx, _decode(tokenizer, generated)):
             pages[i] = row
-    generation_s = time.perf_counter() - started
-    for k, lm in models.items():
-        idx = np.flatnonzero(clusters == k)
-        if len(idx):
-            scores[idx] = next_page_scores(lm, [inputs[i] for i in idx], settings.batch_size)
-    return Predictions(pages, clusters, scores, {"generation": generation_s,
-                                                 "scoring": time.perf_counter() - started - generation_s})
+        scored = time.perf_counter()
+        scores[idx] = next_page_scores(lm, cluster_inputs, settings.batch_size)
+        seconds["generation"] += scored - started
+        seconds["scoring"] += time.perf_counter() - scored
+    return Predictions(pages, clusters, scores, seconds)
+
+
+def save_generations(path: str | Path, samples: pl.DataFrame, pages: list[list[str]], clusters: np.ndarray) -> None:
+    """Generations beside what `score` needs to evaluate them (history, target), one row per user."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    samples.select("user", "target_start", "history", "target").with_columns(
+        generated=pl.Series(pages, dtype=pl.List(pl.Utf8)), cluster=pl.Series(clusters.astype(int))
+    ).write_parquet(path)
 
 
 def load_any_model(path: str | Path, samples: pl.DataFrame) -> tuple[PreTrainedModel | ClusterwiseLM, np.ndarray | None]:
@@ -83,11 +91,7 @@ def load_any_model(path: str | Path, samples: pl.DataFrame) -> tuple[PreTrainedM
     path = Path(path)
     if (path / CLUSTERWISE_FILE).exists():
         model = ClusterwiseLM.from_pretrained(path)
-        settings = {k: v for k, v in model.encoder.items() if k in ("name", "pooling", "model_name_or_path", "cache_dir")}
-        name = settings.pop("name")
-        if name != "sbert":
-            settings.pop("pooling", None)
-        z = make_encoder(name, **settings).transform(samples["history"].to_list())
+        z = encoder_from_settings(model.encoder).transform(samples["history"].to_list())
         return model, z
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval(), None
 

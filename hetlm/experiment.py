@@ -29,8 +29,8 @@ from .baselines import BASELINES
 from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
 from .cluster.kmeans import fit_kmeans_clusterwise
-from .encoders import make_encoder
-from .evaluate import GenerationSettings, predict, score
+from .encoders import encoder_from_settings
+from .evaluate import GenerationSettings, predict, save_generations, score
 from .models import build_model, count_parameters, init_from, scale_preset
 from .prepare import PrepareConfig, prepare
 from .tokenizer import load_tokenizer, page_vocabulary
@@ -161,9 +161,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     if config.kmeans.enabled or config.hetlm.enabled:
         with clock("encoder"):
             enc = config.encoder
-            encoder = make_encoder(enc.name, model_name_or_path=enc.model_name_or_path,
-                                   cache_dir=enc.cache_dir or str(out / "embedding_cache"),
-                                   **({"pooling": enc.pooling} if enc.name == "sbert" else {}))
+            encoder = encoder_from_settings(enc.model_dump() | {"cache_dir": enc.cache_dir or str(out / "embedding_cache")})
             for split, df in (("train", train), ("val", val), ("test", test)):
                 z[split] = encoder.transform(df["history"].to_list())
             np.savez(out / "embeddings.npz", **z)
@@ -228,7 +226,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                               "kind": "clusterwise" if isinstance(model, ClusterwiseLM) else "single"}
             if isinstance(model, ClusterwiseLM):
                 results[name]["train_cluster_sizes"] = model.sizes
-            _save_generations(generations / f"{_slug(name)}.parquet", test, pred.pages, pred.clusters)
+            save_generations(generations / f"{_slug(name)}.parquet", test, pred.pages, pred.clusters)
 
     with clock("baselines"):
         histories_in = train["history"].to_list() + val["history"].to_list()
@@ -238,7 +236,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             pages = baseline.predict(test["history"].to_list())
             results[f"baseline: {bname}"] = score(pages, test, vocabulary, bert_encoder=bert_encoder) | {
                 "kind": "baseline"}
-            _save_generations(generations / f"baseline_{bname}.parquet", test, pages, np.zeros(len(pages), int))
+            save_generations(generations / f"baseline_{bname}.parquet", test, pages, np.zeros(len(pages), int))
 
     reference = larger_name or next(iter(models))
     for name, r in results.items():
@@ -273,12 +271,6 @@ def _json_default(o):
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
-
-
-def _save_generations(path: Path, test: pl.DataFrame, pages: list[list[str]], clusters: np.ndarray) -> None:
-    test.select("user", "target_start", "target").with_columns(
-        generated=pl.Series(pages, dtype=pl.List(pl.Utf8)), cluster=pl.Series(clusters.astype(int))
-    ).write_parquet(path)
 
 
 def tables_markdown(run: dict) -> str:
