@@ -17,7 +17,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = Console(width=max(Console().width, 200))  # 20+ metric columns stay readable
 
 @app.callback()
 def _root() -> None:
