@@ -4,6 +4,11 @@ A training sequence is a user's past sessions followed by the next session (inpu
 loss is next-token NLL on every non-pad token. The loop, in order: length-bucketed batches -> grad
 accumulation -> clip -> AdamW step at the scheduled lr -> validation / early stopping / best model ->
 resumable checkpoint. Everything needed to continue a run exactly lives in out_dir/checkpoint/.
+
+Multi-process (torchrun + DistributedDataParallel): every rank builds the same batches (same seed) and
+takes every world_size-th sample of each; batch_size is the global batch, so a run trains the same
+whatever the number of processes. Rank 0 alone writes checkpoints, best/ and history.json.
+Training samples can also stream from a Parquet file (ParquetSequences): only their lengths stay in memory.
 """
 
 from __future__ import annotations
@@ -16,16 +21,22 @@ import os
 import random
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_model
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -35,13 +46,14 @@ from hetlm.tokenizer import PAD_ID
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of pad positions (cross-entropy skips it)
+T = TypeVar("T")
 
 
 @dataclass
 class TrainConfig:
     lr: float = 1e-3  # for random init; the paper's 1e-5 suits fine-tuning released weights
     weight_decay: float = 0.01
-    batch_size: int = 32
+    batch_size: int = 32  # samples per forward pass over all ranks (each rank takes batch_size / world_size)
     grad_accum: int = 1
     epochs: int = 10
     max_steps: int | None = None  # optimizer steps; caps the epochs and sets the schedule's length
@@ -53,6 +65,7 @@ class TrainConfig:
     early_stopping_patience: int | None = 5  # evaluations without improvement; None = never stop early
     max_len: int = 512  # longer sequences keep their most recent tokens
     bucket_batches: int = 50  # length bucketing: sort by length within chunks of this many batches
+    stream_buffer: int = 4  # streamed Parquet training samples: row groups shuffled together (2 buffers cached)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -76,6 +89,106 @@ class TrainResult:
     out_dir: Path
 
 
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # the GPU of this process on its node
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """This process's place in the job: rank 0 of 1 unless torch.distributed is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR...).
+    A no-op in a single process or when already joined. backend: nccl on GPUs, gloo on CPUs."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return dist_info()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
+    dist.init_process_group(backend)
+    return dist_info()
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This rank's disjoint part of a global batch: every world_size-th item from the rank-th. Strided, so
+    the ranks share a length-sorted batch evenly."""
+    return list(items[rank::world_size])
+
+
+def owned_clusters(n_clusters: int, info: DistInfo) -> list[int]:
+    """Clusters whose predictor lives on this rank (HeTLM over several processes): k % world_size == rank."""
+    return [k for k in range(n_clusters) if k % info.world_size == info.rank]
+
+
+def _collective(tensor: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """A copy of `tensor` summed (reduce) or broadcast from rank 0 over the ranks, on the device the
+    backend needs (nccl: this GPU); returned on the tensor's own device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor.clone()
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buffer = tensor.detach().to(comm, copy=True)
+    if reduce:
+        dist.all_reduce(buffer)
+    else:
+        dist.broadcast(buffer, src=0)
+    return buffer.to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return _collective(tensor, reduce=True)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(tensor) / dist_info().world_size
+
+
+def gather_columns(matrix: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+    """The full (rows, K) matrix on every rank when each rank filled only its own `columns` (e.g. the
+    NLL of its clusters' predictors): an all-reduce sum of the zero-filled matrices."""
+    own = torch.zeros_like(matrix)
+    own[:, list(columns)] = matrix[:, list(columns)]
+    return all_reduce_sum(own)
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Make every rank's parameters and buffers rank 0's (e.g. HeTLM's selector, once or now and then)."""
+    for tensor in module.state_dict().values():
+        tensor.copy_(_collective(tensor, reduce=False))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -84,6 +197,12 @@ def sample_pairs(samples) -> list[tuple[Sequence[int], Sequence[int]]]:
     if hasattr(samples, "columns"):  # polars / pandas frame
         return list(zip(samples["input_ids"].to_list(), samples["target_ids"].to_list()))
     return [(s["input_ids"], s["target_ids"]) if isinstance(s, Mapping) else (s[0], s[1]) for s in samples]
+
+
+def _windows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(length, target start) of each sequence input + target once cut to its max_len most recent tokens."""
+    cut = np.maximum(0, input_lengths + target_lengths - max_len)
+    return input_lengths + target_lengths - cut, np.maximum(0, input_lengths - cut)
 
 
 class SequenceDataset(Dataset):
@@ -110,6 +229,111 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.sequences[i]
+
+    def epoch_batches(self, batch_size: int, bucket_batches: int, rng: np.random.Generator) -> list[list[int]]:
+        return length_bucketed_batches(self.lengths, batch_size, bucket_batches, rng)
+
+
+class ParquetSequences(Dataset):
+    """Training sequences read lazily from a Parquet file of samples (input_ids, target_ids columns).
+
+    Only lengths and target starts stay in memory (one pass over the file at open, a row group at a
+    time). A sequence is read with its whole row group, and the row groups last used (two shuffle
+    buffers) stay cached; `epoch_batches` orders an epoch so that each row group is read once. The
+    row group size set when the file was written is the unit of memory: keep it moderate (10^4 rows).
+    """
+
+    COLUMNS = ("input_ids", "target_ids")
+
+    def __init__(self, path: str | Path, max_len: int = 512, buffer_row_groups: int = 4):
+        self.path, self.max_len, self.buffer_row_groups = Path(path), max_len, buffer_row_groups
+        self.row_group_reads = 0  # how often a row group was read from disk (memory / IO checks)
+        self._cache: OrderedDict[int, tuple] = OrderedDict()
+        file = pq.ParquetFile(self.path)
+        meta = file.metadata
+        missing = set(self.COLUMNS) - set(file.schema_arrow.names)
+        if missing:
+            raise ValueError(f"{self.path}: no column {sorted(missing)} (a train.parquet of `hetlm prepare` has them)")
+        self.offsets = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        n_input, n_target = [], []
+        for g in range(meta.num_row_groups):
+            (_, input_offsets), (_, target_offsets) = self._read(g)
+            n_input.append(np.diff(input_offsets))
+            n_target.append(np.diff(target_offsets))
+        self.lengths, self.target_starts = _windows(np.concatenate(n_input or [[]]).astype(np.int64),
+                                                    np.concatenate(n_target or [[]]).astype(np.int64), max_len)
+
+    def _read(self, group: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """(flat token ids, row offsets) of each column of one row group."""
+        self.row_group_reads += 1
+        table = pq.ParquetFile(self.path).read_row_group(group, columns=list(self.COLUMNS))
+        out = []
+        for name in self.COLUMNS:
+            column = table.column(name).combine_chunks()
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+            out.append((pc.list_flatten(column).to_numpy(), np.concatenate([[0], np.cumsum(lengths)])))  # int32 as stored
+        return tuple(out)
+
+    def _row_group(self, group: int) -> tuple:
+        if group in self._cache:
+            self._cache.move_to_end(group)
+        else:
+            self._cache[group] = self._read(group)
+            if len(self._cache) > 2 * self.buffer_row_groups:
+                self._cache.popitem(last=False)
+        return self._cache[group]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        group = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        row = i - self.offsets[group]
+        (inputs, input_offsets), (targets, target_offsets) = self._row_group(group)
+        sequence = np.concatenate([inputs[input_offsets[row]:input_offsets[row + 1]],
+                                   targets[target_offsets[row]:target_offsets[row + 1]]])
+        return torch.from_numpy(sequence[len(sequence) - self.lengths[i]:].astype(np.int64))
+
+    def epoch_batches(self, batch_size: int, bucket_batches: int, rng: np.random.Generator) -> list[list[int]]:
+        """A file of at most one buffer of row groups: the in-memory plan (length_bucketed_batches).
+        Else row groups are shuffled into buffers of `buffer_row_groups`, each length-bucketed on its own;
+        a buffer's partial batch is completed with the next buffer's first rows and goes first there, so
+        an epoch has ceil(n / batch_size) batches, as in memory, and touches a row group in one buffer
+        and the next only (which the cache of two buffers holds)."""
+        n_groups = len(self.offsets) - 1
+        if n_groups <= self.buffer_row_groups:
+            return length_bucketed_batches(self.lengths, batch_size, bucket_batches, rng)
+        order = rng.permutation(n_groups)
+        batches, carry = [], []
+        for start in range(0, n_groups, self.buffer_row_groups):
+            rows = np.concatenate([np.arange(self.offsets[g], self.offsets[g + 1]) for g in order[start:start + self.buffer_row_groups]])
+            rows = rng.permutation(rows)
+            if carry:
+                need = batch_size - len(carry)
+                carry, rows = carry + rows[:need].tolist(), rows[need:]
+                if len(carry) < batch_size:
+                    continue  # a buffer smaller than a batch
+                batches.append(carry)
+            carry = []
+            for batch in length_bucketed_batches(self.lengths[rows], batch_size, bucket_batches, rng):
+                if len(batch) < batch_size:
+                    carry = rows[batch].tolist()
+                else:
+                    batches.append(rows[batch].tolist())
+        return batches + ([carry] if carry else [])
+
+
+def as_dataset(samples, max_len: int, stream_buffer: int | None = None) -> SequenceDataset | ParquetSequences:
+    """A dataset of training sequences from samples (see train_lm) or a Parquet file of samples: streamed
+    with `stream_buffer` row groups per shuffle buffer, or read into memory (input_ids, target_ids only)."""
+    if isinstance(samples, ParquetSequences):
+        return samples
+    if isinstance(samples, (str, Path)):
+        if stream_buffer is not None:
+            return ParquetSequences(samples, max_len, stream_buffer)
+        samples = pq.read_table(samples, columns=list(ParquetSequences.COLUMNS)).to_pydict()
+        samples = list(zip(samples["input_ids"], samples["target_ids"]))
+    return SequenceDataset.from_samples(samples, max_len)
 
 
 def pad_sequences(sequences: Sequence[torch.Tensor], side: Literal["right", "left"] = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,16 +384,20 @@ def _autocast(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def evaluate_loss(model: PreTrainedModel, dataset: SequenceDataset, batch_size: int, bf16: bool = False) -> float:
-    """Mean NLL per non-pad token over the dataset: the training objective, on held-out users."""
+    """Mean NLL per non-pad token over the dataset: the training objective, on held-out users.
+    Under torch.distributed each rank scores a share of the batches (every rank must call it)."""
     was_training, device = model.training, model.device
+    info = dist_info()
     model.eval()
     total, count = 0.0, 0
-    for batch in sorted_batches(dataset.lengths, batch_size):
+    for batch in shard(sorted_batches(dataset.lengths, batch_size), info.rank, info.world_size):
         ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in batch]))
         with _autocast(device, bf16):
             total += token_nll(model, ids, mask).sum().item()
         count += int(mask[:, 1:].sum())
     model.train(was_training)
+    if info.world_size > 1:
+        total, count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
 
 
@@ -276,21 +504,29 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """Model (safetensors) + trainer_state.pt (optimizer, RNG, progress; tensors and plain types only)."""
+    """Model (safetensors) + trainer_state.pt (optimizer, each rank's RNG, progress; tensors and plain
+    types only). Under torch.distributed every rank calls it (the RNG states are gathered); rank 0 writes."""
+    rng = _gather_objects(_rng_state())  # ranks draw different dropout masks, so each keeps its own stream
+
     def write(tmp: Path) -> None:
         save_model(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state(), **progress}, tmp / "trainer_state.pt")
-    write_dir_atomically(path, write)
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng, **progress}, tmp / "trainer_state.pt")
+    if dist_info().is_main:
+        write_dir_atomically(path, write)
+    _barrier()  # nobody reads a checkpoint before it is complete
 
 
 def load_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and RNG from `path` (or its `.old` twin left by a crash mid-swap)."""
+    """Restore model, optimizer and this rank's RNG from `path` (or its `.old` twin left by a crash mid-swap).
+    A rank the saved run did not have takes rank 0's RNG."""
     if not path.exists():
         path = path.with_name(path.name + ".old")
     load_model(model, path / "model.safetensors", device=str(model.device))  # resolves tied weights
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)  # RNG states live on the CPU
     optimizer.load_state_dict(state.pop("optimizer"))
-    _set_rng_state(state.pop("rng"))
+    rng = state.pop("rng")
+    rng = [rng] if isinstance(rng, dict) else rng  # checkpoints written before multi-process training
+    _set_rng_state(rng[dist_info().rank] if dist_info().rank < len(rng) else rng[0])
     return state
 
 
@@ -313,21 +549,29 @@ def _groups(items: Iterable, size: int) -> Iterator[list]:
 
 
 def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainConfig, out_dir: str | Path,
-             resume: bool = False, progress: bool = True) -> TrainResult:
+             resume: bool = False, progress: bool = True, stream: bool = False) -> TrainResult:
     """Train `model` in place; out_dir gets checkpoint/ (resumable), best/ (save_pretrained) and history.json.
 
-    Samples: a frame with input_ids / target_ids columns, (input_ids, target_ids) pairs, or a
-    SequenceDataset. Without validation samples there is no early stopping and best/ is the final model.
-    With resume=True and a checkpoint in out_dir, training continues exactly where it stopped.
+    Samples: a frame with input_ids / target_ids columns, (input_ids, target_ids) pairs, a
+    SequenceDataset / ParquetSequences, or a Parquet file of samples, whose training samples are
+    streamed with stream=True (validation samples are always read into memory). Without validation
+    samples there is no early stopping and best/ is the final model. With resume=True and a checkpoint
+    in out_dir, training continues exactly where it stopped.
+
+    Under torchrun every process calls this alike: DistributedDataParallel over the ranks, each taking
+    a disjoint share of every batch; validation is shared out and summed (every rank gets the same
+    loss, so early stopping agrees); rank 0 writes the run folder and shows progress.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    info = init_distributed("nccl" if device.type == "cuda" else "gloo")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if config.bf16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("bf16 on a CPU without native bfloat16 matmuls (AVX512-BF16 / AMX) is several times slower than float32")
     model.to(device).train()
-    train_set = SequenceDataset.from_samples(train_samples, config.max_len)
-    val_set = SequenceDataset.from_samples(val_samples, config.max_len) if val_samples is not None and len(val_samples) else None
+    train_set = as_dataset(train_samples, config.max_len, config.stream_buffer if stream else None)
+    val_set = as_dataset(val_samples, config.max_len) if val_samples is not None else None
+    val_set = val_set if val_set is not None and len(val_set) else None
     optimizer = make_optimizer(model, config)
 
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -349,44 +593,57 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
     else:
         torch.manual_seed(config.seed)  # dropout; data order has its own seeded generator per epoch
     history = state["history"]
+    # DDP copies rank 0's weights to every rank, then averages gradients in backward.
+    net = model if info.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
     def validate() -> None:
         val_loss = evaluate_loss(model, val_set, config.batch_size, config.bf16)
         history["val"].append({"step": state["step"], "epoch": state["epoch"], "val_loss": val_loss})
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             state.update(best_val_loss=val_loss, best_step=state["step"], evals_since_best=0)
-            write_dir_atomically(out_dir / "best", lambda tmp: save_model(model, tmp))
+            if info.is_main:
+                write_dir_atomically(out_dir / "best", lambda tmp: save_model(model, tmp))
         else:
             state["evals_since_best"] += 1
             patience = config.early_stopping_patience
             state["stopped_early"] = patience is not None and state["evals_since_best"] >= patience
         log.info("step %d: val loss %.4f (best %.4f at step %d)", state["step"], val_loss, state["best_val_loss"], state["best_step"])
-        (out_dir / "history.json").write_text(json.dumps(history))
+        if info.is_main:
+            (out_dir / "history.json").write_text(json.dumps(history))
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
+                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and info.is_main))
     with bar:
         task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
         while state["step"] < total_steps and not state["stopped_early"]:
-            batches = length_bucketed_batches(train_set.lengths, config.batch_size, config.bucket_batches,
+            batches = train_set.epoch_batches(config.batch_size, config.bucket_batches,
                                               np.random.default_rng([config.seed, state["epoch"]]))
-            loader = DataLoader(train_set, batch_sampler=batches[state["position"] * config.grad_accum:],
-                                collate_fn=pad_sequences, num_workers=config.num_workers,
+            batches = batches[state["position"] * config.grad_accum:]
+            # A rank whose share of a (last, small) batch is empty runs the batch's first sample at weight 0:
+            # every rank must join each gradient all-reduce.
+            local = [shard(b, info.rank, info.world_size) or b[:1] for b in batches]
+            loader = DataLoader(train_set, batch_sampler=local, collate_fn=pad_sequences, num_workers=config.num_workers,
                                 generator=torch.Generator().manual_seed(config.seed))  # leaves the global RNG alone
-            for micro_batches in _groups(loader, config.grad_accum):
+            for step_batches, micro_batches in zip(_groups(batches, config.grad_accum), _groups(loader, config.grad_accum)):
                 started = time.perf_counter()
                 lr = lr_at(state["step"], total_steps, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # Normalise by the step's token count so every token weighs the same, whatever the padding.
-                n_tokens = sum(int(mask[:, 1:].sum()) for _, mask in micro_batches)
+                # Normalise by the step's token count over all ranks so every token weighs the same, whatever
+                # the padding; times world_size because DDP averages the ranks' gradients.
+                n_tokens = sum(int((train_set.lengths[b] - 1).sum()) for b in step_batches)
                 loss = 0.0
-                for ids, mask in micro_batches:
-                    ids, mask = ids.to(device), mask.to(device)
-                    with _autocast(device, config.bf16):
-                        micro_loss = token_nll(model, ids, mask).sum() / n_tokens
-                    micro_loss.backward()
-                    loss += micro_loss.item()
+                for i, ((ids, mask), batch) in enumerate(zip(micro_batches, step_batches)):
+                    weight = info.world_size / n_tokens if len(batch) > info.rank else 0.0
+                    last = i == len(micro_batches) - 1
+                    with nullcontext() if last or net is model else net.no_sync():  # all-reduce once per step
+                        with _autocast(device, config.bf16):
+                            micro_loss = token_nll(net, ids.to(device), mask.to(device)).sum() * weight
+                        micro_loss.backward()
+                    loss += micro_loss.item() / info.world_size
+                if info.world_size > 1:
+                    loss = all_reduce_sum(torch.tensor(loss, dtype=torch.float64)).item()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -412,11 +669,13 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
                 if finished:
                     break
 
-    if val_set is None:
+    if val_set is None and info.is_main:
         write_dir_atomically(out_dir / "best", lambda tmp: save_model(model, tmp))
-    elif config.load_best_at_end and (out_dir / "best").exists():
+    _barrier()  # best/ is complete before any rank loads it
+    if val_set is not None and config.load_best_at_end and (out_dir / "best").exists():
         load_model(model, out_dir / "best" / "model.safetensors", device=str(device))
-    (out_dir / "history.json").write_text(json.dumps(history))
+    if info.is_main:
+        (out_dir / "history.json").write_text(json.dumps(history))
     return TrainResult(
         steps=state["step"], epochs=state["epoch"], best_val_loss=state["best_val_loss"], best_step=state["best_step"],
         stopped_early=state["stopped_early"], tokens_per_s=state["train_tokens"] / max(state["train_time"], 1e-9),

@@ -91,3 +91,18 @@ def test_init_from_refuses_non_safetensors(tmp_path):
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         init_from(build_model("tiny", vocab_size=100), tmp_path)
+
+
+def test_model_folders_load_with_safetensors_only(tmp_path):
+    """A folder holding only a pickled checkpoint is refused, not unpickled (no pickle from untrusted paths)."""
+    import polars as pl
+
+    from hetlm.evaluate import load_any_model
+
+    model = build_model("tiny", 40)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_any_model(tmp_path, pl.DataFrame({"history": [[["a", "b"]]]}))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        init_from(build_model("tiny", 40), tmp_path)

@@ -2,6 +2,7 @@ import json
 import random
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -10,12 +11,17 @@ import hetlm.train
 from hetlm.models import Preset, build_model
 from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from hetlm.train import (
+    DistInfo,
+    ParquetSequences,
     SequenceDataset,
     TrainConfig,
     evaluate_loss,
+    gather_columns,
     length_bucketed_batches,
+    owned_clusters,
     pad_sequences,
     sequence_nll,
+    shard,
     train_lm,
 )
 
@@ -159,3 +165,66 @@ def test_pad_sequences_both_sides():
 def test_long_samples_keep_their_most_recent_tokens():
     data = SequenceDataset.from_samples([(list(range(4, 20)), [BOS_ID, 30, EOS_ID])], max_len=8)
     assert data[0].tolist() == [15, 16, 17, 18, 19, BOS_ID, 30, EOS_ID] and data.target_starts == [5]
+
+
+def write_samples(path, samples, row_group_size: int):
+    frame = pl.DataFrame({"input_ids": [h for h, _ in samples], "target_ids": [t for _, t in samples]},
+                         schema={"input_ids": pl.List(pl.Int32), "target_ids": pl.List(pl.Int32)})
+    frame.with_columns(user=pl.lit("u")).write_parquet(path, row_group_size=row_group_size)
+    return path
+
+
+def test_streamed_samples_equal_in_memory_ones(tmp_path):
+    samples = toy_samples(50, seed=0)
+    streamed = ParquetSequences(write_samples(tmp_path / "s.parquet", samples, 8), max_len=16)
+    memory = SequenceDataset.from_samples(samples, max_len=16)  # toy sequences reach 24 tokens: some are cut
+    assert len(streamed) == 50 and streamed.lengths.tolist() == memory.lengths.tolist()
+    assert streamed.target_starts.tolist() == memory.target_starts
+    assert all(torch.equal(streamed[i], memory[i]) for i in range(50))
+
+
+def test_streaming_reads_each_row_group_once_per_epoch(tmp_path):
+    samples = toy_samples(300, seed=0)
+    data = ParquetSequences(write_samples(tmp_path / "s.parquet", samples, 16), buffer_row_groups=2)
+    n_groups = 19  # ceil(300 / 16)
+    assert data.row_group_reads == n_groups  # the lengths pass, one row group at a time
+    batches = data.epoch_batches(8, 50, np.random.default_rng(0))
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    assert len(batches) == 38 and all(len(b) == 8 for b in batches[:-1])  # ceil(300 / 8), as in memory
+    assert batches != data.epoch_batches(8, 50, np.random.default_rng(1))
+    # Every batch draws on the row groups of at most two buffers.
+    assert max(len({i // 16 for i in b}) for b in batches) <= 4
+
+    config = TrainConfig(lr=3e-3, batch_size=8, epochs=1, device="cpu", stream_buffer=2)
+    result = train_lm(micro_model(), data, None, config, tmp_path / "run", progress=False)
+    assert result.steps == 38 and data.row_group_reads == 2 * n_groups and len(data._cache) <= 4
+
+
+def test_streamed_training_equals_in_memory_training(tmp_path):
+    # A file that fits one shuffle buffer gets the in-memory batch order, so the runs must agree exactly.
+    train, val = toy_samples(60, seed=0), toy_samples(8, seed=1)
+    config = TrainConfig(lr=3e-3, batch_size=8, epochs=2, eval_every=5, device="cpu", stream_buffer=8)
+    path = write_samples(tmp_path / "train.parquet", train, 10)
+    streamed = train_lm(micro_model(), path, val, config, tmp_path / "streamed", progress=False, stream=True)
+    memory = train_lm(micro_model(), train, val, config, tmp_path / "memory", progress=False)
+    assert [e["loss"] for e in streamed.history["train"]] == pytest.approx([e["loss"] for e in memory.history["train"]], abs=1e-6)
+    assert streamed.best_val_loss == pytest.approx(memory.best_val_loss, abs=1e-6)
+
+
+def test_streaming_needs_the_token_columns(tmp_path):
+    pl.DataFrame({"user": ["a"]}).write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="input_ids"):
+        ParquetSequences(tmp_path / "bad.parquet")
+
+
+def test_shards_of_a_batch_are_disjoint_and_cover_it():
+    batch = list(range(10))
+    parts = [shard(batch, rank, 3) for rank in range(3)]
+    assert sorted(i for part in parts for i in part) == batch and parts[0] == [0, 3, 6, 9]
+    assert shard([7], 1, 2) == []  # the trainer runs such a rank on one sample at weight 0
+
+
+def test_single_process_helpers_for_hetlm():
+    assert owned_clusters(6, DistInfo(rank=1, world_size=4)) == [1, 5]
+    matrix = torch.arange(12.0).view(3, 4)
+    assert torch.equal(gather_columns(matrix, [0, 2]), matrix * torch.tensor([1.0, 0, 1, 0]))
