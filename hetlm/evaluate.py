@@ -21,6 +21,8 @@ from .generate import generate_next_sessions, next_page_scores
 from .ingest.base import CART, PURCHASE
 from .tokenizer import SPECIALS
 
+OUTCOME_PAGES = {"cart": CART, "purchase": PURCHASE}  # outcome column -> its page
+
 
 class GenerationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -122,15 +124,26 @@ def score(pages: list[list[str]], test: pl.DataFrame, vocabulary: set[str], clus
             "per_user_iou": result.per_user["IoU"].to_list()}
 
 
+def outcome_table(test: pl.DataFrame, first_page_logprobs: np.ndarray, tokenizer) -> pl.DataFrame:
+    """Each test user's outcome probabilities beside the observed outcomes: columns user, p_cart,
+    p_purchase, cart, purchase (test-frame order). The probability is P(first page of the next session
+    = Cart / Purchase); NaN where the vocabulary lacks the page."""
+    probs = {}
+    for col, page in OUTCOME_PAGES.items():
+        page_id = tokenizer.convert_tokens_to_ids(page)
+        known = page_id >= len(SPECIALS)
+        probs[f"p_{col}"] = np.exp(first_page_logprobs[:, page_id]) if known else np.full(test.height, np.nan)
+    return test.select("user").with_columns(
+        *(pl.Series(name, p, dtype=pl.Float64) for name, p in probs.items()), test["cart"], test["purchase"])
+
+
 def _ranking_and_auc(logprobs: np.ndarray, test: pl.DataFrame, tokenizer) -> dict[str, float]:
     """Ranking of the actual first next page; AUC of P(first page is Cart / Purchase) for the outcome."""
     first = np.array([tokenizer.convert_tokens_to_ids(t[0]) for t in test["target"].to_list()])
     known = first >= len(SPECIALS)  # unknown first pages cannot be ranked
     out = M.ranking_metrics(logprobs[known], first[known]) if known.any() else {}
-    probs = np.exp(logprobs)
-    for page, col in ((CART, "cart"), (PURCHASE, "purchase")):
-        page_id = tokenizer.convert_tokens_to_ids(page)
-        out[f"AUC-{page}(first page)"] = (
-            M.outcome_auc(probs[:, page_id], test[col].to_numpy()) if page_id >= len(SPECIALS) else math.nan
-        )
+    outcomes = outcome_table(test, logprobs, tokenizer)
+    for col, page in OUTCOME_PAGES.items():
+        prob = outcomes[f"p_{col}"].to_numpy()
+        out[f"AUC-{page}(first page)"] = math.nan if np.isnan(prob).all() else M.outcome_auc(prob, test[col].to_numpy())
     return out

@@ -4,12 +4,15 @@ baselines -> the paper's Tables 2-6 and 17, as Markdown and JSON, in one run fol
 
 Run folder:
     config.json, prepared/ (samples, tokenizer, summary), models/<name>/ (save_pretrained),
-    generations/<name>.parquet, results.json, tables.md, timings in results.json
+    generations/<name>.parquet, outcomes/<name>.parquet (LMs: outcome probabilities per test user),
+    clusters/<name>.parquet (clusterwise models: final cluster of each train and test sample),
+    results.json, tables.md, report.html (figures also in report/figures/), timings in results.json
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -21,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
 from . import metrics as M
@@ -30,8 +33,9 @@ from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
 from .cluster.kmeans import fit_kmeans_clusterwise
 from .encoders import encoder_from_settings
-from .evaluate import GenerationSettings, predict, save_generations, score
-from .models import build_model, count_parameters, init_from, scale_preset
+from .evaluate import GenerationSettings, outcome_table, predict, save_generations, score
+from .ingest import SOURCES
+from .models import FAMILIES, PRESETS, build_model, count_parameters, init_from, scale_preset
 from .prepare import PrepareConfig, prepare
 from .tokenizer import load_tokenizer, page_vocabulary
 from .train import TrainConfig, train_lm
@@ -40,11 +44,27 @@ console = Console(width=200)  # wide tables stay readable in logs and CI
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
 
 
+def _one_of(value: str, known, what: str) -> str:
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(known)}")
+    return value
+
+
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: str = "tiny"
     family: str | None = None
     init_from: str | None = Field(None, description="released weights on disk to start from (all but vocab layers)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        return _one_of(preset, PRESETS, "preset")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str | None) -> str | None:
+        return family if family is None else _one_of(family, FAMILIES, "family")
 
 
 class KMeansSettings(BaseModel):
@@ -93,6 +113,16 @@ class ExperimentConfig(BaseModel):
     bert_score: bool = True
     seed: int = 0
 
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        return _one_of(source, SOURCES, "source")
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, names: list[str]) -> list[str]:
+        return [_one_of(name, BASELINES, "baseline") for name in names]
+
     @classmethod
     def from_file(cls, path: str | Path) -> ExperimentConfig:
         return cls.model_validate_json(Path(path).read_text())
@@ -104,6 +134,29 @@ def _git_revision() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["hetlm", "torch", "transformers", "tokenizers", "polars", "pyarrow", "numpy", "scikit-learn",
+             "sentence-transformers", "sacrebleu"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _sha256(path: str | Path) -> str:
+    """Fingerprint of a data file, so a result can be tied to the exact bytes it came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Clock:
@@ -210,8 +263,6 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         bert_encoder = load_minilm()
 
     results: dict[str, dict] = {}
-    generations = out / "generations"
-    generations.mkdir(exist_ok=True)
     for name, model in models.items():
         with clock(f"inference: {name}"):
             t0 = time.perf_counter()
@@ -226,7 +277,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                               "kind": "clusterwise" if isinstance(model, ClusterwiseLM) else "single"}
             if isinstance(model, ClusterwiseLM):
                 results[name]["train_cluster_sizes"] = model.sizes
-            save_generations(generations / f"{_slug(name)}.parquet", test, pred.pages, pred.clusters)
+                _save_clusters(artefact_path(out, "clusters", name), train, model.route(z["train"]), test,
+                               pred.clusters)
+            save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
+            outcome_table(test, pred.first_page_logprobs, tokenizer).write_parquet(
+                _parent_made(artefact_path(out, "outcomes", name)))
 
     with clock("baselines"):
         histories_in = train["history"].to_list() + val["history"].to_list()
@@ -236,7 +291,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             pages = baseline.predict(test["history"].to_list())
             results[f"baseline: {bname}"] = score(pages, test, vocabulary, bert_encoder=bert_encoder) | {
                 "kind": "baseline"}
-            save_generations(generations / f"baseline_{bname}.parquet", test, pages, np.zeros(len(pages), int))
+            save_generations(artefact_path(out, "generations", f"baseline: {bname}"), test, pages,
+                             np.zeros(len(pages), int))
 
     reference = larger_name or next(iter(models))
     for name, r in results.items():
@@ -246,16 +302,21 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     run = {
         "name": config.name, "reference": reference, "data": summary, "results": results,
         "seconds": clock.seconds, "histories": histories,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpu_count": os.cpu_count(), "platform": platform.platform(), "git": _git_revision()},
+        "environment": {"python": platform.python_version(), "versions": _versions(), "cpu_count": os.cpu_count(),
+                        "platform": platform.platform(), "git": _git_revision()},
+        "data_fingerprint": {"input": _sha256(config.path)}
+        | {f"prepared/{s}.parquet": _sha256(out / "prepared" / f"{s}.parquet") for s in ("train", "val", "test")},
     }
     (out / "results.json").write_text(json.dumps(run, indent=1, default=_json_default))
     (out / "tables.md").write_text(tables_markdown(run))
+    from .report import write_report  # imported here: the report module imports this one (and matplotlib)
+
+    report = write_report(out)
     console.print(M.format_table({n: r["combined"] | r.get("extra", {}) for n, r in results.items()},
                                  metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
                                           "MRR"], title="Combined over test users"))
     console.print(f"stage times (s): {clock.seconds}")
-    console.print(f"run folder: {out}  (tables.md, results.json)")
+    console.print(f"run folder: {out}  (tables.md, results.json, {report.html.name})")
     return run
 
 
@@ -269,12 +330,36 @@ def _json_default(o):
     return str(o)
 
 
+BERTSCORE_NOTE = ("BERTScore is computed with all-MiniLM-L6-v2 token embeddings (not roberta-large): not comparable "
+                  "with the paper's BERTScore values.")
+
+
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
 
 
-def tables_markdown(run: dict) -> str:
-    """The paper's Tables 2-6 and 17 from a finished run's results."""
+def artefact_path(run_dir: str | Path, folder: str, name: str) -> Path:
+    """RUN/<folder>/<model>.parquet: where a run keeps one model's generations, outcomes or clusters
+    (the model's name as a slug; 'baseline: markov' -> baseline_markov)."""
+    return Path(run_dir) / folder / f"{_slug(name.replace('baseline: ', 'baseline_'))}.parquet"
+
+
+def _parent_made(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_clusters(path: Path, train: pl.DataFrame, train_clusters: np.ndarray, test: pl.DataFrame,
+                   test_clusters: np.ndarray) -> None:
+    """Final cluster of every train and test sample; `row` indexes the split's samples (and embeddings)."""
+    frames = [df.select("user").with_row_index("row").with_columns(split=pl.lit(split),
+                                                                   cluster=pl.Series(c.astype(int)))
+              for split, df, c in (("train", train, train_clusters), ("test", test, test_clusters))]
+    pl.concat(frames).write_parquet(_parent_made(path))
+
+
+def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """The paper's Tables 2-6 and 17 (and two beyond it) from a finished run: title -> rows (model -> metrics)."""
     results, ref = run["results"], run["reference"]
 
     def rows(metric_names, with_clusters=True):
@@ -295,22 +380,27 @@ def tables_markdown(run: dict) -> str:
                for n, r in results.items() if r.get("kind") != "baseline"}
     timing = {n: {"params (M)": r["params"] / 1e6, "inference s (test set)": r["inference_seconds"]}
               for n, r in results.items() if "inference_seconds" in r}
-    data = run["data"]
+    return {
+        "Table 2: page generation (higher is better)": rows(M.GENERATION_MEANS),
+        f"Table 3: composite vs {ref} (share of metrics where the model is better)": composite,
+        "Table 4: outcome prediction (higher is better)": rows(M.OUTCOME_METRICS),
+        "Table 5: variance of page generation across users (lower is better)": rows(M.VARIANCES),
+        "Table 6: BLEU and BERTScore": bleu_bert,
+        "Beyond the paper: ranking of the first next page, outcome AUC": ranking,
+        "Table 17: inference time of the whole test set": timing,
+        "Stage wall times (s)": {"seconds": run["seconds"]},
+    }
+
+
+def tables_markdown(run: dict) -> str:
+    """The paper's Tables 2-6 and 17 from a finished run's results, as Markdown."""
+    results, ref, data = run["results"], run["reference"], run["data"]
     parts = [
         f"# {run['name']}: results\n",
         f"Data: {data['source']} `{data['path']}`: {data['users']} users, {data['pages']} pages, samples "
         f"{data['samples']}. Test users: {results[ref]['combined']['n']}. Reference for composites: **{ref}**.\n",
-        "BERTScore is computed with all-MiniLM-L6-v2 token embeddings (not roberta-large): not comparable "
-        "with the paper's BERTScore values.\n",
-        "## Table 2: page generation (higher is better)\n", M.markdown_table(rows(M.GENERATION_MEANS)),
-        f"## Table 3: composite vs {ref} (share of metrics where the model is better)\n",
-        M.markdown_table(composite),
-        "## Table 4: outcome prediction (higher is better)\n", M.markdown_table(rows(M.OUTCOME_METRICS)),
-        "## Table 5: variance of page generation across users (lower is better)\n",
-        M.markdown_table(rows(M.VARIANCES)),
-        "## Table 6: BLEU and BERTScore\n", M.markdown_table(bleu_bert),
-        "## Beyond the paper: ranking of the first next page, outcome AUC\n", M.markdown_table(ranking),
-        "## Table 17: inference time of the whole test set\n", M.markdown_table(timing),
-        "## Stage wall times (s)\n", M.markdown_table({"seconds": run["seconds"]}),
+        BERTSCORE_NOTE + "\n",
     ]
+    for title, rows in paper_tables(run).items():
+        parts += [f"## {title}\n", M.markdown_table(rows)]
     return "\n".join(parts)
