@@ -1,12 +1,23 @@
 """`hetlm prepare`: a raw click log in, tokenized next-session samples out.
 
 Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizerFast), summary.json.
+
+Logs larger than memory: with `partitions=P` the log is read in chunks of lines, each chunk goes
+through the source's adapter and its events are hashed by user into P partition files. Every later
+step works on one partition at a time, and the few settings that depend on all users (the long-session
+cutoff, the time-split cutoffs, the vocabulary) are computed over all partitions first, so the samples
+are the same as with one partition (written partition after partition, so in another row order) while
+peak memory is about 1/P of the log.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,14 +25,25 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .ingest import read_events
-from .ingest.base import CART, PURCHASE
+from .ingest.base import CART, PURCHASE, IngestError
 from .sessions import (
-    CleaningReport, SplitSettings, assign_splits, build_samples, clean_sessions, session_ids,
-    sessionize, split_within_sessions,
+    CleaningReport,
+    SplitSettings,
+    assign_splits,
+    build_samples,
+    clean_sessions,
+    length_cutoff,
+    session_ids,
+    sessionize,
+    split_within_sessions,
+    time_cutoffs,
 )
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
 SPLITS = ("train", "val", "test")
+# Sources a partitioned prepare can read in chunks of lines: header lines repeated in every chunk.
+HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0}
+CHUNK_BYTES = 64 << 20  # raw log read per chunk by a partitioned prepare
 
 
 class PrepareConfig(BaseModel):
@@ -45,12 +67,17 @@ class PrepareConfig(BaseModel):
     max_len: int = Field(512, ge=8, description="token budget of history + target")
     min_page_count: int = Field(1, ge=1, description="pages seen fewer times in training map to [UNK]")
     on_bad_rows: Literal["error", "skip"] = "error"
+    partitions: int = Field(1, ge=1, description="users hashed into this many partitions processed one at "
+                            "a time: peak memory ~1/partitions of the log, same samples")
     seed: int = 0
 
     @model_validator(mode="after")
     def _fractions(self) -> PrepareConfig:
         if self.test_fraction + self.val_fraction >= 1:
-            raise ValueError("test_fraction + val_fraction must be below 1")
+            raise ValueError(
+                f"test_fraction + val_fraction must be below 1 (they are {self.test_fraction} + {self.val_fraction}),"
+                " or no sample is left for training"
+            )
         return self
 
 
@@ -69,94 +96,283 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = {"start": time.perf_counter()}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".partitions-") as scratch:
+        parts = _Partitions(Path(scratch) if cfg.partitions > 1 else None)
+        if cfg.partitions > 1:
+            ingested = _ingest_in_chunks(source, path, cfg, parts, source_options)
+        else:
+            ingested = _ingest_whole(source, path, cfg, parts, source_options)
+        clock["ingest"] = time.perf_counter()
+        summary = _prepare_partitions(parts, ingested, cfg, out, clock)
+    summary = {"source": source, "path": str(path)} | summary
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
-    ingested = read_events(source, path, on_bad_rows=cfg.on_bad_rows, **source_options)
-    events = ingested.events
-    report = CleaningReport(dict(ingested.skipped))
+
+@dataclass
+class _Ingested:
+    events_read: int  # rows of the log, bad ones included
+    events: int       # events the adapter returned
+    skipped: dict[str, int]
+    anonymous: bool
+
+
+class _Partitions:
+    """Tables by (kind, partition): in memory for an unpartitioned prepare, else Parquet files in `folder`
+    (one per put, read back in put order)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.frames = folder, {}
+
+    def put(self, kind: str, part: int, df: pl.DataFrame) -> None:
+        if df.height == 0:
+            return
+        stored = self.frames.setdefault((kind, part), [])
+        if self.folder is None:
+            stored.append(df)
+        else:
+            file = self.folder / f"{kind}-{part}-{len(stored)}.parquet"
+            df.write_parquet(file)
+            stored.append(file)
+
+    def keys(self, kind: str) -> list[int]:
+        return sorted(part for k, part in self.frames if k == kind)
+
+    def get(self, kind: str, part: int) -> pl.DataFrame:
+        return self.scan(kind, part).collect() if self.folder else pl.concat(self.frames[kind, part])
+
+    def scan(self, kind: str, part: int) -> pl.LazyFrame:
+        stored = self.frames[kind, part]
+        return pl.scan_parquet(stored) if self.folder else pl.concat(stored).lazy()
+
+
+def _ingest_whole(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
+    ingested = read_events(source, path, on_bad_rows=cfg.on_bad_rows, **options)
+    parts.put("events", 0, ingested.events)
+    return _Ingested(ingested.events.height + sum(ingested.skipped.values()), ingested.events.height,
+                     dict(ingested.skipped), ingested.anonymous)
+
+
+def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
+    """Each chunk of the log through the adapter, its events hashed by user into cfg.partitions parts."""
+    if source not in HEADER_LINES:
+        raise ValueError(f"partitions: the {source} source cannot be read in chunks; "
+                         f"partitioned sources: {', '.join(HEADER_LINES)} (use partitions=1)")
+    if source == "generic" and options.get("time") is None and options.get("order") is None:
+        raise ValueError("partitions: a generic log needs a time or order column (without one the row "
+                         "number is the clock, which chunks would restart)")
+    if not Path(path).is_file():
+        return _ingest_whole(source, path, cfg, parts, options)  # the adapter's own error
+    total = _Ingested(0, 0, {}, False)
+    anonymous_events = 0
+    for chunk, lines_before in _chunks(Path(path), HEADER_LINES[source], parts.folder):
+        try:
+            got = read_events(source, chunk, on_bad_rows=cfg.on_bad_rows, **options)
+        except IngestError as e:
+            line = e.line if e.line is None or e.line <= HEADER_LINES[source] else e.line - HEADER_LINES[source] + lines_before
+            raise IngestError(path, e.problem, line, e.hint) from None
+        part = (pl.col("user").hash(cfg.seed) % cfg.partitions).alias("_part")
+        for (p,), events in got.events.with_columns(part).partition_by("_part", as_dict=True).items():
+            parts.put("events", p, events.drop("_part"))
+        total.events += got.events.height
+        total.events_read += got.events.height + sum(got.skipped.values())
+        for reason, n in got.skipped.items():
+            total.skipped[reason] = total.skipped.get(reason, 0) + n
+        anonymous_events += got.events.height if got.anonymous else 0
+    if total.events_read == 0:
+        return _ingest_whole(source, path, cfg, parts, options)  # an empty log: the adapter's own error
+    # The adapter decides per chunk whether users are anonymous visits; the log is if most events are.
+    total.anonymous = anonymous_events * 2 > total.events
+    return total
+
+
+def _chunks(path: Path, header_lines: int, folder: Path) -> Iterator[tuple[Path, int]]:
+    """(chunk file, lines of the log before its first data line): whole lines, the header repeated."""
+    chunk = folder / ("chunk" + "".join(s for s in path.suffixes[-2:] if s.lower() != ".gz"))
+    if chunk.suffix.lower() in (".parquet", ".pq"):
+        yield from _parquet_chunks(path, chunk)
+        return
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(path, "rb") as f:
+        header = b"".join(f.readline() for _ in range(header_lines))
+        lines_before = header_lines
+        for block in _line_blocks(f):
+            chunk.write_bytes(header + block)
+            yield chunk, lines_before
+            lines_before += block.count(b"\n")
+
+
+def _line_blocks(f) -> Iterator[bytes]:
+    """Whole lines, about CHUNK_BYTES at a time. A last line without a newline (often a truncated one)
+    joins the block before it, so that no chunk is only a broken line."""
+    rest, ready = b"", b""
+    while block := f.read(CHUNK_BYTES):
+        data = rest + block
+        cut = data.rfind(b"\n") + 1
+        if ready:
+            yield ready
+        ready, rest = data[:cut], data[cut:]
+    if ready + rest:
+        yield ready + rest
+
+
+def _parquet_chunks(path: Path, chunk: Path) -> Iterator[tuple[Path, int]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows_before = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_BYTES // 64):  # ~64 bytes a row
+        pq.write_table(pa.Table.from_batches([batch]), chunk)
+        yield chunk, rows_before
+        rows_before += batch.num_rows
+
+
+def _sessions(events: pl.DataFrame, cfg: PrepareConfig, mode: str, report: CleaningReport,
+              long_percentile: float | None, long_cutoff: int | None = None) -> pl.DataFrame:
     null_pages = events["page"].is_null()
     report.add("empty page name", null_pages.sum())
-    events = events.filter(~null_pages)
-    clock["ingest"] = time.perf_counter()
+    sessions = clean_sessions(
+        sessionize(events.filter(~null_pages), cfg.gap_minutes, cfg.use_log_sessions), report,
+        collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
+        long_session_percentile=long_percentile, long_sessions=cfg.long_sessions,
+        min_sessions=1 if mode == "within-session" else cfg.min_sessions, long_session_cutoff=long_cutoff,
+    )
+    return split_within_sessions(sessions) if mode == "within-session" else sessions
 
+
+def _long_session_cutoff(parts: _Partitions, cfg: PrepareConfig, mode: str) -> int | None:
+    """The long-session cutoff over all partitions (a first pass), or None to let one partition find it."""
+    if cfg.partitions == 1 or cfg.long_session_percentile is None:
+        return None
+    lengths = [
+        clean_sessions(sessionize(parts.get("events", p).drop_nulls("page"), cfg.gap_minutes, cfg.use_log_sessions),
+                       CleaningReport(), collapse_repeats=cfg.collapse_repeats,
+                       min_session_len=cfg.min_session_len, long_session_percentile=None, min_sessions=1)
+        ["pages"].list.len()
+        for p in parts.keys("events")
+    ]
+    return length_cutoff(pl.concat(lengths), cfg.long_session_percentile, cfg.min_session_len) if lengths else None
+
+
+def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareConfig, out: Path, clock: dict) -> dict:
+    """Sessions, splits, vocabulary and samples, one partition at a time; the summary without source/path."""
+    report = CleaningReport(dict(ingested.skipped))
     mode = cfg.samples
     if mode == "auto":
         mode = "within-session" if ingested.anonymous else "next-session"
-    sessions = clean_sessions(
-        sessionize(events, cfg.gap_minutes, cfg.use_log_sessions), report,
-        collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
-        long_session_percentile=cfg.long_session_percentile, long_sessions=cfg.long_sessions,
-        min_sessions=1 if mode == "within-session" else cfg.min_sessions,
-    )
-    if mode == "within-session":
-        sessions = split_within_sessions(sessions)
+    long_cutoff = _long_session_cutoff(parts, cfg, mode)
+    starts, longest = [], 0
+    for p in parts.keys("events"):
+        sessions = _sessions(parts.get("events", p), cfg, mode, report, cfg.long_session_percentile, long_cutoff)
+        parts.put("sessions", p, sessions)
+        starts.append(sessions.filter(pl.col("session") >= 1)["start"])
+        longest = max(longest, int(sessions["pages"].list.len().max() or 0) + 2)
     clock["sessions"] = time.perf_counter()
 
-    longest = int(sessions["pages"].list.len().max() or 0) + 2
     history_budget = cfg.max_len - longest
     if history_budget < 3:
         raise ValueError(
             f"max_len={cfg.max_len} leaves no room for history beside the longest kept session "
             f"({longest} tokens); raise max_len or lower long_session_percentile"
         )
+    candidate_starts = pl.concat(starts) if starts else pl.Series([], dtype=pl.Int64)
+    if candidate_starts.len() == 0:
+        raise ValueError("no user has two sessions after cleaning: nothing to predict")
     split = SplitSettings(cfg.split, cfg.test_fraction, cfg.val_fraction, cfg.test_targets,
                           cfg.max_train_targets_per_user, cfg.seed)
-    targets, train_sessions = assign_splits(sessions, split)
-
-    counts = train_sessions.select(pl.col("pages").explode()).group_by("pages").len()
+    cutoffs = time_cutoffs(candidate_starts, split) if cfg.split == "time" else None
+    page_counts = []
+    for p in parts.keys("sessions"):
+        targets, train_sessions = assign_splits(parts.get("sessions", p), split, cutoffs)
+        parts.put("targets", p, targets)
+        page_counts.append(train_sessions.select(pl.col("pages").explode()).group_by("pages").len())
+    counts = pl.concat(page_counts).group_by("pages").agg(pl.col("len").sum())
     # Most frequent first, so ids are stable and small ids are common pages.
     pages = counts.filter(pl.col("len") >= cfg.min_page_count).sort(["len", "pages"], descending=[True, False])
     tokenizer = build_tokenizer(pages["pages"].to_list())
     vocab = tokenizer.get_vocab()
-    samples = build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), targets, history_budget)
-    has_history = pl.col("history").list.len() > 0
-    report.add("target with no history that fits max_len (sample dropped)",
-               samples.height - samples.select(has_history.sum()).item())
-    samples = samples.filter(has_history)
+
+    stats = []
+    for p in parts.keys("targets"):
+        sessions = parts.get("sessions", p)
+        samples = build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), parts.get("targets", p),
+                                history_budget)
+        has_history = pl.col("history").list.len() > 0
+        report.add("target with no history that fits max_len (sample dropped)",
+                   samples.height - samples.select(has_history.sum()).item())
+        samples = samples.filter(has_history)
+        parts.put("samples", p, samples)
+        stats.append(_partition_stats(sessions, samples, vocab))
     clock["samples"] = time.perf_counter()
 
+    samples = [parts.scan("samples", p) for p in parts.keys("samples")]
     for name in SPLITS:
-        samples.filter(pl.col("split") == name).drop("split").write_parquet(out / f"{name}.parquet")
+        # Streamed, partition after partition (each sorted by target start): a global sort would need
+        # every sample in memory at once. With one partition this is build_samples' order.
+        (pl.concat(samples) if samples else pl.LazyFrame(schema={"split": pl.Utf8}))\
+            .filter(pl.col("split") == name).drop("split").sink_parquet(out / f"{name}.parquet")
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
-
-    summary = _summary(source, path, cfg, mode, events, sessions, samples, tokenizer, report, ingested, clock)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return _summary(cfg, mode, ingested, stats, tokenizer, report, clock)
 
 
-def _summary(source, path, cfg, mode, events, sessions, samples, tokenizer, report, ingested, clock):
-    by_split = {s: samples.filter(pl.col("split") == s) for s in SPLITS}
-    lengths = samples["input_ids"].list.len() + samples["target_ids"].list.len()
-    test_pages = by_split["test"].select(pl.col("target").explode()).to_series()
-    vocab = set(tokenizer.get_vocab())
+def _partition_stats(sessions: pl.DataFrame, samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any]:
+    """What the summary needs from one partition: sums, and per-user / per-sample lengths."""
+    test_pages = samples.filter(pl.col("split") == "test").select(pl.col("target").explode()).to_series().drop_nulls()
+    by_split = samples.group_by("split").agg(
+        n=pl.len(), users=pl.col("user").n_unique(), cart=pl.col("cart").sum(), purchase=pl.col("purchase").sum(),
+        cart_or_purchase=(pl.col("cart") | pl.col("purchase")).sum(),
+    )
+    return {
+        "events_kept": int(sessions["pages"].list.len().sum()),
+        "users": sessions["user"].n_unique(),  # users never span partitions, so these add up
+        "sessions": sessions.height,
+        "sessions_per_user": sessions.group_by("user").len()["len"],
+        "by_split": by_split,
+        "tokens": samples["input_ids"].list.len() + samples["target_ids"].list.len(),
+        "target_tokens": samples["target_ids"].list.len(),
+        "test_pages": test_pages.len(),
+        "test_pages_unknown": int((~test_pages.is_in(list(vocab))).sum()),
+    }
+
+
+def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], tokenizer, report, clock):
+    def total(key: str) -> int:
+        return sum(s[key] for s in stats)
+
+    def concat(key: str) -> pl.Series:
+        return pl.concat([s[key] for s in stats]) if stats else pl.Series([], dtype=pl.Int64)
+
+    by_split = pl.concat([s["by_split"] for s in stats]).group_by("split").sum() if stats else None
+    split_rows = {row["split"]: row for row in by_split.iter_rows(named=True)} if stats else {}
+    split = {s: split_rows.get(s, {"n": 0, "users": 0, "cart": 0, "purchase": 0, "cart_or_purchase": 0})
+             for s in SPLITS}
     elapsed = clock["write"] - clock["start"]
     return {
-        "source": source,
-        "path": str(path),
         "sample_mode": mode,
         "config": cfg.model_dump(),
-        "events_read": ingested.events.height + sum(ingested.skipped.values()),
-        "events_kept": int(sessions["pages"].list.len().sum()),
-        "users": sessions["user"].n_unique(),
-        "sessions": sessions.height,
-        "sessions_per_user_median": float(sessions.group_by("user").len()["len"].median() or 0),
-        "samples": {s: df.height for s, df in by_split.items()},
-        "users_per_split": {s: df["user"].n_unique() for s, df in by_split.items()},
+        "events_read": ingested.events_read,
+        "events_kept": total("events_kept"),
+        "users": total("users"),
+        "sessions": total("sessions"),
+        "sessions_per_user_median": float(concat("sessions_per_user").median() or 0),
+        "samples": {s: row["n"] for s, row in split.items()},
+        "users_per_split": {s: row["users"] for s, row in split.items()},
         "pages": len(tokenizer) - len(SPECIALS),
-        "test_target_pages_unknown": float((~test_pages.is_in(list(vocab))).mean()) if len(test_pages) else 0.0,
+        "test_target_pages_unknown": total("test_pages_unknown") / total("test_pages") if total("test_pages") else 0.0,
         "outcome_rates": {
-            s: {"cart": float(df["cart"].mean() or 0), "purchase": float(df["purchase"].mean() or 0),
-                "cart_or_purchase": float((df["cart"] | df["purchase"]).mean() or 0)}
-            for s, df in by_split.items()
+            s: {k: row[k] / row["n"] if row["n"] else 0.0 for k in ("cart", "purchase", "cart_or_purchase")}
+            for s, row in split.items()
         },
         "outcome_pages": [CART, PURCHASE],
-        "tokens_per_sample": _percentiles(lengths),
-        "target_tokens": _percentiles(samples["target_ids"].list.len()),
+        "tokens_per_sample": _percentiles(concat("tokens")),
+        "target_tokens": _percentiles(concat("target_tokens")),
         "long_session_cutoff": report.long_session_cutoff,
         "dropped_rows": report.dropped,
         "seconds": {
             stage: round(clock[stage] - clock[prev], 3)
             for prev, stage in zip(["start", "ingest", "sessions", "samples"], ["ingest", "sessions", "samples", "write"])
         } | {"total": round(elapsed, 3)},
-        "events_per_second": round(ingested.events.height / elapsed) if elapsed > 0 else None,
+        "events_per_second": round(ingested.events / elapsed) if elapsed > 0 else None,
     }

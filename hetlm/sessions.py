@@ -81,8 +81,13 @@ def clean_sessions(
     long_session_percentile: float | None = 99.0,
     long_sessions: str = "truncate",
     min_sessions: int = 2,
+    long_session_cutoff: int | None = None,
 ) -> pl.DataFrame:
-    """Sessionized events -> sessions table, with the paper's filters; every removed row is counted."""
+    """Sessionized events -> sessions table, with the paper's filters; every removed row is counted.
+
+    `long_session_cutoff` replaces the percentile of this table's lengths (a partitioned prepare
+    computes it once over all partitions, see `length_cutoff`).
+    """
     ev = events
     if collapse_repeats:
         same = [pl.col(c) == pl.col(c).shift(1) for c in ("user", "session", "page")]
@@ -98,7 +103,7 @@ def clean_sessions(
     sessions = sessions.filter(~short)
 
     if long_session_percentile is not None and sessions.height:
-        cutoff = max(int(sessions["n"].quantile(long_session_percentile / 100, "higher")), min_session_len)
+        cutoff = long_session_cutoff or length_cutoff(sessions["n"], long_session_percentile, min_session_len)
         report.long_session_cutoff = cutoff
         long = sessions.filter(pl.col("n") > cutoff)
         if long_sessions == "truncate":
@@ -122,6 +127,11 @@ def clean_sessions(
     return sessions.sort("user", "start", "session").with_columns(
         session=_index_within_user()
     ).select("user", "session", "start", "pages")
+
+
+def length_cutoff(lengths: pl.Series, percentile: float, min_session_len: int) -> int:
+    """Session length above which sessions count as long: the percentile, at least min_session_len."""
+    return max(int(lengths.quantile(percentile / 100, "higher")), min_session_len)
 
 
 def split_within_sessions(sessions: pl.DataFrame, min_target_len: int = 1) -> pl.DataFrame:
@@ -153,20 +163,27 @@ class SplitSettings:
     seed: int = 0
 
 
-def assign_splits(sessions: pl.DataFrame, s: SplitSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
+def time_cutoffs(starts: pl.Series, s: SplitSettings) -> tuple[int, int]:
+    """(test, val) cutoffs of the time split: quantiles of the candidate targets' start times."""
+    return (int(starts.quantile(1 - s.test_fraction, "higher")),
+            int(starts.quantile(1 - s.test_fraction - s.val_fraction, "higher")))
+
+
+def assign_splits(sessions: pl.DataFrame, s: SplitSettings,
+                  cutoffs: tuple[int, int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Targets table (user, session, start, split) and the sessions allowed in training.
 
     Time split: targets starting at or after the test cutoff are test, those in the window before it
     val, the rest train. Every session a training sample uses starts before the val cutoff, so no
     val/test target appears in training data. User split: users are drawn into train/val/test and
-    their last session is the target.
+    their last session is the target. `cutoffs` (time split) replaces the quantiles of this table's
+    targets (a partitioned prepare computes them once over all partitions, see `time_cutoffs`).
     """
     candidates = sessions.filter(pl.col("session") >= 1)
-    if candidates.height == 0:
+    if candidates.height == 0 and cutoffs is None:
         raise ValueError("no user has two sessions after cleaning: nothing to predict")
     if s.split == "time":
-        t_test = candidates["start"].quantile(1 - s.test_fraction, "higher")
-        t_val = candidates["start"].quantile(1 - s.test_fraction - s.val_fraction, "higher")
+        t_test, t_val = cutoffs or time_cutoffs(candidates["start"], s)
         split = (pl.when(pl.col("start") >= t_test).then(pl.lit("test"))
                  .when(pl.col("start") >= t_val).then(pl.lit("val")).otherwise(pl.lit("train")))
         targets = candidates.with_columns(split=split)

@@ -1,0 +1,87 @@
+"""Generation users/s: hetlm's batched, KV-cached, page-constrained decoder against `model.generate`
+one user at a time, and against batched `model.generate` without the page constraint.
+
+All three decode greedily, up to --max-new-tokens, the next session of the shipped Taobao sample's
+test users with the same tiny LM (trained --train-steps steps here: a model for timing, not quality).
+One user at a time is slow, so it runs on the first --sequential-users users only; users/s compares.
+
+    .venv/bin/python bench/bench_generate.py [--sequential-users 100] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_train import prepared_taobao, trained_lm
+from bench.common import peak_rss_mb, record
+
+
+def timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+@torch.inference_mode()
+def one_at_a_time(model, prompts: list[list[int]], config) -> None:
+    for prompt in prompts:
+        model.generate(input_ids=torch.tensor([prompt]), generation_config=config)
+
+
+@torch.inference_mode()
+def batched_unconstrained(model, prompts: list[list[int]], batch_size: int, config) -> None:
+    """Batches in the users' order, left-padded, nothing suppressed (the plain HF recipe)."""
+    from hetlm.train import pad_sequences
+
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = pad_sequences([torch.tensor(p) for p in prompts[start:start + batch_size]], side="left")
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequential-users", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--train-steps", type=int, default=30)
+    args = parser.parse_args()
+
+    import polars as pl
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from hetlm.generate import NEVER_EMITTED, generate_next_sessions, session_prompts
+    from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+    prepared = prepared_taobao()
+    model = AutoModelForCausalLM.from_pretrained(trained_lm(prepared, steps=args.train_steps)).eval()
+    inputs = pl.read_parquet(prepared / "test.parquet")["input_ids"].to_list()
+    prompts = [p.tolist() for p in session_prompts(inputs, model.config.max_position_embeddings - args.max_new_tokens)]
+    base = dict(max_new_tokens=args.max_new_tokens, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    constrained, plain = GenerationConfig(**base, suppress_tokens=NEVER_EMITTED), GenerationConfig(**base)
+
+    seconds = {
+        "hetlm generate_next_sessions": (len(inputs), timed(lambda: generate_next_sessions(
+            model, inputs, args.max_new_tokens, args.batch_size, progress=False))[0]),
+        "model.generate, one user at a time": (args.sequential_users, timed(lambda: one_at_a_time(
+            model, prompts[:args.sequential_users], constrained))[0]),
+        "batched model.generate, no page constraint": (len(inputs), timed(lambda: batched_unconstrained(
+            model, prompts, args.batch_size, plain))[0]),
+    }
+    rows = [{"decoder": name, "users": n, "seconds": s, "users_per_s": n / s} for name, (n, s) in seconds.items()]
+    rate = {row["decoder"]: row["users_per_s"] for row in rows}
+    hetlm = rate["hetlm generate_next_sessions"]
+    record("bench_generate", vars(args) | {"data": "taobao-sample test users"}, rows, {
+        "speedup_over_one_at_a_time": hetlm / rate["model.generate, one user at a time"],
+        "speedup_over_batched_unconstrained": hetlm / rate["batched model.generate, no page constraint"],
+        "peak_rss_mb": peak_rss_mb(),
+    })
+
+
+if __name__ == "__main__":
+    main()

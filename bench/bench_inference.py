@@ -1,0 +1,78 @@
+"""Test-set inference time of a clusterwise model (K small LMs: route each user, then generate with
+its cluster's LM) against the parameter-matched single larger LM (paper Table 17: ratio 0.39).
+
+Both are built here on the shipped Taobao sample with few training steps (--train-steps: timing does
+not depend on quality): a tiny LM, K k-means cluster LMs fine-tuned from it (page-bag user
+embeddings), and `scale_preset(tiny, K)` trained from scratch. Inference is `hetlm.evaluate.predict`
+(next-session generation and first-page scores of every test user), routing time included.
+
+    .venv/bin/python bench/bench_inference.py [--clusters 3] [--train-steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_train import prepared_taobao, trained_lm
+from bench.common import peak_rss_mb, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clusters", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=20)
+    args = parser.parse_args()
+
+    import polars as pl
+    from transformers import AutoModelForCausalLM
+
+    from hetlm.cluster.kmeans import fit_kmeans_clusterwise
+    from hetlm.encoders import encoder_from_settings
+    from hetlm.evaluate import GenerationSettings, load_any_model, predict
+    from hetlm.models import build_model, count_parameters, scale_preset
+    from hetlm.tokenizer import load_tokenizer
+    from hetlm.train import TrainConfig, train_lm
+
+    prepared = prepared_taobao()
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    train, val, test = (pl.read_parquet(prepared / f"{s}.parquet") for s in ("train", "val", "test"))
+    small = AutoModelForCausalLM.from_pretrained(trained_lm(prepared, steps=args.train_steps))
+    settings = {"name": "pagebag", "model_name_or_path": None, "cache_dir": None}
+    encoder = encoder_from_settings(settings)
+    config = TrainConfig(max_steps=args.train_steps, save_every=10**9, device="cpu")
+    larger_shape, _ = scale_preset("tiny", args.clusters, len(tokenizer))
+    with tempfile.TemporaryDirectory() as tmp:
+        clusterwise = fit_kmeans_clusterwise(
+            small, train, encoder.transform(train["history"].to_list()), val, encoder.transform(val["history"].to_list()),
+            args.clusters, config, Path(tmp) / "kmeans", encoder=settings, progress=False)
+        clusterwise.save_pretrained(Path(tmp) / "kmeans_model", tokenizer)
+        torch.manual_seed(0)
+        larger = build_model(larger_shape, len(tokenizer))
+        train_lm(larger, train, None, config, Path(tmp) / "larger", progress=False)
+        larger.save_pretrained(Path(tmp) / "larger_model")
+
+        rows = []
+        for name, path in ((f"k-means clusterwise, K={args.clusters}", "kmeans_model"), ("larger single LM", "larger_model")):
+            started = time.perf_counter()
+            model, z = load_any_model(Path(tmp) / path, test)  # routing embeddings are part of the cost
+            predictions = predict(model, test, tokenizer, GenerationSettings(), z, progress=False)
+            seconds = time.perf_counter() - started
+            params = (sum(count_parameters(m) for m in model.models.values()) if z is not None else count_parameters(model))
+            rows.append({"model": name, "parameters": params, "users": test.height, "seconds": seconds,
+                         "generation_s": predictions.seconds["generation"], "scoring_s": predictions.seconds["scoring"]})
+    record("bench_inference", vars(args) | {"data": "taobao-sample test users", "larger_preset": str(larger_shape)}, rows, {
+        "inference_time_ratio_clusterwise_over_larger": rows[0]["seconds"] / rows[1]["seconds"],
+        "paper_ratio": 0.39,
+        "peak_rss_mb": peak_rss_mb(),
+    })
+
+
+if __name__ == "__main__":
+    main()
