@@ -3,9 +3,10 @@ one user at a time, and against batched `model.generate` without the page constr
 
 All three decode greedily, up to --max-new-tokens, the next session of the shipped Taobao sample's
 test users with the same tiny LM (trained --train-steps steps here: a model for timing, not quality).
-One user at a time is slow, so it runs on the first --sequential-users users only; users/s compares.
+All three decode the same --users users (default: all test users), so early [EOS]s weigh alike; the
+table also counts the pages each one generated.
 
-    .venv/bin/python bench/bench_generate.py [--sequential-users 100] [--batch-size 64]
+    .venv/bin/python bench/bench_generate.py [--users 486] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_train import prepared_taobao, trained_lm
 from bench.common import peak_rss_mb, record
+from hetlm.tokenizer import EOS_ID
 
 
 def timed(fn) -> tuple[float, object]:
@@ -29,24 +31,31 @@ def timed(fn) -> tuple[float, object]:
 
 
 @torch.inference_mode()
-def one_at_a_time(model, prompts: list[list[int]], config) -> None:
+def one_at_a_time(model, prompts: list[list[int]], config) -> int:
+    """Pages generated (the new tokens before [EOS])."""
+    pages = 0
     for prompt in prompts:
-        model.generate(input_ids=torch.tensor([prompt]), generation_config=config)
+        out = model.generate(input_ids=torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+        pages += out.index(EOS_ID) if EOS_ID in out else len(out)
+    return pages
 
 
 @torch.inference_mode()
-def batched_unconstrained(model, prompts: list[list[int]], batch_size: int, config) -> None:
-    """Batches in the users' order, left-padded, nothing suppressed (the plain HF recipe)."""
+def batched_unconstrained(model, prompts: list[list[int]], batch_size: int, config) -> int:
+    """Batches in the users' order, left-padded, nothing suppressed (the plain HF recipe); pages generated."""
     from hetlm.train import pad_sequences
 
+    pages = 0
     for start in range(0, len(prompts), batch_size):
         ids, mask = pad_sequences([torch.tensor(p) for p in prompts[start:start + batch_size]], side="left")
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:].tolist():
+            pages += row.index(EOS_ID) if EOS_ID in row else len(row)
+    return pages
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sequential-users", type=int, default=100)
+    parser.add_argument("--users", type=int, default=None, help="test users to decode (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--train-steps", type=int, default=30)
@@ -56,24 +65,26 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from hetlm.generate import NEVER_EMITTED, generate_next_sessions, session_prompts
-    from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
+    from hetlm.tokenizer import BOS_ID, PAD_ID
 
     prepared = prepared_taobao()
     model = AutoModelForCausalLM.from_pretrained(trained_lm(prepared, steps=args.train_steps)).eval()
-    inputs = pl.read_parquet(prepared / "test.parquet")["input_ids"].to_list()
+    inputs = pl.read_parquet(prepared / "test.parquet")["input_ids"].to_list()[:args.users]
     prompts = [p.tolist() for p in session_prompts(inputs, model.config.max_position_embeddings - args.max_new_tokens)]
-    base = dict(max_new_tokens=args.max_new_tokens, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    base = {"max_new_tokens": args.max_new_tokens, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     constrained, plain = GenerationConfig(**base, suppress_tokens=NEVER_EMITTED), GenerationConfig(**base)
 
-    seconds = {
-        "hetlm generate_next_sessions": (len(inputs), timed(lambda: generate_next_sessions(
-            model, inputs, args.max_new_tokens, args.batch_size, progress=False))[0]),
-        "model.generate, one user at a time": (args.sequential_users, timed(lambda: one_at_a_time(
-            model, prompts[:args.sequential_users], constrained))[0]),
-        "batched model.generate, no page constraint": (len(inputs), timed(lambda: batched_unconstrained(
-            model, prompts, args.batch_size, plain))[0]),
+    runs = {
+        "hetlm generate_next_sessions": lambda: sum(map(len, generate_next_sessions(
+            model, inputs, args.max_new_tokens, args.batch_size, progress=False))),
+        "model.generate, one user at a time": lambda: one_at_a_time(model, prompts, constrained),
+        "batched model.generate, no page constraint": lambda: batched_unconstrained(model, prompts, args.batch_size, plain),
     }
-    rows = [{"decoder": name, "users": n, "seconds": s, "users_per_s": n / s} for name, (n, s) in seconds.items()]
+    rows = []
+    for name, run in runs.items():
+        seconds, pages = timed(run)
+        rows.append({"decoder": name, "users": len(inputs), "pages": pages, "seconds": seconds,
+                     "users_per_s": len(inputs) / seconds})
     rate = {row["decoder"]: row["users_per_s"] for row in rows}
     hetlm = rate["hetlm generate_next_sessions"]
     record("bench_generate", vars(args) | {"data": "taobao-sample test users"}, rows, {

@@ -32,6 +32,8 @@ def build_tokenizer(pages: Iterable[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
         padding_side="left", model_input_names=["input_ids", "attention_mask"],
+        # A page such as "a[UNK]b" is one word, not "a" [UNK] "b"; "[BOS]" alone still maps to id 2.
+        split_special_tokens=True,
     )
 
 

@@ -33,9 +33,28 @@ __all__ = [
 
 
 def read_events(source: str, path: str | Path, **options) -> IngestResult:
-    """Read `path` with the `source` adapter; options go to it (e.g. on_bad_rows="skip")."""
+    """Read `path` with the `source` adapter; options go to it (e.g. on_bad_rows="skip").
+
+    Checks every adapter's result: at least one event, and no page named like a special token.
+    """
+    from ..tokenizer import SPECIALS  # here, not at the top: transformers is slow to import
+
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
     if not Path(path).is_file():
         raise IngestError(path, "no such file", hint=f"check the path given for the {source} log")
-    return SOURCES[source](path, **options)
+    result = SOURCES[source](path, **options)
+    reserved = result.events["page"].is_in(SPECIALS)
+    if reserved.any():
+        if options.get("on_bad_rows", "error") == "error":
+            names = sorted(set(result.events.filter(reserved)["page"]))
+            raise IngestError(
+                path, f"page name(s) {names} are reserved for the tokenizer ({int(reserved.sum())} rows)",
+                hint="rename these pages in the file, or pass --skip-bad-rows",
+            )
+        result.skipped[f"page named like a special token ({' '.join(SPECIALS)})"] = int(reserved.sum())
+        result.events = result.events.filter(~reserved)
+    if result.events.height == 0:
+        dropped = f"; bad rows dropped: {result.skipped}" if result.skipped else ""
+        raise IngestError(path, f"no events in the file{dropped}", hint=f"check that it is a {source} log")
+    return result

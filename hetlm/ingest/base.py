@@ -21,6 +21,12 @@ PURCHASE = "Purchase"
 OUTCOME_PAGES = (CART, PURCHASE)
 
 EVENT_SCHEMA = {"user": pl.Utf8, "session": pl.Utf8, "ts": pl.Int64, "page": pl.Utf8}
+# Latest accepted clock, 9999-12-31T23:59:59 UTC: later values are corrupt, and x1000 would overflow Int64.
+MAX_SECONDS = 253_402_300_799
+# Undecodable bytes become U+FFFD when a file is read with lossy UTF-8 decoding.
+REPLACEMENT_CHAR = "\ufffd"
+NOT_UTF8 = "text that is not valid UTF-8"
+NOT_UTF8_HINT = "convert the file to UTF-8 (e.g. iconv -f cp1252 -t utf-8), or pass --skip-bad-rows"
 
 
 class IngestError(ValueError):
@@ -46,7 +52,8 @@ class IngestResult:
 
 def normalize_pages(expr: pl.Expr) -> pl.Expr:
     """Page names as single tokens: trimmed, whitespace runs (incl. newlines) -> '_', empty -> null."""
-    cleaned = expr.cast(pl.Utf8).str.strip_chars().str.replace_all(r"\s+", "_")
+    # \x1c-\x1f (information separators) are whitespace to Python's str.split, though not to \s.
+    cleaned = expr.cast(pl.Utf8).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
     return pl.when(cleaned.str.len_chars() > 0).then(cleaned).otherwise(None)
 
 
@@ -82,8 +89,16 @@ def bad_rows(
     return raw.filter(~bad)
 
 
-def check_columns(path: str | Path, present: list[str], needed: list[str]) -> None:
+def check_columns(
+    path: str | Path, present: list[str], needed: list[str],
+    delimiter_hint: str = "the file is probably not comma-separated",
+) -> None:
+    """Raise when a needed column is missing; a one-column file almost always means the wrong delimiter."""
     missing = [c for c in needed if c not in present]
+    if missing and len(present) == 1:
+        raise IngestError(
+            path, f"missing column(s) {missing}; the file has only one column {present}", 1, delimiter_hint
+        )
     if missing:
         raise IngestError(
             path,
@@ -91,3 +106,15 @@ def check_columns(path: str | Path, present: list[str], needed: list[str]) -> No
             1,
             "name the right columns (see `hetlm prepare --help`) or check the delimiter",
         )
+
+
+def not_utf8(raw: pl.DataFrame, columns: list[str]) -> pl.Series:
+    """Rows where any of `columns` held undecodable bytes (read with encoding="utf8-lossy")."""
+    return raw.select(
+        pl.any_horizontal([pl.col(c).str.contains(REPLACEMENT_CHAR, literal=True) for c in columns]).fill_null(False)
+    ).to_series()
+
+
+def seconds_out_of_range(seconds: pl.Series) -> pl.Series:
+    """Unix times (s) beyond year 9999 or before -9999: corrupt, and they would overflow in ms."""
+    return (seconds.abs() > MAX_SECONDS).fill_null(False)

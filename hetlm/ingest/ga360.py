@@ -25,7 +25,7 @@ from urllib.parse import unquote_plus
 
 import polars as pl
 
-from .base import CART, PURCHASE, IngestResult, bad_rows, finish, normalize_pages
+from .base import CART, PURCHASE, IngestResult, bad_rows, finish, normalize_pages, seconds_out_of_range
 from .generic import read_json_lines
 
 HIT = pl.Struct({
@@ -52,8 +52,16 @@ def read_ga360(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
         sessions.with_columns(start=start), incomplete, path,
         "session without fullVisitorId, visitId or a numeric visitStartTime", on_bad_rows, skipped,
     )
+    sessions = bad_rows(
+        sessions, seconds_out_of_range(sessions["start"]), path,
+        "visitStartTime out of range (unix seconds expected)", on_bad_rows, skipped,
+    )
     hits = _hits(sessions)
-    hits = bad_rows(hits, hits["ts"].is_null(), path, "hit without a numeric time", on_bad_rows, skipped)
+    hits = bad_rows(hits, hits["time"].is_null(), path, "hit without a numeric time", on_bad_rows, skipped)
+    hits = bad_rows(
+        hits, seconds_out_of_range(hits["time"] // 1000), path, "hit time out of range (ms since the visit start)",
+        on_bad_rows, skipped,
+    ).with_columns(ts=pl.col("start") * 1000 + pl.col("time"))
     views = hits.filter(pl.col("type") == "PAGE")
     views = bad_rows(
         views, views["path"].is_null(), path, "PAGE hit without page.pagePath", on_bad_rows, skipped
@@ -71,16 +79,18 @@ def read_ga360(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
 
 
 def _hits(sessions: pl.DataFrame) -> pl.DataFrame:
-    """One row per hit: its session's line (_row), user, session, ts, hit number, type, path, action."""
+    """One row per hit: its session's line (_row), user, session, start (s), time (ms into the visit), hit
+    number, type, path, action."""
     hit = pl.col("hits")
     return (
         sessions.explode("hits")
         .filter(hit.is_not_null())
         .select(
             "_row",
+            "start",
             user=pl.col("fullVisitorId"),
             session=pl.col("fullVisitorId") + "-" + pl.col("visitId"),
-            ts=pl.col("start") * 1000 + hit.struct.field("time").cast(pl.Int64, strict=False),
+            time=hit.struct.field("time").cast(pl.Int64, strict=False),
             hit=hit.struct.field("hitNumber").cast(pl.Int64, strict=False),
             type=hit.struct.field("type"),
             path=hit.struct.field("page").struct.field("pagePath"),

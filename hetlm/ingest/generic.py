@@ -11,11 +11,15 @@ Also home to the small readers the other adapters share: `read_bytes`, `read_jso
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import polars as pl
 
-from .base import CART, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish, normalize_pages
+from .base import (
+    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
+    normalize_pages, not_utf8,
+)
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
@@ -49,10 +53,19 @@ def read_generic(
     """
     if time_unit not in UNIT_MS:
         raise ValueError(f"time_unit must be one of {list(UNIT_MS)}, not {time_unit!r}")
-    raw, first_line = read_table(path, sep)
+    raw, first_line, lossy = read_table(path, sep)
     named = [c for c in (user, page, time, session, event, order) if c is not None]
-    check_named_columns(path, [c for c in raw.columns if c != "_row"], named)
+    check_columns(
+        path, [c for c in raw.columns if c != "_row"], named,
+        "the delimiter is probably wrong: pass it with --sep (e.g. --sep ';')",
+    )
+    check_flat(path, raw.select(named))
     skipped: dict[str, int] = {}
+    if lossy:
+        raw = bad_rows(
+            raw, not_utf8(raw, list(dict.fromkeys(named))), path, NOT_UTF8, on_bad_rows, skipped, first_line,
+            NOT_UTF8_HINT,
+        )
 
     raw = raw.with_columns(_session=_blank_to_null(pl.col(session)) if session else pl.lit(None, pl.Utf8))
     raw = _with_users(raw, user)
@@ -62,7 +75,13 @@ def read_generic(
     )
     raw = raw.with_columns(_page=_pages(page, event, page_prefix, cart_events, purchase_events))
     raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, first_line)
-    raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
+    try:
+        raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
+    except pl.exceptions.ComputeError as e:  # no value of the column looks like a date
+        raise IngestError(
+            path, f"no date/time format fits the {time!r} column ({str(e).splitlines()[0]})",
+            hint="give the format with --time-format (e.g. '%d/%m/%Y %H:%M'), or name a unix-time column",
+        ) from None
     raw = bad_rows(
         raw, raw["_ts"].is_null(), path, f"unparsable time in {[c for c in (time, order) if c]}",
         on_bad_rows, skipped, first_line,
@@ -74,34 +93,83 @@ def read_generic(
     return IngestResult(finish(events), "generic", str(path), skipped, anonymous)
 
 
-def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, int]:
-    """All columns (CSV as strings) plus a 0-based `_row`, and the file line of row 0."""
+def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, int, bool]:
+    """All columns (CSV as strings) plus a 0-based `_row`, the file line of row 0, and whether the
+    file held invalid UTF-8 (see `read_csv_text`)."""
     suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
     suffix = suffixes[-1] if suffixes else ""
     if suffix in PARQUET_SUFFIXES:
         try:
-            return pl.read_parquet(path, row_index_name="_row"), 1  # "line" = 1-based row number
-        except (pl.exceptions.PolarsError, OSError) as e:
-            raise IngestError(path, f"not a readable Parquet file: {e}".splitlines()[0]) from None
+            return pl.read_parquet(path, row_index_name="_row"), 1, False  # "line" = 1-based row number
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError) as e:  # corrupt files can panic
+            raise IngestError(
+                path, f"not a readable Parquet file: {e}".splitlines()[0], hint="export or copy the file again"
+            ) from None
     separator = sep or ("\t" if suffix in TAB_SUFFIXES else ",")
+    if len(separator) != 1:
+        raise ValueError(f"the delimiter must be one character, not {separator!r}")
     try:
-        raw = pl.read_csv(path, separator=separator, infer_schema=False, row_index_name="_row")
+        raw, lossy = read_csv_text(path, separator=separator)
     except pl.exceptions.NoDataError:
         raise IngestError(path, "the file is empty", hint="point at a log with a header line") from None
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise csv_error(path, e, separator, f"a {separator!r}-separated table") from None
+    return raw, 2, lossy  # line 1 is the header
+
+
+def read_csv_text(path: str | Path, **options) -> tuple[pl.DataFrame, bool]:
+    """All columns as text plus a 0-based `_row`, and whether the file held invalid UTF-8: then it is
+    read again with each bad byte as U+FFFD for `not_utf8` to flag (a valid file is never flagged)."""
+    try:
+        return pl.read_csv(path, infer_schema=False, row_index_name="_row", **options), False
     except pl.exceptions.ComputeError as e:
-        raise IngestError(path, f"not a {separator!r}-separated table: {e}".splitlines()[0]) from None
-    return raw, 2  # line 1 is the header
+        if "utf-8" not in str(e).lower():
+            raise
+    return pl.read_csv(path, infer_schema=False, row_index_name="_row", encoding="utf8-lossy", **options), True
 
 
-def check_named_columns(path: str | Path, present: list[str], needed: list[str]) -> None:
-    """Like `check_columns`, but a one-column file almost always means the wrong delimiter."""
-    missing = [c for c in needed if c not in present]
-    if missing and len(present) == 1:
-        raise IngestError(
-            path, f"missing column(s) {missing}; the file has only one column {present}", 1,
-            "the delimiter is probably wrong: pass it with --sep (e.g. --sep ';')",
+def csv_error(path: str | Path, error: Exception, separator: str, expected: str) -> IngestError:
+    """The IngestError for a CSV that polars could not read, naming the line when one has too many fields."""
+    problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "is not properly escaped" in str(error):
+        start = problem.partition("`")[2][:60]
+        return IngestError(
+            path, f"a quoted field is never closed (it starts {start!r})",
+            hint='close the quote, or write "" for a quote inside a field',
         )
-    check_columns(path, present, needed)
+    if "more fields" in problem:
+        line = first_long_line(path, separator)
+        if line is not None:
+            return IngestError(
+                path, "more fields than the first line has", line,
+                "quote fields that hold the delimiter, or fix the line",
+            )
+    return IngestError(path, f"not {expected}: {problem}", hint="check the file's format and delimiter")
+
+
+def first_long_line(path: str | Path, separator: str) -> int | None:
+    """1-based number of the first line with more fields than line 1 (quoted text ignored), if any.
+
+    Only for error messages: it reads the whole file, and a quoted field spanning lines can fool it.
+    """
+    try:
+        text = read_bytes(path).decode("utf-8", errors="replace")
+    except IngestError:
+        return None
+    lines = pl.Series(text.split("\n"))
+    fields = lines.str.replace_all(r'"[^"]*"', "").str.count_matches(separator, literal=True)
+    longer = (fields > fields[0]).arg_true()
+    return int(longer[0]) + 1 if len(longer) else None
+
+
+def check_flat(path: str | Path, columns: pl.DataFrame) -> None:
+    """Named columns must hold text, numbers or times (Parquet can hold lists and structs)."""
+    for name, dtype in columns.schema.items():
+        if dtype.is_nested() or dtype == pl.Binary:
+            raise IngestError(
+                path, f"column {name!r} holds {dtype}, not text, numbers or times", 1,
+                "name a column of plain values",
+            )
 
 
 def _blank_to_null(expr: pl.Expr) -> pl.Expr:
@@ -163,7 +231,14 @@ def to_millis(values: pl.Series, time_format: str | None = None, time_unit: str 
 def read_bytes(path: str | Path) -> bytes:
     """The whole file, gunzipped when it is gzip (by its magic bytes, not its name)."""
     data = Path(path).read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise IngestError(
+            path, f"truncated or corrupt gzip file ({e})", hint="download or copy the file again"
+        ) from None
 
 
 def read_json_lines(
@@ -171,8 +246,8 @@ def read_json_lines(
 ) -> pl.DataFrame:
     """One row per non-blank line of a (gzipped) JSON-lines file: the `dtype` fields plus `_row`.
 
-    Lines that are not a JSON object are bad rows (raised with their line number, or skipped).
-    Fields missing from a line are null; fields not in `dtype` are ignored.
+    Lines that are not a JSON object, not UTF-8 or not in the `dtype` layout are bad rows (raised with
+    their line number, or skipped). Fields missing from a line are null; fields not in `dtype` are ignored.
     """
     data = read_bytes(path)
     n_lines = data.count(b"\n") + (not data.endswith(b"\n"))
@@ -180,7 +255,7 @@ def read_json_lines(
         rows = pl.read_ndjson(data, schema=dtype.to_schema(), row_index_name="_row")
         if rows.height == n_lines:  # no blank lines skipped, so `_row` + 1 is the file line
             return rows
-    except pl.exceptions.ComputeError:
+    except pl.exceptions.PolarsError:
         pass
     return _decode_lines(path, data, dtype, on_bad_rows, skipped)
 
@@ -189,19 +264,50 @@ def _decode_lines(
     path: str | Path, data: bytes, dtype: pl.Struct, on_bad_rows: str, skipped: dict[str, int]
 ) -> pl.DataFrame:
     """The slow path of `read_json_lines`, for files with blank or malformed lines."""
-    lines = pl.DataFrame({"line": data.decode("utf-8", errors="replace").split("\n")}).with_row_index("_row")
+    try:
+        text, lossy = data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, lossy = data.decode("utf-8", errors="replace"), True
+    lines = pl.DataFrame({"line": text.split("\n")}).with_row_index("_row")
     lines = lines.with_columns(pl.col("line").str.strip_chars()).filter(pl.col("line") != "")
     if lines.height == 0:
         raise IngestError(path, "the file is empty", hint="point at a JSON-lines file")
+    if lossy:
+        lines = _drop_bad(lines, not_utf8(lines, ["line"]), path, NOT_UTF8, on_bad_rows, skipped, hint=NOT_UTF8_HINT)
     text = pl.col("line")
     ok = lines.select(text.str.starts_with("{") & text.str.json_path_match("$").is_not_null())[:, 0]
-    bad_rows(
-        lines.select("_row", start=text.str.slice(0, 80)), ~ok, path,
-        "malformed JSON line (expected one JSON object per line)", on_bad_rows, skipped,
+    lines = _drop_bad(
+        lines, ~ok, path, "malformed JSON line (expected one JSON object per line)", on_bad_rows, skipped
     )
-    lines = lines.filter(ok)
-    try:
-        decoded = lines["line"].str.json_decode(dtype)
-    except pl.exceptions.ComputeError as e:
-        raise IngestError(path, f"JSON lines not in the expected layout: {e}".splitlines()[0]) from None
+    misfit = _misfit_lines(lines["line"], dtype, first_only=on_bad_rows == "error")
+    lines = _drop_bad(
+        lines, pl.int_range(lines.height, eager=True).is_in(misfit), path,
+        f"JSON values of the wrong type in the fields {list(dtype.to_schema())}", on_bad_rows, skipped,
+    )
+    decoded = lines["line"].str.json_decode(dtype)
     return pl.DataFrame({"_row": lines["_row"], "json": decoded}).unnest("json")
+
+
+def _drop_bad(
+    lines: pl.DataFrame, bad: pl.Series, path: str | Path, problem: str, on_bad_rows: str,
+    skipped: dict[str, int], **hint: str,
+) -> pl.DataFrame:
+    """`bad_rows` on JSON lines, showing the line's first 80 characters."""
+    shown = lines.select("_row", start=pl.col("line").str.slice(0, 80))
+    kept = bad_rows(shown, bad, path, problem, on_bad_rows, skipped, **hint)
+    return lines.filter(pl.col("_row").is_in(kept["_row"].implode()))
+
+
+def _misfit_lines(lines: pl.Series, dtype: pl.Struct, first_only: bool) -> list[int]:
+    """Indices of JSON lines that do not decode as `dtype`, found by bisection (cheap when few are)."""
+    try:
+        lines.str.json_decode(dtype)
+        return []
+    except pl.exceptions.PolarsError:
+        if len(lines) == 1:
+            return [0]
+    half = len(lines) // 2
+    misfit = _misfit_lines(lines[:half], dtype, first_only)
+    if misfit and first_only:
+        return misfit
+    return misfit + [half + i for i in _misfit_lines(lines[half:], dtype, first_only)]

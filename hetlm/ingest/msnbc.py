@@ -12,14 +12,16 @@ order sequence index * 100_000 + position (the longest sequence has 14,795 views
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import polars as pl
 
-from .base import IngestError, IngestResult, bad_rows, finish
+from .base import NOT_UTF8, NOT_UTF8_HINT, REPLACEMENT_CHAR, IngestError, IngestResult, bad_rows, finish
 from .generic import read_bytes
 
 SEQUENCE_STRIDE = 100_000
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def read_msnbc(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
@@ -28,17 +30,24 @@ def read_msnbc(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
     content = lines.filter((text != "") & ~text.str.starts_with("%"))
     if content.height == 0:
         raise IngestError(path, "no category names line", hint="point at msnbc990928.seq or its .zip")
+    names_line = int(content["_row"][0]) + 1
+    if REPLACEMENT_CHAR in content["line"][0]:
+        raise IngestError(path, f"the category names line holds {NOT_UTF8}", names_line, NOT_UTF8_HINT)
     names = content["line"][0].split()
+    if all(name.isdigit() for name in names):
+        raise IngestError(
+            path, "the first line is a sequence of numbers, not the category names", names_line,
+            "the .seq header names the categories (frontpage news ...) before the sequences",
+        )
     categories = pl.DataFrame({"number": [str(i) for i in range(1, len(names) + 1)], "page": names})
     visits = content[1:].select(
         "_row",
         user=pl.format("v{}", pl.int_range(pl.len())),
         seq=pl.int_range(pl.len(), dtype=pl.Int64),
-        number=pl.col("line").str.strip_chars().str.split(" "),
+        number=pl.col("line").str.strip_chars().str.replace_all(r"\s+", " ").str.split(" "),
     ).with_columns(position=pl.int_ranges(0, pl.col("number").list.len(), dtype=pl.Int64))
     views = (
         visits.explode(["number", "position"])
-        .filter(pl.col("number") != "")  # runs of spaces
         .join(categories, on="number", how="left", maintain_order="left")
     )
     skipped: dict[str, int] = {}
@@ -54,9 +63,18 @@ def read_msnbc(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
 def _seq_text(path: str | Path) -> str:
     """The .seq text: the zip member ending in .seq (macOS resource forks ignored), else the file."""
     if not zipfile.is_zipfile(path):
-        return read_bytes(path).decode("utf-8", errors="replace")
-    with zipfile.ZipFile(path) as archive:
-        members = [m for m in archive.namelist() if m.endswith(".seq") and not m.startswith("__MACOSX")]
-        if not members:
-            raise IngestError(path, f"no .seq file in the zip (it has {archive.namelist()})")
-        return archive.read(members[0]).decode("utf-8", errors="replace")
+        data = read_bytes(path)
+        if data.startswith(ZIP_MAGIC):
+            raise IngestError(path, "truncated or corrupt zip file", hint="download or copy the file again")
+        return data.decode("utf-8", errors="replace")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if m.endswith(".seq") and not m.startswith("__MACOSX")]
+            if not members:
+                raise IngestError(
+                    path, f"no .seq file in the zip (it has {archive.namelist()})",
+                    hint="point at the UCI zip, which holds msnbc990928.seq",
+                )
+            return archive.read(members[0]).decode("utf-8", errors="replace")
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
+        raise IngestError(path, f"corrupt zip file ({e})", hint="download or copy the file again") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .base import CART, PURCHASE, IngestResult, bad_rows, finish, normalize_pages
+from .base import CART, PURCHASE, IngestResult, bad_rows, finish, normalize_pages, seconds_out_of_range
 from .generic import read_json_lines
 
 EVENT = pl.Struct({"aid": pl.Utf8, "ts": pl.Utf8, "type": pl.Utf8})
@@ -38,6 +38,10 @@ def read_otto(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
     events = bad_rows(
         events, events["ts"].is_null() | events["aid"].is_null() | ~known, path,
         "event without aid, numeric ts or type clicks/carts/orders", on_bad_rows, skipped,
+    )
+    events = bad_rows(
+        events, seconds_out_of_range(events["ts"] // 1000), path, "event ts out of range (unix ms expected)",
+        on_bad_rows, skipped,
     )
     page = pl.col("type").replace_strict(TYPE_PAGES, default=None).fill_null(pl.lit("item ") + pl.col("aid"))
     events = events.select("user", session=pl.lit(None, pl.Utf8), ts="ts", page=normalize_pages(page))

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import polars as pl
 
-from .base import CART, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish, normalize_pages
+from .base import (
+    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
+    normalize_pages, not_utf8,
+)
+from .generic import csv_error, read_csv_text
 
 COLUMNS = ["event_time", "event_type", "category_id", "category_code", "user_id", "user_session"]
 EVENT_PAGES = {"cart": CART, "purchase": PURCHASE, "remove_from_cart": "Remove from cart"}
@@ -23,13 +27,15 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 
 def read_rees46(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
     try:
-        raw = pl.read_csv(path, infer_schema=False, row_index_name="_row")
+        raw, lossy = read_csv_text(path)
     except pl.exceptions.NoDataError:
         raise IngestError(path, "the file is empty", hint="point at a REES46 month CSV") from None
-    except pl.exceptions.ComputeError as e:
-        raise IngestError(path, f"not a REES46 CSV: {e}".splitlines()[0]) from None
-    check_columns(path, raw.columns, COLUMNS)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise csv_error(path, e, ",", "a REES46 CSV") from None
+    check_columns(path, [c for c in raw.columns if c != "_row"], COLUMNS)
     skipped: dict[str, int] = {}
+    if lossy:
+        raw = bad_rows(raw, not_utf8(raw, COLUMNS), path, NOT_UTF8, on_bad_rows, skipped, 2, NOT_UTF8_HINT)
     raw = bad_rows(raw, raw["user_id"].is_null(), path, "missing user_id", on_bad_rows, skipped, 2)
     ts = raw["event_time"].str.to_datetime(TIME_FORMAT, strict=False).dt.epoch("ms")
     raw = bad_rows(
