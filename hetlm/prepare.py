@@ -28,6 +28,7 @@ from .ingest import read_events
 from .ingest.base import CART, PURCHASE, IngestError
 from .sessions import (
     CleaningReport,
+    DataError,
     SplitSettings,
     assign_splits,
     build_samples,
@@ -156,10 +157,10 @@ def _ingest_whole(source: str, path, cfg: PrepareConfig, parts: _Partitions, opt
 def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
     """Each chunk of the log through the adapter, its events hashed by user into cfg.partitions parts."""
     if source not in HEADER_LINES:
-        raise ValueError(f"partitions: the {source} source cannot be read in chunks; "
+        raise DataError(f"partitions: the {source} source cannot be read in chunks; "
                          f"partitioned sources: {', '.join(HEADER_LINES)} (use partitions=1)")
     if source == "generic" and options.get("time") is None and options.get("order") is None:
-        raise ValueError("partitions: a generic log needs a time or order column (without one the row "
+        raise DataError("partitions: a generic log needs a time or order column (without one the row "
                          "number is the clock, which chunks would restart)")
     if not Path(path).is_file():
         return _ingest_whole(source, path, cfg, parts, options)  # the adapter's own error
@@ -272,13 +273,13 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
 
     history_budget = cfg.max_len - longest
     if history_budget < 3:
-        raise ValueError(
+        raise DataError(
             f"max_len={cfg.max_len} leaves no room for history beside the longest kept session "
             f"({longest} tokens); raise max_len or lower long_session_percentile"
         )
     candidate_starts = pl.concat(starts) if starts else pl.Series([], dtype=pl.Int64)
     if candidate_starts.len() == 0:
-        raise ValueError("no user has two sessions after cleaning: nothing to predict")
+        raise DataError("no user has two sessions after cleaning: nothing to predict")
     split = SplitSettings(cfg.split, cfg.test_fraction, cfg.val_fraction, cfg.test_targets,
                           cfg.max_train_targets_per_user, cfg.seed)
     cutoffs = time_cutoffs(candidate_starts, split) if cfg.split == "time" else None

@@ -13,6 +13,10 @@ import polars as pl
 from .ingest.base import CART, PURCHASE
 
 
+class DataError(ValueError):
+    """The log cannot give samples under these settings (found before any training starts)."""
+
+
 @dataclass
 class CleaningReport:
     """Rows (events) removed or changed by each cleaning step, by reason."""
@@ -181,7 +185,7 @@ def assign_splits(sessions: pl.DataFrame, s: SplitSettings,
     """
     candidates = sessions.filter(pl.col("session") >= 1)
     if candidates.height == 0 and cutoffs is None:
-        raise ValueError("no user has two sessions after cleaning: nothing to predict")
+        raise DataError("no user has two sessions after cleaning: nothing to predict")
     if s.split == "time":
         t_test, t_val = cutoffs or time_cutoffs(candidates["start"], s)
         split = (pl.when(pl.col("start") >= t_test).then(pl.lit("test"))

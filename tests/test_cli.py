@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from hetlm.cli import app
 from hetlm.ingest import read_events
 
-from .conftest import SHIPPED
+from .conftest import REPO, SHIPPED
 
 runner = CliRunner()
 
@@ -125,3 +125,15 @@ def test_experiment_runner_writes_tables(small_log, tmp_path):
     het = next(r for n, r in run["results"].items() if "HeTLM" in n)
     assert sum(c["n"] for c in het["clusters"].values()) == het["combined"]["n"]
     assert (tmp_path / "run" / "models" / "hetlm_a5_b9" / "clusterwise.json").exists()
+
+
+def test_experiment_stops_before_training_on_inconsistent_settings(tmp_path):
+    """max_len below the longest session is caught in prepare: exit 2 with the reason, no traceback."""
+    config = json.loads((REPO / "configs" / "quick.json").read_text())
+    config["prepare"] = config.get("prepare", {}) | {"max_len": 16}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["experiment", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"),
+                                 "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "max_len=16" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "train").exists()
