@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +59,7 @@ def prepare(
     max_len: int = typer.Option(512, help="token budget of history + target"),
     min_page_count: int = typer.Option(1, help="pages seen fewer times in training -> [UNK]"),
     skip_bad_rows: bool = typer.Option(False, help="drop bad rows and count them instead of stopping"),
+    partitions: int = typer.Option(1, help="logs larger than memory: hash users into N partitions done one at a time"),
     seed: int = typer.Option(0),
 ) -> None:
     """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary."""
@@ -66,24 +68,29 @@ def prepare(
     from .ingest import IngestError
     from .prepare import PrepareConfig, prepare as run_prepare
 
-    generic = dict(user=user, page=page, time=time, session=session, event=event, order=order, sep=sep,
-                   time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
-    options = {k: v for k, v in generic.items() if v is not None}
-    if source != "generic" and options:
-        _fail(ValueError(f"options {sorted(options)} apply to the generic source only"))
+    options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
+                              sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
     try:
         cfg = PrepareConfig(
             gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
             long_session_percentile=long_percentile, long_sessions=long_sessions, samples=samples,
             split=split, test_fraction=test_fraction, val_fraction=val_fraction, test_targets=test_targets,
             max_train_targets_per_user=max_train_targets,
-            max_len=max_len, min_page_count=min_page_count, seed=seed,
+            max_len=max_len, min_page_count=min_page_count, partitions=partitions, seed=seed,
             on_bad_rows="skip" if skip_bad_rows else "error",
         )
         summary = run_prepare(source, path, out, cfg, **options)
     except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
         _fail(err)
     _print_summary(summary, out)
+
+
+def _source_options(source: str, **generic: Optional[str]) -> dict[str, str]:
+    """The generic adapter's column options that were given (an error for other sources)."""
+    options = {k: v for k, v in generic.items() if v is not None}
+    if source != "generic" and options:
+        _fail(ValueError(f"options {sorted(options)} apply to the generic source only"))
+    return options
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -97,13 +104,17 @@ def _print_summary(summary: dict, out: Path) -> None:
     console.print(t)
 
 
-def _load_split(prepared: Path, split: str):
-    import polars as pl
-
+def _split_path(prepared: Path, split: str) -> Path:
     path = prepared / f"{split}.parquet"
     if not path.is_file():
         _fail(FileNotFoundError(f"{path} not found: run `hetlm prepare ... --out {prepared}` first"))
-    return pl.read_parquet(path)
+    return path
+
+
+def _load_split(prepared: Path, split: str):
+    import polars as pl
+
+    return pl.read_parquet(_split_path(prepared, split))
 
 
 @app.command()
@@ -123,14 +134,25 @@ def train(
     patience: Optional[int] = typer.Option(5, help="early stopping: evaluations without improvement"),
     resume: bool = typer.Option(False, help="continue from out/checkpoint"),
     seed: int = typer.Option(0),
+    stream: bool = typer.Option(False, help="stream training samples from train.parquet row group by row group"),
+    # Not --nproc: torchrun's parser would take it for an abbreviation of its own --nproc-per-node.
+    processes: int = typer.Option(1, help="processes on this machine (one per GPU): runs this command under torchrun"),
 ) -> None:
-    """Train a page-level LM on prepared samples (causal LM loss on history + next session)."""
+    """Train a page-level LM on prepared samples (causal LM loss on history + next session).
+
+    Several processes: `--processes N`, or `torchrun --nproc_per_node N -m hetlm.cli train ...`;
+    --batch-size is the global batch, shared out over the processes."""
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={processes}", "-m", "hetlm.cli", *sys.argv[1:]])
     import torch
 
     from .models import build_model, count_parameters, init_from as load_released
     from .tokenizer import load_tokenizer
-    from .train import TrainConfig, train_lm
+    from .train import TrainConfig, close_distributed, init_distributed, train_lm
 
+    main = init_distributed().is_main
+    train_samples = _split_path(prepared, "train") if stream else _load_split(prepared, "train")
     tokenizer = load_tokenizer(prepared / "tokenizer")
     torch.manual_seed(seed)
     try:
@@ -139,14 +161,22 @@ def train(
         _fail(err)
     if init_from:
         report = load_released(model, init_from)
-        console.print(f"loaded {len(report.loaded)} tensors from {init_from}, skipped {len(report.skipped)}")
-    console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
+        if main:
+            console.print(f"loaded {len(report.loaded)} tensors from {init_from}, skipped {len(report.skipped)}")
+    if main:
+        console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
     config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
                          bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
-    result = train_lm(model, _load_split(prepared, "train"), _load_split(prepared, "val"), config, out, resume=resume)
-    tokenizer.save_pretrained(out / "best")
-    console.print(f"{result.steps} steps, best val loss {result.best_val_loss} at step {result.best_step}, "
-                  f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
+    try:
+        result = train_lm(model, train_samples, _load_split(prepared, "val"), config, out, resume=resume, stream=stream)
+    except ValueError as err:
+        _fail(err)
+    finally:
+        close_distributed()
+    if main:
+        tokenizer.save_pretrained(out / "best")
+        console.print(f"{result.steps} steps, best val loss {result.best_val_loss} at step {result.best_step}, "
+                      f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
 
 
 @app.command()
@@ -221,13 +251,21 @@ def experiment(
     from pydantic import ValidationError
 
     from .experiment import ExperimentConfig, run_experiment
+    from .ingest import IngestError
+    from .sessions import DataError
 
+    updates = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
     try:
         cfg = ExperimentConfig.from_file(config)
+        cfg = ExperimentConfig.model_validate(cfg.model_dump() | updates)  # overrides are validated too
     except ValidationError as err:
         _fail(ValueError(f"{config}: {err}"))
-    updates = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
-    run_experiment(cfg.model_copy(update=updates), out, progress=progress)
+    except OSError as err:
+        _fail(err)
+    try:
+        run_experiment(cfg, out, progress=progress)
+    except (IngestError, DataError) as err:
+        _fail(err)
 
 
 @app.command()
@@ -238,3 +276,105 @@ def demo(
 ) -> None:
     """The main job on the dataset shipped in the repo: `experiment configs/quick.json`."""
     experiment(config, out, None, None, True)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a finished `hetlm experiment` run folder"),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default RUN_DIR/report.html)"),
+) -> None:
+    """Re-write the self-contained HTML report (figures, tables, example users) of a finished run."""
+    from .report import write_report
+
+    try:
+        result = write_report(run_dir, out)
+    except ValueError as err:
+        _fail(err)
+    for note in result.notes:
+        console.print(f"[yellow]{note}")
+    console.print(f"{len(result.figures)} figures -> {result.html}")
+
+
+@app.command()
+def score(
+    model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
+    events: Path = typer.Argument(..., help="the click log to score (every user in it)"),
+    source: str = typer.Option(..., help="generic | taobao | rees46 | ga360 | otto | msnbc"),
+    out: Path = typer.Option(..., "--out", help="Parquet file, one row per user"),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
+    k: int = typer.Option(10, help="top-k next pages"),
+    strategy: str = typer.Option("greedy", help="greedy | sample (the next session)"),
+    temperature: float = typer.Option(1.0, help="sampling temperature of the next session"),
+    n_samples: int = typer.Option(32, help="sessions drawn per user for P(Cart), P(Purchase); 0 skips them"),
+    seed: int = typer.Option(0),
+    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid"),
+    max_new_tokens: int = typer.Option(40),
+    batch_users: int = typer.Option(64, help="users scored and written per batch"),
+    batch_size: int = typer.Option(64, help="decoded sequences per forward pass"),
+    user: Optional[str] = typer.Option(None, help="generic: user column"),
+    page: Optional[str] = typer.Option(None, help="generic: page column"),
+    time: Optional[str] = typer.Option(None, help="generic: timestamp column (unix or date/time text)"),
+    session: Optional[str] = typer.Option(None, help="generic: session id column"),
+    event: Optional[str] = typer.Option(None, help="generic: event type column (cart/purchase values)"),
+    order: Optional[str] = typer.Option(None, help="generic: numeric column added to the time in ms"),
+    sep: Optional[str] = typer.Option(None, help="generic: CSV delimiter"),
+    time_format: Optional[str] = typer.Option(None, help="generic: strftime format of the time column"),
+    time_unit: Optional[str] = typer.Option(None, help="generic: unit of a numeric time column (s or ms)"),
+    page_prefix: Optional[str] = typer.Option(None, help="generic: text put before each page value"),
+    gap_minutes: float = typer.Option(30.0, help="inactivity gap that splits sessions"),
+    collapse_repeats: bool = typer.Option(True, help="collapse immediate repeats of the same page"),
+    min_session_len: int = typer.Option(2, help="drop sessions shorter than this (pages)"),
+    long_percentile: float = typer.Option(99.0, help="session-length percentile cutoff"),
+    long_sessions: str = typer.Option("truncate", help="truncate | drop sessions above the cutoff"),
+    skip_bad_rows: bool = typer.Option(False, help="drop bad rows and count them instead of stopping"),
+) -> None:
+    """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase)."""
+    from pydantic import ValidationError
+
+    from .ingest import IngestError
+    from .prepare import PrepareConfig
+    from .score import ScoreOptions, Scorer, score_log
+
+    options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
+                              sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
+    try:
+        cfg = PrepareConfig(gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
+                            long_session_percentile=long_percentile, long_sessions=long_sessions,
+                            on_bad_rows="skip" if skip_bad_rows else "error")
+        settings = ScoreOptions(k=k, strategy=strategy, temperature=temperature, n_samples=n_samples, seed=seed)
+        scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size)
+        summary = score_log(scorer, source, events, out, settings, cfg, batch_users, **options)
+    except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
+    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid"),
+    max_new_tokens: int = typer.Option(40),
+    max_batch: int = typer.Option(32, help="requests scored together"),
+    max_wait_ms: float = typer.Option(5.0, help="how long a request waits for others to batch with"),
+    max_body_bytes: int = typer.Option(1 << 20, help="larger request bodies get 413"),
+    max_sessions: int = typer.Option(1000, help="requests with more sessions get 413"),
+    max_pages: int = typer.Option(20_000, help="requests with more pages get 413"),
+) -> None:
+    """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs."""
+    from .serve import Limits, serve as run_server
+
+    limits = Limits(max_body_bytes=max_body_bytes, max_sessions=max_sessions, max_pages=max_pages,
+                    max_batch=max_batch, max_wait_ms=max_wait_ms)
+    try:
+        run_server(model_dir, host, port, tokenizer_dir=tokenizer, routing=routing, max_new_tokens=max_new_tokens,
+                   limits=limits)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
+if __name__ == "__main__":  # `python -m hetlm.cli`: what torchrun runs
+    app()

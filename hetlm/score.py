@@ -1,0 +1,336 @@
+"""Scoring users with a trained model: the batch scorer of `hetlm score` and of the HTTP service.
+
+For each user (a history: sessions of page names, oldest first) a `Scorer` gives
+    cluster, cluster_prob   the routed cluster and how sure the routing is (see `route_users`);
+                            for a single LM cluster is None and cluster_prob 1
+    next_session            the generated next session (greedy, or sampled with the user's seed)
+    top_pages, top_probs    the k most likely first pages of the next session (`next_page_scores`)
+    p_cart, p_purchase      P(Cart / Purchase in the next session), Monte Carlo (`hetlm.outcomes`),
+    se_cart, se_purchase    with standard errors; NaN when n_samples = 0 or the page is not in the vocabulary
+    unknown_pages           pages of the history used that the tokenizer does not know (mapped to [UNK])
+    sessions_used           how many of the most recent sessions fit the model's context
+The prompt is built as `hetlm prepare` builds a sample's history (`sessions.build_samples`): the most
+recent whole sessions that fit, each [BOS] p1..pn [EOS], then [BOS] of the session to predict.
+Every user's result depends on that user only (greedy decoding is left-padded, sampling uses per-user
+random streams), so a batch scored together gives what each user scored alone gives.
+
+`score_log` reads a raw click log with any ingest adapter, cleans sessions like `hetlm prepare`
+(repeats collapsed, short sessions dropped, long ones cut; users need one session, not two) and
+writes one row per user to Parquet, batch by batch, so memory does not grow with the number of users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
+from .cluster.base import ClusterwiseLM
+from .encoders import encoder_from_settings
+from .generate import next_page_scores
+from .ingest import read_events
+from .outcomes import Decoding, decode_sessions, estimate_outcomes, monte_carlo_rows, outcome_ids, row_seed
+from .prepare import PrepareConfig
+from .sessions import CleaningReport, build_samples, clean_sessions, session_ids, sessionize
+from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, load_tokenizer
+
+History = Sequence[Sequence[str]]
+
+
+class ScoreOptions(BaseModel):
+    """What to compute for a user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, le=1000, description="number of most likely next pages returned")
+    strategy: Literal["greedy", "sample"] = Field("greedy", description="how the next session is decoded")
+    temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of the next session")
+    seed: int = Field(0, ge=0, description="seed of the sampled next session and of the outcome estimate")
+    n_samples: int = Field(32, ge=0, le=1024, description="sessions drawn to estimate P(Cart), P(Purchase); "
+                           "0 skips the estimate")
+
+
+@dataclass
+class UserScore:
+    cluster: int | None
+    cluster_prob: float
+    next_session: list[str]
+    top_pages: list[str]
+    top_probs: list[float]
+    p_cart: float
+    se_cart: float
+    p_purchase: float
+    se_purchase: float
+    unknown_pages: list[str]
+    sessions_used: int
+
+
+SCORE_SCHEMA = {
+    "user": pl.Utf8, "cluster": pl.Int64, "cluster_prob": pl.Float64, "next_session": pl.List(pl.Utf8),
+    "top_pages": pl.List(pl.Utf8), "top_probs": pl.List(pl.Float64), "p_cart": pl.Float64, "se_cart": pl.Float64,
+    "p_purchase": pl.Float64, "se_purchase": pl.Float64, "unknown_pages": pl.List(pl.Utf8),
+    "sessions_used": pl.Int64,
+}
+
+
+def find_tokenizer(model_dir: str | Path) -> Path:
+    """The page tokenizer of a model folder: MODEL/tokenizer (clusterwise models), MODEL itself
+    (`hetlm train`'s best/), or RUN/prepared/tokenizer for an experiment's RUN/models/<name>."""
+    model_dir = Path(model_dir)
+    for candidate in (model_dir / "tokenizer", model_dir, model_dir.parent.parent / "prepared" / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    raise ValueError(f"no page tokenizer found for {model_dir} (looked in {model_dir}/tokenizer, {model_dir} and "
+                     f"{model_dir.parent.parent}/prepared/tokenizer); give the tokenizer folder explicitly")
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> PreTrainedModel | ClusterwiseLM:
+    """A clusterwise folder (clusterwise.json) or a single save_pretrained LM folder."""
+    model_dir = Path(model_dir)
+    if (model_dir / CLUSTERWISE_FILE).is_file():
+        return ClusterwiseLM.from_pretrained(model_dir, device)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} is neither a save_pretrained LM folder nor a clusterwise model folder")
+    return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
+
+
+def route_users(model: ClusterwiseLM, z: np.ndarray, routing: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's cluster (`ClusterwiseLM.route`) and its probability.
+
+    Selector routing: the selector's probability of the chosen cluster. Centroid routing (k-means) has
+    no probabilistic model, so we report the soft assignment softmax_k(-||z - c_k||^2 / tau): the posterior
+    of a mixture of equal-weight isotropic Gaussians of variance tau / 2 at the active centroids, with tau
+    the mean squared distance between pairs of active centroids (a scale fixed by the model alone, so a
+    user's value does not depend on who else is scored). It ranks users by how clearly they belong to
+    their cluster; it is not calibrated.
+    """
+    routing = routing or model.routing
+    clusters = model.route(z, routing)
+    if routing == "selector":
+        return clusters, model.selector.predict_proba(z)[np.arange(len(z)), clusters]
+    centroids = model.centroids[model.active]
+    d2 = ((z[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    pairs = ((centroids[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    tau = pairs.sum() / (len(centroids) * (len(centroids) - 1)) if len(centroids) > 1 else 1.0
+    soft = torch.softmax(torch.as_tensor(-d2 / max(tau, 1e-12)), dim=1).numpy()
+    return clusters, soft[np.arange(len(z)), np.searchsorted(model.active, clusters)]
+
+
+def fit_histories(sessions: pl.DataFrame, vocab: dict[str, int], budget: int) -> pl.DataFrame:
+    """user, history, input_ids: each user's most recent whole sessions that fit `budget` tokens.
+
+    Built by `sessions.build_samples`, as `hetlm prepare` builds histories: the target is an empty
+    placeholder session after the user's last one. Users whose last session alone exceeds the budget
+    get no row.
+    """
+    after_last = sessions.group_by("user").agg(session=pl.col("session").max() + 1, start=pl.col("start").max() + 1)
+    placeholder = after_last.with_columns(pages=pl.lit([], dtype=pl.List(pl.Utf8))).select(sessions.columns)
+    with_ids = session_ids(pl.concat([sessions, placeholder], how="vertical_relaxed"), vocab, UNK_ID, BOS_ID, EOS_ID)
+    samples = build_samples(with_ids, after_last.with_columns(split=pl.lit("score")), budget)
+    return samples.filter(pl.col("history").list.len() > 0).select("user", "history", "input_ids").sort("user")
+
+
+def sessions_frame(histories: Sequence[History]) -> pl.DataFrame:
+    """The sessions table (user = index, session, start, pages) of histories given as lists of pages."""
+    rows = [(i, j, list(s)) for i, h in enumerate(histories) for j, s in enumerate(h)]
+    return pl.DataFrame({"user": [r[0] for r in rows], "session": [r[1] for r in rows],
+                         "start": [r[1] for r in rows], "pages": [r[2] for r in rows]},
+                        schema={"user": pl.Int64, "session": pl.Int64, "start": pl.Int64, "pages": pl.List(pl.Utf8)})
+
+
+@dataclass
+class Scorer:
+    """A loaded model, its tokenizer and the user encoder that routes users (clusterwise models)."""
+
+    model: PreTrainedModel | ClusterwiseLM
+    tokenizer: Any
+    routing: str | None = None
+    max_new_tokens: int = 40
+    batch_size: int = 64                # decoded rows per forward pass
+    encoder: Any = field(default=None, repr=False)
+    vocab: dict[str, int] = field(init=False, repr=False)
+    outcome_ids: dict[str, int | None] = field(init=False)
+
+    def __post_init__(self):
+        if self.routing not in (None, "selector", "centroid"):
+            raise ValueError(f"routing must be 'selector' or 'centroid', not {self.routing!r}")
+        if self.routing and not self.clusterwise:
+            raise ValueError("routing applies to clusterwise models only; this is a single LM")
+        if self.clusterwise and (self.routing or self.model.routing) == "selector" and self.model.selector is None:
+            raise ValueError(f"this {self.model.kind} model has no selector; route by 'centroid'")
+        if self.clusterwise and self.encoder is None:
+            self.encoder = encoder_from_settings(self.model.encoder).set_params(show_progress=False)
+        self.vocab = self.tokenizer.get_vocab()
+        self.outcome_ids = outcome_ids(self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
+                        **kwargs) -> Scorer:
+        tokenizer = load_tokenizer(tokenizer_dir or find_tokenizer(model_dir))
+        return cls(load_model(model_dir, device), tokenizer, **kwargs)
+
+    @property
+    def clusterwise(self) -> bool:
+        return isinstance(self.model, ClusterwiseLM)
+
+    @property
+    def models(self) -> dict[int, PreTrainedModel]:
+        return self.model.models if self.clusterwise else {0: self.model}
+
+    @property
+    def n_pages(self) -> int:
+        return len(self.tokenizer) - len(SPECIALS)
+
+    @property
+    def history_budget(self) -> int:
+        """Tokens of history that fit beside [BOS] and the generated session."""
+        return min(lm.config.max_position_embeddings for lm in self.models.values()) - self.max_new_tokens - 1
+
+    def describe(self) -> dict[str, Any]:
+        lm = next(iter(self.models.values()))
+        info = {"kind": self.model.kind if self.clusterwise else "single", "pages": self.n_pages,
+                "model_type": lm.config.model_type,
+                "parameters_per_lm": sum(p.numel() for p in lm.parameters()),
+                "max_position_embeddings": lm.config.max_position_embeddings,
+                "history_budget_tokens": self.history_budget, "max_new_tokens": self.max_new_tokens,
+                "outcome_pages": {name: i is not None for name, i in self.outcome_ids.items()}}
+        if self.clusterwise:
+            info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
+                     "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
+        return info
+
+    def score(self, histories: Sequence[History], options: Sequence[ScoreOptions]) -> list[UserScore]:
+        """One `UserScore` per history (raises ValueError if a history's last session does not fit)."""
+        fitted = fit_histories(sessions_frame(histories), self.vocab, self.history_budget)
+        if fitted.height < len(histories):
+            missing = sorted(set(range(len(histories))) - set(fitted["user"].to_list()))
+            raise ValueError(f"history {missing[0]}: its most recent session does not fit the model's context "
+                             f"({self.history_budget} tokens)")
+        return self.score_fitted(fitted, options)
+
+    def score_fitted(self, fitted: pl.DataFrame, options: Sequence[ScoreOptions]) -> list[UserScore]:
+        """Scores of users whose histories are already fitted (a `fit_histories` frame)."""
+        histories, inputs = fitted["history"].to_list(), fitted["input_ids"].to_list()
+        n = len(inputs)
+        if self.clusterwise:
+            clusters, cluster_probs = route_users(self.model, self.encoder.transform(histories), self.routing)
+        else:
+            clusters, cluster_probs = np.zeros(n, dtype=int), np.ones(n)
+        next_sessions: list[list[int]] = [[] for _ in range(n)]
+        draws: list[list[list[int]]] = [[] for _ in range(n)]
+        top: list[tuple[list[int], list[float]]] = [([], [])] * n
+        for k, lm in self.models.items():
+            users = np.flatnonzero(clusters == k).tolist()
+            if not users:
+                continue
+            owner, is_next, rows = self._rows(users, inputs, options)
+            decoded = decode_sessions(lm, [inputs[i] for i in owner], rows, self.max_new_tokens, self.batch_size)
+            for i, first, session in zip(owner, is_next, decoded):
+                if first:
+                    next_sessions[i] = session
+                else:
+                    draws[i].append(session)
+            logprobs = torch.from_numpy(next_page_scores(lm, [inputs[i] for i in users], self.batch_size))
+            best = torch.topk(logprobs, min(max(options[i].k for i in users), self.n_pages), dim=1)
+            for j, i in enumerate(users):
+                kk = min(options[i].k, self.n_pages)
+                top[i] = (best.indices[j, :kk].tolist(), best.values[j, :kk].exp().tolist())
+        return [self._user_score(i, clusters, cluster_probs, next_sessions, draws, top, histories) for i in range(n)]
+
+    def _rows(self, users: list[int], inputs: list[list[int]], options: Sequence[ScoreOptions]):
+        """The decoded rows of these users, each one's next session then its outcome draws: the user
+        of each row, whether it is the next session, and how it is decoded."""
+        owner, is_next, rows = [], [], []
+        for i in users:
+            o = options[i]
+            temperature = o.temperature if o.strategy == "sample" else None
+            rows += [Decoding(temperature, row_seed(o.seed, inputs[i], "next"))]
+            rows += monte_carlo_rows(inputs[i], o.n_samples, o.seed)
+            owner += [i] * (1 + o.n_samples)
+            is_next += [True] + [False] * o.n_samples
+        return owner, is_next, rows
+
+    def _user_score(self, i, clusters, cluster_probs, next_sessions, draws, top, histories) -> UserScore:
+        outcomes = estimate_outcomes([draws[i]], self.outcome_ids)
+        pages, probs = top[i]
+        unknown = list(dict.fromkeys(p for s in histories[i] for p in s if p not in self.vocab))
+        return UserScore(
+            cluster=int(clusters[i]) if self.clusterwise else None, cluster_prob=float(cluster_probs[i]),
+            next_session=self.tokenizer.convert_ids_to_tokens(next_sessions[i]),
+            top_pages=self.tokenizer.convert_ids_to_tokens(pages), top_probs=probs,
+            p_cart=float(outcomes.p["cart"][0]), se_cart=float(outcomes.se["cart"][0]),
+            p_purchase=float(outcomes.p["purchase"][0]), se_purchase=float(outcomes.se["purchase"][0]),
+            unknown_pages=unknown, sessions_used=len(histories[i]),
+        )
+
+
+def log_sessions(source: str, path: str | Path, config: PrepareConfig | None = None,
+                 **source_options: Any) -> tuple[pl.DataFrame, int]:
+    """The cleaned sessions of a raw log (prepare's session settings of `config`; a user needs one
+    session) and the number of users in the log."""
+    cfg = config or PrepareConfig()
+    events = read_events(source, path, on_bad_rows=cfg.on_bad_rows, **source_options).events.drop_nulls("page")
+    sessions = clean_sessions(
+        sessionize(events, cfg.gap_minutes, cfg.use_log_sessions), CleaningReport(),
+        collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
+        long_session_percentile=cfg.long_session_percentile, long_sessions=cfg.long_sessions, min_sessions=1,
+    )
+    return sessions, events["user"].n_unique()
+
+
+def iter_scores(scorer: Scorer, fitted: pl.DataFrame, options: ScoreOptions | None = None,
+                batch_users: int = 64) -> Iterator[pa.Table]:
+    """Arrow tables of at most `batch_users` scored users each (SCORE_SCHEMA), computed lazily."""
+    options = options or ScoreOptions()
+    for start in range(0, fitted.height, batch_users):
+        batch = fitted.slice(start, batch_users)
+        scores = scorer.score_fitted(batch, [options] * batch.height)
+        rows = [{"user": str(u)} | asdict(s) for u, s in zip(batch["user"].to_list(), scores)]
+        yield pl.DataFrame(rows, schema=SCORE_SCHEMA).to_arrow()
+
+
+@dataclass
+class ScoreSummary:
+    users_in_log: int
+    users_scored: int
+    out: str
+
+
+def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, options: ScoreOptions | None = None,
+              config: PrepareConfig | None = None, batch_users: int = 64, progress: bool = True,
+              **source_options: Any) -> ScoreSummary:
+    """Score every user of a raw log (see the module docstring) into the Parquet file `out`.
+
+    Users left with no session after cleaning, or whose last session does not fit the model's context,
+    get no row (users_in_log - users_scored of them).
+    """
+    sessions, users_in_log = log_sessions(source, path, config, **source_options)
+    fitted = fit_histories(sessions, scorer.vocab, scorer.history_budget)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = [TextColumn("scoring users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    writer = None
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("score", total=fitted.height)
+        try:
+            for table in iter_scores(scorer, fitted, options, batch_users):
+                writer = writer or pq.ParquetWriter(out, table.schema)
+                writer.write_table(table)
+                bar.advance(task, table.num_rows)
+        finally:
+            if writer is not None:
+                writer.close()
+    if writer is None:  # no user to score: still an empty file with the schema
+        pl.DataFrame(schema=SCORE_SCHEMA).write_parquet(out)
+    return ScoreSummary(users_in_log, fitted.height, str(out))

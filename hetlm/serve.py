@@ -1,0 +1,216 @@
+"""`hetlm serve`: next-session predictions over HTTP (FastAPI), with dynamic batching.
+
+    POST /predict   a user's sessions (lists of page names, oldest first) and options -> cluster and its
+                    probability, the next session, the top-k first pages, P(Cart), P(Purchase), and the
+                    pages the model does not know (scored as [UNK])
+    GET  /health    liveness, and how many requests and batches were served
+    GET  /model     the model: pages, clusters, context budget, limits
+    GET  /docs, /openapi.json   the API description (the /docs page loads Swagger UI from a CDN)
+
+Dynamic batching: each /predict puts its request on an asyncio queue; one worker takes the first waiting
+request, waits up to `max_wait_ms` for more (up to `max_batch`), and scores them all in one batched
+pass (`Scorer.score`) in a thread, so the event loop keeps accepting requests meanwhile. A user's
+result does not depend on the batch it shares (see `hetlm.score`), so batching changes only throughput.
+
+Malformed requests get 422 with pydantic's message; requests over the limits of `create_app` (body
+bytes, sessions, pages) get 413. Page names are normalised as the ingest adapters do (whitespace -> "_");
+sessions are otherwise used as sent (`hetlm score` applies prepare's cleaning to a raw log: repeats
+collapsed, short sessions dropped), so send sessions cleaned that way to get the same numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import AfterValidator, BaseModel, Field, StrictStr
+from starlette.responses import JSONResponse
+
+from .score import ScoreOptions, Scorer, UserScore
+
+
+def _page_name(page: str) -> str:
+    """A page name as the ingest adapters normalise it (`ingest.base.normalize_pages`)."""
+    name = re.sub(r"\s+", "_", page.strip())
+    if not name:
+        raise ValueError("a page name must hold a non-space character")
+    return name
+
+
+Page = Annotated[StrictStr, AfterValidator(_page_name)]
+Session = Annotated[list[Page], Field(min_length=1)]
+
+
+class PredictRequest(ScoreOptions):
+    sessions: list[Session] = Field(min_length=1, description="the user's sessions, oldest first; each a non-empty "
+                                    "list of page names")
+
+
+class PagePrediction(BaseModel):
+    page: str
+    probability: float
+
+
+class PredictResponse(BaseModel):
+    cluster: int | None = Field(description="the routed cluster (null for a single LM)")
+    cluster_probability: float
+    next_session: list[str]
+    top_pages: list[PagePrediction] = Field(description="most likely first pages of the next session")
+    p_cart: float | None = Field(description="P(Cart in the next session); null when not estimated")
+    se_cart: float | None
+    p_purchase: float | None
+    se_purchase: float | None
+    n_samples: int
+    unknown_pages: list[str] = Field(description="pages not in the model's vocabulary, scored as [UNK]")
+    sessions_used: int = Field(description="most recent sessions that fit the model's context")
+
+
+@dataclass
+class Limits:
+    """Request limits (413 above them) and dynamic batching settings of `create_app`."""
+
+    max_body_bytes: int = 1 << 20
+    max_sessions: int = 1000
+    max_pages: int = 20_000           # pages over all sessions of a request
+    max_batch: int = 32               # requests scored together
+    max_wait_ms: float = 5.0          # how long the first request of a batch waits for others
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else x  # NaN -> null
+
+
+def prediction_response(score: UserScore, n_samples: int) -> PredictResponse:
+    s = asdict(score)
+    return PredictResponse(
+        cluster=s["cluster"], cluster_probability=s["cluster_prob"], next_session=s["next_session"],
+        top_pages=[PagePrediction(page=p, probability=q) for p, q in zip(s["top_pages"], s["top_probs"])],
+        **{key: _number(s[key]) for key in ("p_cart", "se_cart", "p_purchase", "se_purchase")},
+        n_samples=n_samples, unknown_pages=s["unknown_pages"], sessions_used=s["sessions_used"],
+    )
+
+
+class Batcher:
+    """Groups queued requests into batches scored by one worker task."""
+
+    def __init__(self, scorer: Scorer, max_batch: int, max_wait_ms: float):
+        self.scorer, self.max_batch, self.max_wait = scorer, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.requests = self.batches = 0
+
+    async def predict(self, request: PredictRequest) -> UserScore:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((request, future))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0)))
+                except asyncio.TimeoutError:
+                    break
+            requests = [r for r, _ in batch]
+            try:
+                scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests)
+            except Exception as err:  # noqa: BLE001 (the batch fails together; each caller gets the error)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            self.requests, self.batches = self.requests + len(batch), self.batches + 1
+            for (_, future), score in zip(batch, scores):
+                if not future.done():  # a client that went away cancelled its future
+                    future.set_result(score)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes` (declared or streamed)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}]), send)
+
+    async def _too_large(self, scope, receive, send):
+        detail = f"request body over {self.max_bytes} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def _replay(messages: list[dict]):
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+    return receive
+
+
+def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = None, routing: str | None = None,
+               max_new_tokens: int = 40, limits: Limits | None = None) -> FastAPI:
+    """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`)."""
+    limits = limits or Limits()
+    scorer = model if isinstance(model, Scorer) else Scorer.from_pretrained(
+        model, tokenizer_dir, routing=routing, max_new_tokens=max_new_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.batcher = Batcher(scorer, limits.max_batch, limits.max_wait_ms)
+        worker = asyncio.create_task(app.state.batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(title="hetlm", summary="next-session predictions from page-level LMs", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.post("/predict", response_model=PredictResponse)
+    async def predict(body: PredictRequest, request: Request) -> PredictResponse:
+        if len(body.sessions) > limits.max_sessions:
+            raise HTTPException(413, f"{len(body.sessions)} sessions; at most {limits.max_sessions} per request")
+        pages = sum(len(s) for s in body.sessions)
+        if pages > limits.max_pages:
+            raise HTTPException(413, f"{pages} pages; at most {limits.max_pages} per request")
+        if len(body.sessions[-1]) + 2 > scorer.history_budget:
+            raise HTTPException(422, f"the last session has {len(body.sessions[-1])} pages; the model's context "
+                                     f"holds {scorer.history_budget - 2}")
+        return prediction_response(await request.app.state.batcher.predict(body), body.n_samples)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        batcher = request.app.state.batcher
+        return {"status": "ok", "requests": batcher.requests, "batches": batcher.batches}
+
+    @app.get("/model")
+    async def describe() -> dict:
+        return scorer.describe() | {"limits": asdict(limits)}
+
+    return app
+
+
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Run the service with uvicorn until interrupted (options go to `create_app`)."""
+    import uvicorn
+
+    uvicorn.run(create_app(model_dir, **options), host=host, port=port)

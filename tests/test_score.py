@@ -1,0 +1,143 @@
+"""Batch scoring: prompts built as prepare builds histories, batch-independent results, `hetlm score`
+streaming one bounded row group per batch of users, and the routing probabilities."""
+
+import gzip
+import itertools
+import math
+from dataclasses import asdict
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hetlm.cli import app
+from hetlm.cluster.base import ClusterwiseLM
+from hetlm.cluster.selector import Selector
+from hetlm.models import Preset, build_model
+from hetlm.score import ScoreOptions, Scorer, fit_histories, log_sessions, route_users, sessions_frame
+from hetlm.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
+from hetlm.train import TrainConfig, train_lm
+
+from .conftest import SHIPPED
+
+MICRO = Preset(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+def train_micro(prepared, folder, steps=30):
+    """A micro LM trained for a few steps on prepared samples, saved with its tokenizer like `hetlm train`."""
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(MICRO, len(tokenizer), max_positions=128)
+    config = TrainConfig(lr=1e-2, max_steps=steps, batch_size=32, max_len=128, eval_every=10_000,
+                         early_stopping_patience=None, save_every=10_000)
+    train_lm(model, pl.read_parquet(prepared / "train.parquet"), None, config, folder / "train", progress=False)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def log_head(path, rows):
+    """The first `rows` lines of the shipped Taobao sample, as a plain CSV."""
+    with gzip.open(SHIPPED, "rt") as f:
+        path.write_text("".join(itertools.islice(f, rows)))
+    return path
+
+
+def assert_same_score(a, b):
+    """Equal scores: everything exact (NaN equal to NaN) except float noise in the probabilities, which
+    depend on padding within a batch."""
+    a, b = asdict(a), asdict(b)
+    np.testing.assert_allclose(a.pop("top_probs"), b.pop("top_probs"), rtol=1e-4)
+    assert a.pop("cluster_prob") == pytest.approx(b.pop("cluster_prob"), rel=1e-5)
+    assert a == b or all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), (a, b)
+
+
+@pytest.fixture(scope="module")
+def micro(taobao_prepared, tmp_path_factory):
+    return train_micro(taobao_prepared[0], tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="module")
+def scorer(micro):
+    return Scorer.from_pretrained(micro, max_new_tokens=12)
+
+
+def test_histories_are_built_like_prepare(taobao_prepared, scorer):
+    vocab = scorer.vocab
+    sessions = pl.DataFrame({"user": ["a"] * 3 + ["b"], "session": [0, 1, 2, 0], "start": [0, 1, 2, 0],
+                             "pages": [["Cart", "x"], ["y", "z", "Cart"], ["Purchase", "Cart"], ["Cart", "Cart"]]})
+    fitted = fit_histories(sessions, vocab, budget=9)
+    # "a": the last two sessions cost 5 + 4 = 9 tokens, the first one no longer fits.
+    assert fitted["user"].to_list() == ["a", "b"]
+    assert fitted["history"][0].to_list() == [["y", "z", "Cart"], ["Purchase", "Cart"]]
+    cart, purchase = vocab["Cart"], vocab["Purchase"]
+    assert fitted["input_ids"][0].to_list() == [BOS_ID, UNK_ID, UNK_ID, cart, EOS_ID, BOS_ID, purchase, cart, EOS_ID]
+    assert fit_histories(sessions, vocab, budget=3).height == 0  # no last session fits 3 tokens
+    # The prompts of prepared test users are exactly their prepared input_ids.
+    test = pl.read_parquet(taobao_prepared[0] / "test.parquet").head(20)
+    rebuilt = fit_histories(sessions_frame(test["history"].to_list()), vocab, budget=10_000)
+    assert rebuilt["input_ids"].to_list() == test["input_ids"].to_list()
+
+
+def test_batch_scores_equal_single_scores(taobao_prepared, scorer):
+    histories = pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"].to_list()[:6]
+    histories[2] = [*histories[2], ["never_seen_page", "Cart"]]
+    options = [ScoreOptions(k=5, n_samples=6, seed=1), ScoreOptions(k=3, n_samples=0),
+               ScoreOptions(strategy="sample", temperature=0.7, seed=4, n_samples=3)] * 2
+    together = scorer.score(histories, options)
+    for history, option, batched in zip(histories, options, together):
+        assert_same_score(scorer.score([history], [option])[0], batched)
+    first, no_outcomes, sampled = together[:3]
+    assert first.cluster is None and first.cluster_prob == 1.0  # a single LM has no clusters
+    assert len(first.top_pages) == 5 and first.top_probs == sorted(first.top_probs, reverse=True)
+    assert 0 <= first.p_cart <= 1 and first.se_cart == pytest.approx(math.sqrt(first.p_cart * (1 - first.p_cart) / 6))
+    assert math.isnan(no_outcomes.p_cart) and len(no_outcomes.top_pages) == 3
+    assert sampled.unknown_pages == ["never_seen_page"]
+    for history, score in zip(histories, together):  # the most recent whole sessions that fit 128 - 12 - 1
+        costs = [len(s) + 2 for s in history[::-1]]
+        assert sum(costs[:score.sessions_used]) <= 115 < sum(costs[:score.sessions_used + 1]) or \
+            score.sessions_used == len(history)
+    assert len(first.next_session) <= 12 and "[UNK]" not in first.next_session
+
+
+def test_score_command_streams_bounded_batches(micro, tmp_path):
+    log = log_head(tmp_path / "log.csv", 4000)
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(app, ["score", str(micro), str(log), "--source", "taobao", "--out", str(out),
+                                      "--batch-users", "8", "--n-samples", "2", "--k", "4", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    sessions, users_in_log = log_sessions("taobao", log)
+    scores = pl.read_parquet(out)
+    assert scores["user"].sort().to_list() == sessions["user"].unique().sort().to_list()
+    assert f"{scores.height} of {users_in_log} users scored" in result.output
+    assert scores["cluster"].null_count() == scores.height
+    assert (scores["top_pages"].list.len() == 4).all() and scores["p_cart"].is_between(0, 1).all()
+    # Written batch by batch: one row group of at most 8 users each, never the whole table at once.
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_row_groups == math.ceil(scores.height / 8) > 1
+    assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) == 8
+    bad = CliRunner().invoke(app, ["score", str(tmp_path), str(log), "--source", "taobao", "--out", str(out)])
+    assert bad.exit_code == 2 and "no page tokenizer" in bad.output and "Traceback" not in bad.output
+    routed = CliRunner().invoke(app, ["score", str(micro), str(log), "--source", "taobao", "--out", str(out),
+                                      "--routing", "centroid"])
+    assert routed.exit_code == 2 and "clusterwise models only" in routed.output
+
+
+def test_routing_probabilities():
+    rng = np.random.default_rng(0)
+    centroids = np.eye(3, 8, dtype=np.float32)
+    z = np.vstack([centroids[2], 0.5 * centroids[0] + 0.5 * centroids[1], rng.normal(size=(5, 8))]).astype(np.float32)
+    model = ClusterwiseLM("kmeans", {0: None, 1: None, 2: None}, centroids, routing="centroid")
+    clusters, probs = route_users(model, z)
+    assert clusters[0] == 2 and probs[0] > 0.5
+    # tau = 2 (every pair of centroids is sqrt(2) apart); squared distances 0.5, 0.5, 1.5
+    assert probs[1] == pytest.approx(np.exp(-0.25) / (2 * np.exp(-0.25) + np.exp(-0.75)), rel=1e-5)
+    alone = route_users(model, z[3:4])
+    assert alone[0][0] == clusters[3] and alone[1][0] == pytest.approx(probs[3])  # independent of other users
+    labels = (z[:, 0] > 0.3).astype(int)
+    model.selector = Selector(n_clusters=2, epochs=50).fit(z, labels)
+    clusters, probs = route_users(model, z, "selector")
+    np.testing.assert_allclose(probs, model.selector.predict_proba(z).max(1), rtol=1e-6)

@@ -1,0 +1,165 @@
+"""The HTTP service, started for real with uvicorn on loopback and called with httpx, on a micro k-means
+clusterwise model: predictions equal `hetlm score`'s, validation (422), limits (413), dynamic batching."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+import uvicorn
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from hetlm.cli import app as cli
+from hetlm.cluster.kmeans import fit_kmeans_clusterwise
+from hetlm.encoders import encoder_from_settings
+from hetlm.score import log_sessions
+from hetlm.serve import Limits, create_app
+from hetlm.tokenizer import load_tokenizer
+from hetlm.train import TrainConfig
+
+from .test_score import log_head, train_micro
+
+LIMITS = Limits(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20)
+OPTIONS = {"k": 5, "n_samples": 4, "seed": 2}
+
+
+@contextmanager
+def running(app):
+    """The app served by uvicorn in a thread on a free loopback port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def clusterwise(taobao_prepared, tmp_path_factory):
+    """Two k-means clusters of a micro LM, each fine-tuned a few steps, saved as `hetlm experiment` does."""
+    prepared = taobao_prepared[0]
+    folder = tmp_path_factory.mktemp("clusterwise")
+    base = AutoModelForCausalLM.from_pretrained(train_micro(prepared, folder))
+    encoder = {"name": "pagebag", "pooling": "mean", "model_name_or_path": None, "cache_dir": str(folder / "cache")}
+    train = pl.read_parquet(prepared / "train.parquet").head(300)
+    val = pl.read_parquet(prepared / "val.parquet").head(50)
+    embed = encoder_from_settings(encoder).set_params(show_progress=False).transform
+    config = TrainConfig(max_steps=3, batch_size=32, max_len=128, eval_every=10_000, save_every=10_000,
+                         early_stopping_patience=None)
+    model = fit_kmeans_clusterwise(base, train, embed(train["history"].to_list()), val, embed(val["history"].to_list()),
+                                   2, config, folder / "train_clusters", encoder, progress=False)
+    model.save_pretrained(folder / "kmeans", load_tokenizer(prepared / "tokenizer"))
+    return folder / "kmeans"
+
+
+@pytest.fixture(scope="module")
+def server(clusterwise):
+    with running(create_app(clusterwise, max_new_tokens=10, limits=LIMITS)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def test_health_model_and_openapi(server):
+    assert server.get("/health").json()["status"] == "ok"
+    model = server.get("/model").json()
+    assert model["kind"] == "kmeans" and model["clusters"] == [0, 1] and model["routing"] == "centroid"
+    assert model["pages"] > 1000 and model["history_budget_tokens"] == 128 - 10 - 1
+    assert model["limits"]["max_sessions"] == 40
+    spec = server.get("/openapi.json").json()
+    assert "/predict" in spec["paths"] and "PredictRequest" in spec["components"]["schemas"]
+
+
+def test_predictions_equal_score_command(server, clusterwise, tmp_path):
+    log = log_head(tmp_path / "log.csv", 3000)
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(cli, ["score", str(clusterwise), str(log), "--source", "taobao", "--out", str(out),
+                                      "--max-new-tokens", "10", "--k", "5", "--n-samples", "4", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    scores = pl.read_parquet(out)
+    assert set(scores["cluster"].to_list()) <= {0, 1} and scores["cluster_prob"].is_between(0, 1).all()
+    sessions, _ = log_sessions("taobao", log)
+    for row in scores.head(4).iter_rows(named=True):
+        history = sessions.filter(pl.col("user") == row["user"]).sort("session")["pages"].to_list()
+        got = server.post("/predict", json={"sessions": history, **OPTIONS})
+        assert got.status_code == 200, got.text
+        got = got.json()
+        assert got["cluster"] == row["cluster"] and got["cluster_probability"] == pytest.approx(row["cluster_prob"])
+        assert got["next_session"] == row["next_session"]
+        assert [p["page"] for p in got["top_pages"]] == row["top_pages"]
+        np.testing.assert_allclose([p["probability"] for p in got["top_pages"]], row["top_probs"], rtol=1e-4)
+        assert (got["p_cart"], got["p_purchase"]) == (row["p_cart"], row["p_purchase"])
+        assert got["sessions_used"] == row["sessions_used"] and got["n_samples"] == 4
+
+
+def test_unknown_pages_are_reported(server):
+    body = {"sessions": [["category_2520377", "Cart"], ["no such page", "Cart", "another_unknown"]], "n_samples": 0}
+    got = server.post("/predict", json=body).json()
+    assert got["unknown_pages"] == ["no_such_page", "another_unknown"]  # normalised like ingest, then [UNK]
+    assert got["p_cart"] is None and got["n_samples"] == 0 and len(got["top_pages"]) == 10
+
+
+@pytest.mark.parametrize("body, where", [
+    ({"sessions": []}, "sessions"),
+    ({"sessions": [[]]}, "sessions.0"),
+    ({"sessions": [["Cart", 123]]}, "sessions.0.1"),
+    ({"sessions": [["Cart", "  "]]}, "sessions.0.1"),
+    ({"sessions": [["Cart"]], "k": 0}, "k"),
+    ({"sessions": [["Cart"]], "strategy": "beam"}, "strategy"),
+    ({"sessions": [["Cart"]], "temperature": 0}, "temperature"),
+    ({"sessions": [["Cart"]], "n_samples": -1}, "n_samples"),
+    ({"sessions": [["Cart"]], "colour": "red"}, "colour"),
+    ({"pages": [["Cart"]]}, "sessions"),
+])
+def test_malformed_requests_get_422(server, body, where):
+    got = server.post("/predict", json=body)
+    assert got.status_code == 422
+    detail = got.json()["detail"]
+    assert any(".".join(str(x) for x in d["loc"][1:]) == where and d["msg"] for d in detail), detail
+
+
+def test_oversize_requests_get_413(server):
+    too_many_sessions = server.post("/predict", json={"sessions": [["Cart"]] * 41, "n_samples": 0})
+    assert too_many_sessions.status_code == 413 and "at most 40" in too_many_sessions.json()["detail"]
+    too_many_pages = server.post("/predict", json={"sessions": [["Cart", "Purchase"] * 101] * 2, "n_samples": 0})
+    assert too_many_pages.status_code == 413 and "at most 400" in too_many_pages.json()["detail"]
+    too_long = server.post("/predict", json={"sessions": [["Cart"] * 200], "n_samples": 0})
+    assert too_long.status_code == 422 and "context" in too_long.json()["detail"]
+    huge = server.post("/predict", content=b'{"sessions": [["' + b"x" * 50_000 + b'"]]}',
+                       headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "40000 bytes" in huge.json()["detail"]
+    assert server.get("/health").status_code == 200  # still serving
+
+
+def test_concurrent_requests_are_batched(server, taobao_prepared):
+    histories = pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"].to_list()[:12]
+    bodies = [{"sessions": h, **OPTIONS, "strategy": "sample" if i % 3 == 0 else "greedy"} for i, h in enumerate(histories)]
+    alone = [server.post("/predict", json=b).json() for b in bodies]
+    before = server.get("/health").json()
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda b: server.post("/predict", json=b), bodies))
+    after = server.get("/health").json()
+    assert all(r.status_code == 200 for r in together)
+    assert after["requests"] - before["requests"] == 12 and after["batches"] - before["batches"] < 12
+    for a, b in zip(alone, (r.json() for r in together)):
+        top_a, top_b = a.pop("top_pages"), b.pop("top_pages")
+        assert [p["page"] for p in top_a] == [p["page"] for p in top_b]
+        np.testing.assert_allclose([p["probability"] for p in top_a], [p["probability"] for p in top_b], rtol=1e-4)
+        assert a.pop("cluster_probability") == pytest.approx(b.pop("cluster_probability"))
+        assert a == b
+
+
+def test_serve_command_reports_a_bad_model_folder(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "no page tokenizer found" in result.output and "Traceback" not in result.output
