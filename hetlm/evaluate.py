@@ -124,7 +124,7 @@ def score(pages: list[list[str]], test: pl.DataFrame, vocabulary: set[str], clus
             "per_user_iou": result.per_user["IoU"].to_list()}
 
 
-def outcome_table(test: pl.DataFrame, first_page_logprobs: np.ndarray, tokenizer) -> pl.DataFrame:
+def first_page_outcomes(test: pl.DataFrame, first_page_logprobs: np.ndarray, tokenizer) -> pl.DataFrame:
     """Each test user's outcome probabilities beside the observed outcomes: columns user, p_cart,
     p_purchase, cart, purchase (test-frame order). The probability is P(first page of the next session
     = Cart / Purchase); NaN where the vocabulary lacks the page."""
@@ -142,7 +142,7 @@ def _ranking_and_auc(logprobs: np.ndarray, test: pl.DataFrame, tokenizer) -> dic
     first = np.array([tokenizer.convert_tokens_to_ids(t[0]) for t in test["target"].to_list()])
     known = first >= len(SPECIALS)  # unknown first pages cannot be ranked
     out = M.ranking_metrics(logprobs[known], first[known]) if known.any() else {}
-    outcomes = outcome_table(test, logprobs, tokenizer)
+    outcomes = first_page_outcomes(test, logprobs, tokenizer)
     for col, page in OUTCOME_PAGES.items():
         prob = outcomes[f"p_{col}"].to_numpy()
         out[f"AUC-{page}(first page)"] = math.nan if np.isnan(prob).all() else M.outcome_auc(prob, test[col].to_numpy())

@@ -33,9 +33,23 @@ from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
 from .cluster.kmeans import fit_kmeans_clusterwise
 from .encoders import encoder_from_settings
-from .evaluate import GenerationSettings, outcome_table, predict, save_generations, score
+from .evaluate import (
+    GenerationSettings,
+    first_page_outcomes,
+    predict,
+    save_generations,
+    score,
+)
 from .ingest import SOURCES
-from .models import FAMILIES, PRESETS, build_model, count_parameters, init_from, scale_preset
+from .models import (
+    FAMILIES,
+    PRESETS,
+    build_model,
+    count_parameters,
+    init_from,
+    scale_preset,
+)
+from .outcomes import outcome_calibration, outcome_table
 from .prepare import PrepareConfig, prepare
 from .tokenizer import load_tokenizer, page_vocabulary
 from .train import TrainConfig, train_lm
@@ -111,6 +125,9 @@ class ExperimentConfig(BaseModel):
     generation: GenerationSettings = GenerationSettings()
     baselines: list[str] = list(BASELINES)
     bert_score: bool = True
+    # P(Cart)/P(Purchase) in the next session: Monte Carlo over this many sampled sessions per user
+    # (hetlm.outcomes); 0 = the probability that the session's first page is Cart/Purchase (no sampling).
+    outcome_samples: int = Field(16, ge=0)
     seed: int = 0
 
     @field_validator("source")
@@ -280,8 +297,13 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                 _save_clusters(artefact_path(out, "clusters", name), train, model.route(z["train"]), test,
                                pred.clusters)
             save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
-            outcome_table(test, pred.first_page_logprobs, tokenizer).write_parquet(
-                _parent_made(artefact_path(out, "outcomes", name)))
+            if config.outcome_samples:
+                outcomes = outcome_table(model, tokenizer, test, zt, n_samples=config.outcome_samples,
+                                         seed=config.seed, max_new_tokens=config.generation.max_new_tokens)
+            else:
+                outcomes = first_page_outcomes(test, pred.first_page_logprobs, tokenizer)
+            outcomes.write_parquet(_parent_made(artefact_path(out, "outcomes", name)))
+            results[name]["outcomes"] = _outcome_summary(outcomes)
 
     with clock("baselines"):
         histories_in = train["history"].to_list() + val["history"].to_list()
@@ -300,7 +322,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             r["composite_vs_" + _slug(reference)] = M.composite_score(r["combined"], results[reference]["combined"])
 
     run = {
-        "name": config.name, "reference": reference, "data": summary, "results": results,
+        "name": config.name, "reference": reference, "outcome_samples": config.outcome_samples, "data": summary,
+        "results": results,
         "seconds": clock.seconds, "histories": histories,
         "environment": {"python": platform.python_version(), "versions": _versions(), "cpu_count": os.cpu_count(),
                         "platform": platform.platform(), "git": _git_revision()},
@@ -309,7 +332,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     }
     (out / "results.json").write_text(json.dumps(run, indent=1, default=_json_default))
     (out / "tables.md").write_text(tables_markdown(run))
-    from .report import write_report  # imported here: the report module imports this one (and matplotlib)
+    from .report import (
+        write_report,  # imported here: the report module imports this one (and matplotlib)
+    )
 
     report = write_report(out)
     console.print(M.format_table({n: r["combined"] | r.get("extra", {}) for n, r in results.items()},
@@ -358,6 +383,17 @@ def _save_clusters(path: Path, train: pl.DataFrame, train_clusters: np.ndarray, 
     pl.concat(frames).write_parquet(_parent_made(path))
 
 
+def _outcome_summary(outcomes: pl.DataFrame) -> dict[str, float]:
+    """AUC and Brier score (beside that of always predicting the observed rate) of each outcome."""
+    summary = {}
+    for name, cal in outcome_calibration(outcomes).items():
+        prob = outcomes[f"p_{name}"].to_numpy()
+        known = ~np.isnan(prob)
+        summary |= {f"AUC-{name}": M.outcome_auc(prob[known], outcomes[name].to_numpy()[known]) if known.any()
+                    else float("nan"), f"Brier-{name}": cal.brier, f"Brier-{name} (base rate)": cal.brier_base_rate}
+    return summary
+
+
 def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     """The paper's Tables 2-6 and 17 (and two beyond it) from a finished run: title -> rows (model -> metrics)."""
     results, ref = run["results"], run["reference"]
@@ -378,6 +414,9 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
     ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
                for n, r in results.items() if r.get("kind") != "baseline"}
+    outcome_estimator = (f"Monte Carlo, {run['outcome_samples']} sampled sessions per user" if run.get("outcome_samples")
+                         else "P(first page = Cart / Purchase)")
+    outcomes = {n: r["outcomes"] for n, r in results.items() if "outcomes" in r}
     timing = {n: {"params (M)": r["params"] / 1e6, "inference s (test set)": r["inference_seconds"]}
               for n, r in results.items() if "inference_seconds" in r}
     return {
@@ -387,6 +426,7 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
         "Table 5: variance of page generation across users (lower is better)": rows(M.VARIANCES),
         "Table 6: BLEU and BERTScore": bleu_bert,
         "Beyond the paper: ranking of the first next page, outcome AUC": ranking,
+        f"Beyond the paper: P(Cart) and P(Purchase) in the next session ({outcome_estimator})": outcomes,
         "Table 17: inference time of the whole test set": timing,
         "Stage wall times (s)": {"seconds": run["seconds"]},
     }

@@ -321,22 +321,30 @@ def purchase_precision_recall(run: RunFolder) -> Figure:
     return fig
 
 
+def _estimator(run: RunFolder) -> str:
+    n = run.results.get("outcome_samples")
+    return (f"the share of {n} sampled next sessions per user that hold a purchase (Monte Carlo)" if n
+            else "P(first page of the next session = Purchase)")
+
+
 def purchase_calibration(run: RunFolder) -> Figure:
     outcomes = _outcomes(run)
+    # A first-page probability sits orders of magnitude below the purchase rate: only log axes show it.
+    log_axes = not run.results.get("outcome_samples")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     lowest = 1.0
     for i, (name, df) in enumerate(outcomes.items()):
         truth, prob = df["purchase"].to_numpy(), df["p_purchase"].to_numpy()
         observed, predicted = calibration_curve(truth, prob, n_bins=10, strategy="quantile")
-        shown = (observed > 0) & (predicted > 0)   # a log axis has no 0
+        shown = (observed > 0) & (predicted > 0) if log_axes else np.ones(len(observed), bool)  # log axes have no 0
         ax.plot(predicted[shown], observed[shown], "o-", color=_colour(i), ms=4, lw=1.2,
                 label=f"{name} (mean p {prob.mean():.3f}, rate {truth.mean():.3f})")
         lowest = min([lowest, *predicted[shown], *observed[shown]])
-    # Probabilities can be orders of magnitude apart (a first-page probability vs the purchase rate).
-    lowest = 10 ** math.floor(math.log10(lowest))
+    lowest = 10 ** math.floor(math.log10(lowest)) if log_axes else 0.0
     ax.plot([lowest, 1], [lowest, 1], color="0.4", ls=":", label="perfectly calibrated")
-    ax.set(xscale="log", yscale="log", xlim=(lowest, 1), ylim=(lowest, 1),
+    scale = "log" if log_axes else "linear"
+    ax.set(xscale=scale, yscale=scale, xlim=(lowest, 1), ylim=(lowest, 1),
            xlabel="mean predicted P(purchase) in the bin", ylabel="share of users who purchased")
     ax.legend(loc="lower right")
     return fig
@@ -383,16 +391,17 @@ FIGURES = [
                            "as routed.",
                embedding_projection),
     FigureSpec("purchase_precision_recall", "Purchase prediction: precision-recall",
-               lambda run: f"Precision-recall curve of each LM's purchase probability (outcomes/*.parquet: P(first "
-                           f"page of the next session = Purchase) unless a better estimator wrote the files) against "
-                           f"whether the actual next session of the {_n_test(run)} test users holds a purchase. "
-                           f"AP: average precision.",
+               lambda run: f"Precision-recall curve of each LM's purchase probability (outcomes/*.parquet: "
+                           f"{_estimator(run)}) against whether the actual next session of the {_n_test(run)} test "
+                           f"users holds a purchase. AP: average precision.",
                purchase_precision_recall),
     FigureSpec("purchase_calibration", "Purchase prediction: calibration",
-               lambda run: "Reliability curve on log-log axes: test users binned by predicted P(purchase) (10 bins "
-                           "of equal size); x: mean prediction in the bin, y: share of the bin who purchased (bins "
-                           "where nobody did are not drawn). Points above the diagonal: the model under-estimates. A "
-                           "first-page probability is bound to: it misses purchases later in the session.",
+               lambda run: f"Reliability curve of {_estimator(run)}: test users binned by predicted P(purchase) "
+                           f"(10 bins of equal size); x: mean prediction in the bin, y: share of the bin who "
+                           f"purchased. Points above the diagonal: the model under-estimates. "
+                           + ("Log-log axes (bins where nobody purchased are not drawn): a first-page probability "
+                              "misses purchases later in the session, so it sits far below the rate."
+                              if not run.results.get("outcome_samples") else ""),
                purchase_calibration),
 ]
 
