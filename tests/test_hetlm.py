@@ -7,11 +7,12 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from hetlm.cluster.base import ClusterwiseLM
-from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, actor_loss
+from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, actor_loss, nll_matrix
 from hetlm.cluster.kmeans import kmeans_labels
 from hetlm.cluster.selector import Selector
 from hetlm.models import Preset, build_model
-from hetlm.train import TrainConfig, train_lm
+from hetlm.tokenizer import load_tokenizer
+from hetlm.train import SequenceDataset, TrainConfig, length_bucketed_batches, train_lm
 
 from .synthetic import planted_samples
 
@@ -85,7 +86,7 @@ def test_selector_fit_save_load(tmp_path):
 
 
 def test_critic_warmup_specialises_each_predictor_on_its_kmeans_cluster(planted):
-    df, groups, z, base = planted
+    df, _, z, base = planted
     cfg = HeTLMConfig(n_clusters=3, epochs=0, critic_warmup_epochs=2, batch_size=16, predictor_lr=3e-3,
                       selector_pretrain_epochs=100, device="cpu")
     model = HeTLM(cfg).fit(base, df, z, progress=False)
@@ -96,3 +97,51 @@ def test_critic_warmup_specialises_each_predictor_on_its_kmeans_cluster(planted)
         own = df.filter(pl.Series(labels == k))
         # Trained only on its own cluster, each predictor now models that cluster better than the base LM.
         assert sequence_nll(lm, own).mean() < sequence_nll(base, own).mean()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_batched_nll_matrix_equals_sequential_passes(taobao_prepared, family):
+    prepared = taobao_prepared[0]
+    dataset = SequenceDataset.from_samples(pl.read_parquet(prepared / "train.parquet"))
+    vocab = len(load_tokenizer(prepared / "tokenizer"))
+    models = {}
+    for k in (0, 2, 3):  # cluster 1 retired: its column stays 0
+        torch.manual_seed(k)
+        models[k] = build_model(MICRO, vocab, family).train()  # training mode: dropout must be off while scoring
+    batch = max(length_bucketed_batches(dataset.lengths, 32, 50, np.random.default_rng(0)),
+                key=lambda b: dataset.lengths[b].max())  # the widest batch: several row chunks
+    sequential = nll_matrix(models, dataset, batch, 4, batched=False)
+    batched = nll_matrix(models, dataset, batch, 4, batched=True)
+    torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=0)
+    assert (batched[:, 1] == 0).all() and (batched[:, [0, 2, 3]] > 1).all()
+    assert len({round(float(batched[0, k]), 3) for k in (0, 2, 3)}) == 3  # three different models
+    assert all(m.training for m in models.values())
+
+
+def test_fit_with_batched_nll_equals_sequential(planted):
+    df, _, z, base = planted
+    histories = {}
+    for nll_pass in ("batched", "sequential"):
+        cfg = HeTLMConfig(n_clusters=4, epochs=1, batch_size=16, selector_lr=1e-2, predictor_lr=3e-3,
+                          selector_pretrain_epochs=50, nll_pass=nll_pass, device="cpu")
+        histories[nll_pass] = HeTLM(cfg).fit(base, df, z, df, z, progress=False).info["history"]
+    batched, sequential = histories["batched"], histories["sequential"]
+    assert len(batched["steps"]) == len(sequential["steps"]) == 8
+    for a, b in zip(batched["steps"], sequential["steps"]):
+        assert a["critic"].keys() == b["critic"].keys()
+        assert [a["LA"], a["L1"], *a["critic"].values()] == pytest.approx([b["LA"], b["L1"], *b["critic"].values()], abs=1e-5)
+    assert batched["val"][-1]["combined_nll"] == pytest.approx(sequential["val"][-1]["combined_nll"], abs=1e-5)
+
+
+def test_actor_rows_estimate_l1_from_a_subset():
+    torch.manual_seed(0)
+    pi = torch.softmax(torch.randn(8, 3), 1)
+    nll = torch.rand(8, 3)
+    z = torch.randn(8, 4)
+    rows = torch.tensor([1, 5, 6])
+    _, full = actor_loss(pi, nll, z, 1.0, 1.0)
+    _, part = actor_loss(pi, nll[rows], z, 1.0, 1.0, rows=rows)
+    assert part["L1"] == pytest.approx((pi[rows] * nll[rows]).sum(1).mean().item())
+    assert part["L2"] == full["L2"] and part["L3"] == full["L3"]  # L2 and L3 still see the whole batch
+    with pytest.raises(ValueError, match="actor_rows"):
+        HeTLMConfig(actor_rows=0)

@@ -16,14 +16,31 @@
 
 l_ik is the mean NLL per token of sample i's whole sequence (history + next session), the same loss the
 critic minimises, so the selector sends a user to the predictor that models that user best.
+
+Speed: L1 needs every predictor on every batch sample, K no-grad forwards per step, about 2.3 single-LM
+training steps for K=6 on a CPU (bench/bench_hetlm_epoch.py): an exact epoch costs ~3x a single-LM one.
+`nll_pass="batched"` runs the K predictors as one forward vmapped over their stacked weights (torch.func),
+same numbers; on a shared 2-core CPU it gave no consistent speed-up (the work is compute-bound and CPU
+attention has no vmap rule), so the default stays "sequential". `actor_rows` (off by default) is the
+approximation that is faster: L1 on a random subset of each batch's rows (1.2-1.4x a single-LM epoch
+with 8 of 32 rows).
+
+Resume: with `out_dir`, `fit` writes out_dir/checkpoint/ (atomically) every `save_every` batches and at
+each epoch end; `fit(..., resume=True)` continues from it to the same result as an uninterrupted run:
+    state.json          progress (epoch, position in the epoch's batch order, step), tau, k-means labels, history
+    selector/           the actor (safetensors; its mask holds the retired clusters)
+    cluster_<k>/        each active predictor (save_pretrained, safetensors)
+    trainer_state.pt    AdamW states of the predictors and the actor, RNG states (tensors and plain types)
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,15 +49,21 @@ import numpy as np
 import polars as pl
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_model
+from torch.func import functional_call, stack_module_state
 from transformers import PreTrainedModel
 
 from ..train import (
-    SequenceDataset, TrainConfig, _autocast, length_bucketed_batches, make_optimizer, pad_sequences,
-    resolve_device, sorted_batches, token_nll,
+    SequenceDataset, TrainConfig, _autocast, _rng_state, _set_rng_state, length_bucketed_batches, make_optimizer,
+    pad_sequences, resolve_device, save_model, sorted_batches, token_nll, write_dir_atomically,
 )
 from .base import ClusterwiseLM, centroids_of
 from .kmeans import kmeans_labels
 from .selector import Selector
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT, STATE_FILE, TRAINER_STATE = "checkpoint", "state.json", "trainer_state.pt"
 
 
 @dataclass
@@ -67,15 +90,29 @@ class HeTLMConfig:
     l3: Literal["paper", "scaled"] = "scaled"
     l3_tau: float | None = None        # scaled L3 temperature; None = mean pairwise L1 distance of the k-means centroids
     eval_every: int = 50               # steps between validation points (paper Figure 3)
+    # How L1's NLL matrix is computed: one pass per predictor, or one vmapped pass of all (same numbers;
+    # no consistent gain on a CPU; may help on an accelerator, where K small launches cost more than the work).
+    nll_pass: Literal["batched", "sequential"] = "sequential"
+    # Not exact (None = Algorithm 1): L1 from the NLL matrix of this many random rows of each batch, an
+    # unbiased estimate of it at actor_rows / batch_size of the cost; L2 and L3 still use the whole batch.
+    actor_rows: int | None = None
+    save_every: int = 500              # batches between resumable checkpoints when fit has an out_dir
     max_len: int = 512
     bf16: bool = False
     seed: int = 0
     device: str = "auto"
 
+    def __post_init__(self):
+        if self.nll_pass not in ("batched", "sequential"):
+            raise ValueError(f"nll_pass must be 'batched' or 'sequential', not {self.nll_pass!r}")
+        if self.actor_rows is not None and self.actor_rows < 1:
+            raise ValueError(f"actor_rows must be a positive number of rows or None, not {self.actor_rows}")
+
 
 @dataclass
 class HeTLMHistory:
-    """Everything plotted in the report: losses per step, validation per eval, cluster sizes per epoch."""
+    """Everything plotted in the report: losses per step, validation per eval, cluster sizes per epoch.
+    Plain JSON types (cluster ids as string keys), so a resumed history equals an uninterrupted one."""
 
     steps: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
@@ -84,11 +121,13 @@ class HeTLMHistory:
 
 
 def actor_loss(pi: torch.Tensor, nll: torch.Tensor, z: torch.Tensor, alpha: float, beta: float,
-               l3: str = "scaled", tau: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_A = L1 + alpha L2 + beta L3 over the active clusters (columns of pi with any mass)."""
+               l3: str = "scaled", tau: float = 1.0, rows: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_A = L1 + alpha L2 + beta L3 over the active clusters (columns of pi with any mass).
+    nll holds the NLL of every row of pi, or only of `rows` (then L1 is their mean)."""
     active = pi.sum(0) > 0
     p, l = pi[:, active], nll[:, active]
-    l1 = (p * l).sum(1).mean()
+    l1 = ((p if rows is None else p[rows]) * l).sum(1).mean()
     l2 = -(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()
     e = (p.T @ z) / p.sum(0).clamp_min(1e-12)[:, None]
     dist = torch.cdist(e, e, p=1)
@@ -104,20 +143,64 @@ def actor_loss(pi: torch.Tensor, nll: torch.Tensor, z: torch.Tensor, alpha: floa
     return loss, {"L1": l1.item(), "L2": l2.item(), "L3": l3_value.item(), "LA": loss.item()}
 
 
+def stacked_token_nll(models: list[PreTrainedModel], ids: torch.Tensor, mask: torch.Tensor,
+                      max_tokens: int = 2**14) -> torch.Tensor:
+    """token_nll of each of `models` (same architecture), shape (K, batch, len - 1), from one forward vmapped
+    over their stacked weights. Rows go in chunks so that the K x rows x len logits stay near max_tokens."""
+    params, buffers = stack_module_state(models)  # a copy: the models train on between calls
+    skeleton = models[0]
+
+    def one_model(p, b, ids, mask):
+        return token_nll(lambda **inputs: functional_call(skeleton, (p, b), (), inputs), ids, mask)
+
+    batched = torch.vmap(one_model, in_dims=(0, 0, None, None))
+    rows = max(1, max_tokens // (len(models) * ids.shape[1]))
+    with warnings.catch_warnings():  # CPU flash attention has no vmap rule: it loops over the models, correctly
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return torch.cat([batched(params, buffers, i, m) for i, m in zip(ids.split(rows), mask.split(rows))], dim=1)
+
+
 @torch.no_grad()
 def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx: list[int], n_clusters: int,
-               bf16: bool = False) -> torch.Tensor:
-    """(len(idx), K) mean token NLL of each sample under each active predictor (0 for retired ones)."""
+               bf16: bool = False, batched: bool = False) -> torch.Tensor:
+    """(len(idx), K) mean token NLL of each sample under each active predictor (0 for retired ones);
+    batched: all predictors in one vmapped pass, else one pass each."""
     ids, mask = pad_sequences([dataset[i] for i in idx])
+    lms = list(models.values())
+    device = lms[0].device
+    ids, mask = ids.to(device), mask.to(device)
+    modes = [m.training for m in lms]
+    for m in lms:
+        m.eval()
+    with _autocast(device, bf16):
+        if batched and len(lms) > 1:
+            nll = stacked_token_nll(lms, ids, mask)
+        else:
+            nll = torch.stack([token_nll(m, ids, mask) for m in lms])
+    for m, mode in zip(lms, modes):
+        m.train(mode)
     out = torch.zeros(len(idx), n_clusters)
-    for k, model in models.items():
-        was_training = model.training
-        model.eval()
-        with _autocast(model.device, bf16):
-            nll = token_nll(model, ids.to(model.device), mask.to(model.device)).float().cpu()
-        model.train(was_training)
-        out[:, k] = nll.sum(1) / mask[:, 1:].sum(1).clamp_min(1)
+    out[:, list(models)] = (nll.float().sum(2) / mask[:, 1:].sum(1).clamp_min(1)).T.cpu()
     return out
+
+
+@dataclass
+class _Run:
+    """Everything Algorithm 1 updates; `state` is plain data (state.json of a checkpoint)."""
+
+    selector: Selector
+    models: dict[int, PreTrainedModel]
+    optimizers: dict[int, torch.optim.Optimizer]
+    actor_opt: torch.optim.Optimizer
+    state: dict
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """out_dir/checkpoint, or the `.old` twin a crash between the two renames leaves; a `.tmp` is never complete."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (Path(out_dir) / name / STATE_FILE).exists():
+            return Path(out_dir) / name
+    return None
 
 
 class HeTLM:
@@ -133,123 +216,202 @@ class HeTLM:
 
     def fit(self, base_model: PreTrainedModel, train: pl.DataFrame, z_train: np.ndarray,
             val: pl.DataFrame | None = None, z_val: np.ndarray | None = None, encoder: dict | None = None,
-            progress: bool = True, out_dir: str | Path | None = None) -> ClusterwiseLM:
+            progress: bool = True, out_dir: str | Path | None = None, resume: bool = False) -> ClusterwiseLM:
+        """Algorithm 1. With out_dir, checkpoints go to out_dir/checkpoint; resume=True continues from the
+        latest one (or starts afresh when there is none)."""
         c = self.config
-        torch.manual_seed(c.seed)
         device = resolve_device(c.device)
         train_set = SequenceDataset.from_samples(train, c.max_len)
         val_set = SequenceDataset.from_samples(val, c.max_len) if val is not None and val.height else None
         z = torch.as_tensor(z_train, dtype=torch.float32)
         zv = torch.as_tensor(z_val, dtype=torch.float32) if val_set is not None else None
+        out_dir = Path(out_dir) if out_dir is not None else None
+        checkpoint = latest_checkpoint(out_dir) if resume and out_dir is not None else None
+        run = self._resume(checkpoint, base_model, device) if checkpoint else self._start(base_model, z_train, device)
+        s = run.state
+        self.tau, self.pretrain_agreement = s["tau"], s["pretrain_agreement"]
+        kmeans_assigned = torch.as_tensor(s["kmeans_labels"])
 
-        # Steps 1-2: k-means on z, selector pre-trained to reproduce its labels.
-        labels, km_centroids = kmeans_labels(z_train, c.n_clusters, c.seed)
-        selector = Selector(c.n_clusters, hidden=c.selector_hidden, lr=c.selector_pretrain_lr,
-                            weight_decay=c.selector_weight_decay, epochs=c.selector_pretrain_epochs,
-                            label_smoothing=c.selector_label_smoothing, seed=c.seed).fit(z_train, labels)
-        self.pretrain_agreement = float((selector.predict(z_train) == labels).mean())
-        tau = c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean())
-        self.tau = tau
-
-        # Step 3: every predictor starts from the pre-trained small LM.
-        models = {k: copy.deepcopy(base_model).to(device).train() for k in range(c.n_clusters)}
-        critic_cfg = self._critic_config()
-        optimizers = {k: make_optimizer(m, critic_cfg) for k, m in models.items()}
-        net = selector.net
-        net.train()
-        actor_opt = torch.optim.AdamW(net.parameters(), lr=c.selector_lr, weight_decay=c.selector_weight_decay)
-        self._record_sizes(selector, z_train, epoch=0)
-
-        rng = np.random.default_rng(c.seed)
-        kmeans_assigned = torch.as_tensor(labels)
-        for _ in range(c.critic_warmup_epochs):
-            for batch in length_bucketed_batches(train_set.lengths, c.batch_size, 50, rng):
-                self._critic_step(models, optimizers, train_set, batch, kmeans_assigned[batch], device)
         n_batches = math.ceil(len(train_set) / c.batch_size)
-        step, started = 0, time.perf_counter()
+        total_epochs = c.critic_warmup_epochs + c.epochs
+        started = time.perf_counter() - s["seconds"]
         bar = Progress(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), disable=not progress)
         with bar:
-            task = bar.add_task("hetlm", total=c.epochs * n_batches, info="")
-            for epoch in range(c.epochs):
-                for batch in length_bucketed_batches(train_set.lengths, c.batch_size, 50, rng):
-                    pi = net(z[batch])
-                    assigned = pi.argmax(1).detach()
-                    critic = self._critic_step(models, optimizers, train_set, batch, assigned, device)
-                    nll = nll_matrix(models, train_set, batch, c.n_clusters, c.bf16)
-                    loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, tau)
-                    actor_opt.zero_grad()
-                    loss.backward()
-                    actor_opt.step()
-                    step += 1
-                    self.history.steps.append({"step": step, "epoch": epoch, **parts, "critic": critic})
-                    if val_set is not None and step % c.eval_every == 0:
-                        self._validate(net, models, val_set, zv, step, tau)
-                    bar.update(task, advance=1, info=f"LA {parts['LA']:.3f} K={len(models)}")
-                if val_set is not None:
-                    self._validate(net, models, val_set, zv, step, tau)
-                self._retire_empty(selector, models, optimizers, z_train, epoch + 1)
-        net.eval()
+            task = bar.add_task("hetlm", total=total_epochs * n_batches, info="",
+                                completed=s["epoch"] * n_batches + s["position"])
+            while s["epoch"] < total_epochs:
+                warmup = s["epoch"] < c.critic_warmup_epochs
+                epoch = s["epoch"] - c.critic_warmup_epochs  # actor-critic epoch
+                # One seeded order per epoch, so a resumed run sees the same batches.
+                batches = length_bucketed_batches(train_set.lengths, c.batch_size, 50,
+                                                  np.random.default_rng([c.seed, s["epoch"]]))
+                for batch in batches[s["position"]:]:
+                    if warmup:  # each predictor on its k-means cluster
+                        self._critic_step(run, train_set, batch, kmeans_assigned[batch], device)
+                    else:
+                        parts = self._actor_critic_step(run, train_set, z, batch, device)
+                        s["step"] += 1
+                        self.history.steps.append({"step": s["step"], "epoch": epoch, **parts})
+                        if val_set is not None and s["step"] % c.eval_every == 0:
+                            self._validate(run, val_set, zv)
+                    s["position"] += 1
+                    if out_dir is not None and s["position"] < len(batches) and \
+                            (s["epoch"] * n_batches + s["position"]) % c.save_every == 0:
+                        self._save(run, out_dir / CHECKPOINT, started)
+                    status = "warm-up" if warmup else f"LA {parts['LA']:.3f} K={len(run.models)}"
+                    bar.update(task, advance=1, info=status)
+                if not warmup:
+                    if val_set is not None:
+                        self._validate(run, val_set, zv)
+                    self._retire_empty(run, z_train, epoch + 1)
+                s["epoch"], s["position"] = s["epoch"] + 1, 0
+                if out_dir is not None:
+                    self._save(run, out_dir / CHECKPOINT, started)
+
+        selector, models = run.selector, run.models
+        selector.net.eval()
         for m in models.values():
             m.eval()
         final = selector.predict(z_train)
         sizes = {k: int((final == k).sum()) for k in models}
-        info = {"config": asdict(c), "tau": tau, "selector_pretrain_agreement": self.pretrain_agreement,
+        info = {"config": asdict(c), "tau": self.tau, "selector_pretrain_agreement": self.pretrain_agreement,
                 "initial_k": c.n_clusters, "final_k": len(models), "seconds": time.perf_counter() - started,
                 "history": asdict(self.history)}
         self.result_ = ClusterwiseLM("hetlm", models, centroids_of(z_train, final, c.n_clusters), selector=selector,
                                      routing="selector", encoder=encoder or {}, sizes=sizes, info=info)
         if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / "hetlm_history.json").write_text(json.dumps(asdict(self.history)))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "hetlm_history.json").write_text(json.dumps(asdict(self.history)))
         return self.result_
 
-    def _critic_step(self, models, optimizers, dataset, batch, assigned, device) -> dict[int, float]:
+    # ------------------------------------------------------------ set-up and checkpoints
+
+    def _optimizers(self, selector: Selector, models: dict[int, PreTrainedModel], state: dict) -> _Run:
+        c = self.config
+        critic_cfg = self._critic_config()
+        selector.net.train()
+        actor_opt = torch.optim.AdamW(selector.net.parameters(), lr=c.selector_lr, weight_decay=c.selector_weight_decay)
+        return _Run(selector, models, {k: make_optimizer(m, critic_cfg) for k, m in models.items()}, actor_opt, state)
+
+    def _start(self, base_model: PreTrainedModel, z_train: np.ndarray, device: torch.device) -> _Run:
+        """Steps 1-3: k-means on z, the selector pre-trained on its labels, predictors copied from the base LM."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        labels, km_centroids = kmeans_labels(z_train, c.n_clusters, c.seed)
+        selector = Selector(c.n_clusters, hidden=c.selector_hidden, lr=c.selector_pretrain_lr,
+                            weight_decay=c.selector_weight_decay, epochs=c.selector_pretrain_epochs,
+                            label_smoothing=c.selector_label_smoothing, seed=c.seed).fit(z_train, labels)
+        state = {"epoch": 0, "position": 0, "step": 0, "seconds": 0.0,
+                 "tau": c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean()),
+                 "pretrain_agreement": float((selector.predict(z_train) == labels).mean()),
+                 "kmeans_labels": labels.tolist(), "config": asdict(c)}
+        models = {k: copy.deepcopy(base_model).to(device).train() for k in range(c.n_clusters)}
+        self.history = HeTLMHistory()
+        self._record_sizes(selector, z_train, epoch=0)
+        return self._optimizers(selector, models, state)
+
+    def _save(self, run: _Run, path: Path, started: float) -> None:
+        run.state["seconds"] = time.perf_counter() - started
+        state = {**run.state, "active": sorted(run.models), "history": asdict(self.history)}
+        trainer_state = {"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()},
+                         "actor": run.actor_opt.state_dict(), "rng": _rng_state()}
+
+        def write(tmp: Path) -> None:
+            run.selector.save_pretrained(tmp / "selector")
+            for k, model in run.models.items():
+                save_model(model, tmp / f"cluster_{k}")
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+        write_dir_atomically(path, write)
+
+    def _resume(self, path: Path, base_model: PreTrainedModel, device: torch.device) -> _Run:
+        """The run saved in `path`: safetensors for the weights; the .pt holds only tensors and plain types."""
+        state = json.loads((path / STATE_FILE).read_text())
+        if state["config"] != json.loads(json.dumps(asdict(self.config))):
+            log.warning("resuming %s with a different HeTLMConfig than it was started with", path)
+        selector = Selector.from_pretrained(path / "selector")
+        models = {}
+        for k in state.pop("active"):
+            models[k] = copy.deepcopy(base_model).to(device).train()
+            load_model(models[k], path / f"cluster_{k}" / "model.safetensors", device=str(device))
+        self.history = HeTLMHistory(**state.pop("history"))
+        run = self._optimizers(selector, models, state)
+        saved = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        for k, opt in run.optimizers.items():
+            opt.load_state_dict(saved["critic"][k])
+        run.actor_opt.load_state_dict(saved["actor"])
+        _set_rng_state(saved["rng"])  # last: loading the selector re-seeds torch
+        log.info("resumed %s at step %d (epoch %d)", path, state["step"], state["epoch"])
+        return run
+
+    # ------------------------------------------------------------ one batch
+
+    def _actor_critic_step(self, run: _Run, dataset: SequenceDataset, z: torch.Tensor, batch: list[int],
+                           device: torch.device) -> dict:
+        c = self.config
+        pi = run.selector.net(z[batch])
+        critic = self._critic_step(run, dataset, batch, pi.argmax(1).detach(), device)
+        rows = None if c.actor_rows is None or c.actor_rows >= len(batch) else torch.randperm(len(batch))[:c.actor_rows]
+        scored = batch if rows is None else [batch[i] for i in rows.tolist()]
+        nll = nll_matrix(run.models, dataset, scored, c.n_clusters, c.bf16, c.nll_pass == "batched")
+        loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows)
+        run.actor_opt.zero_grad()
+        loss.backward()
+        run.actor_opt.step()
+        return {**parts, "critic": critic}
+
+    def _critic_step(self, run: _Run, dataset: SequenceDataset, batch: list[int], assigned: torch.Tensor,
+                     device: torch.device) -> dict[str, float]:
         """One NLL step of each predictor on the batch samples assigned to it."""
         losses = {}
         for k in assigned.unique().tolist():
             idx = [batch[i] for i in torch.nonzero(assigned == k).flatten().tolist()]
             ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in idx]))
+            model, optimizer = run.models[k], run.optimizers[k]
             with _autocast(device, self.config.bf16):
-                loss = token_nll(models[k], ids, mask).sum() / mask[:, 1:].sum()
-            optimizers[k].zero_grad(set_to_none=True)
+                loss = token_nll(model, ids, mask).sum() / mask[:, 1:].sum()
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(models[k].parameters(), 1.0)
-            optimizers[k].step()
-            losses[k] = loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses[str(k)] = loss.item()
         return losses
 
+    # ------------------------------------------------------------ per evaluation, per epoch
+
     @torch.no_grad()
-    def _validate(self, net, models, val_set, zv, step, tau) -> None:
+    def _validate(self, run: _Run, val_set: SequenceDataset, zv: torch.Tensor) -> None:
         """Selector loss L_A and each predictor's NLL on the validation users routed to it."""
+        c, net = self.config, run.selector.net
         net.eval()
         pi = net(zv)
         nll = torch.zeros(len(val_set), pi.shape[1])
         for batch in sorted_batches(val_set.lengths, 64):  # length-sorted: little padding
-            nll[batch] = nll_matrix(models, val_set, batch, pi.shape[1], self.config.bf16)
-        _, parts = actor_loss(pi, nll, zv, self.config.alpha, self.config.beta, self.config.l3, tau)
+            nll[batch] = nll_matrix(run.models, val_set, batch, pi.shape[1], c.bf16, c.nll_pass == "batched")
+        _, parts = actor_loss(pi, nll, zv, c.alpha, c.beta, c.l3, self.tau)
         routed = pi.argmax(1)
-        per_cluster = {int(k): float(nll[routed == k, k].mean()) for k in models if (routed == k).any()}
+        per_cluster = {str(k): float(nll[routed == k, k].mean()) for k in run.models if (routed == k).any()}
         combined = float(nll[torch.arange(len(routed)), routed].mean())
-        self.history.val.append({"step": step, **{f"selector_{k}": v for k, v in parts.items()},
+        self.history.val.append({"step": run.state["step"], **{f"selector_{k}": v for k, v in parts.items()},
                                  "predictor": per_cluster, "combined_nll": combined})
         net.train()
 
-    def _record_sizes(self, selector, z_train, epoch) -> np.ndarray:
+    def _record_sizes(self, selector: Selector, z_train: np.ndarray, epoch: int) -> np.ndarray:
         assigned = selector.predict(z_train)
         self.history.cluster_sizes.append(
-            {"epoch": epoch, "sizes": {int(k): int((assigned == k).sum()) for k in selector.active_clusters}}
+            {"epoch": epoch, "sizes": {str(k): int((assigned == k).sum()) for k in selector.active_clusters}}
         )
         return assigned
 
-    def _retire_empty(self, selector, models, optimizers, z_train, epoch) -> None:
+    def _retire_empty(self, run: _Run, z_train: np.ndarray, epoch: int) -> None:
         """Endogenous K: a cluster no training sample is assigned to is retired with its predictor."""
-        selector.net.eval()
-        assigned = self._record_sizes(selector, z_train, epoch)
-        selector.net.train()
-        empty = [k for k in selector.active_clusters if not (assigned == k).any()]
-        if empty and len(empty) < len(models):
-            selector.retire(empty)
+        run.selector.net.eval()
+        assigned = self._record_sizes(run.selector, z_train, epoch)
+        run.selector.net.train()
+        empty = [k for k in run.selector.active_clusters if not (assigned == k).any()]
+        if empty and len(empty) < len(run.models):
+            run.selector.retire(empty)
             for k in empty:
-                del models[k], optimizers[k]
+                del run.models[k], run.optimizers[k]
             self.history.retired.append({"epoch": epoch, "clusters": empty})
