@@ -138,8 +138,8 @@ def owned_clusters(n_clusters: int, info: DistInfo) -> list[int]:
     return [k for k in range(n_clusters) if k % info.world_size == info.rank]
 
 
-def _collective(tensor: torch.Tensor, reduce: bool) -> torch.Tensor:
-    """A copy of `tensor` summed (reduce) or broadcast from rank 0 over the ranks, on the device the
+def _collective(tensor: torch.Tensor, reduce: bool, src: int = 0) -> torch.Tensor:
+    """A copy of `tensor` summed (reduce) or broadcast from rank `src` over the ranks, on the device the
     backend needs (nccl: this GPU); returned on the tensor's own device."""
     if not (dist.is_available() and dist.is_initialized()):
         return tensor.clone()
@@ -148,7 +148,7 @@ def _collective(tensor: torch.Tensor, reduce: bool) -> torch.Tensor:
     if reduce:
         dist.all_reduce(buffer)
     else:
-        dist.broadcast(buffer, src=0)
+        dist.broadcast(buffer, src=src)
     return buffer.to(tensor.device)
 
 
@@ -169,10 +169,11 @@ def gather_columns(matrix: torch.Tensor, columns: Sequence[int]) -> torch.Tensor
 
 
 @torch.no_grad()
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Make every rank's parameters and buffers rank 0's (e.g. HeTLM's selector, once or now and then)."""
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers those of rank `src` (e.g. HeTLM's selector from rank 0,
+    or each predictor from the rank that trained it)."""
     for tensor in module.state_dict().values():
-        tensor.copy_(_collective(tensor, reduce=False))
+        tensor.copy_(_collective(tensor, reduce=False, src=src))
 
 
 def _barrier() -> None:

@@ -99,6 +99,15 @@ def test_train_generate_evaluate_chain(small_log, tmp_path):
     assert metrics["Val-P"] == 1.0 or math.isnan(metrics["Val-P"])
 
 
+def _untimed(value):
+    """`value` without wall-clock readings (inference_seconds, tokens_per_s), which no seed fixes."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in ("inference_seconds", "tokens_per_s")}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
 @pytest.mark.slow
 def test_experiment_runner_writes_tables(small_log, tmp_path):
     config = {
@@ -109,13 +118,20 @@ def test_experiment_runner_writes_tables(small_log, tmp_path):
         "hetlm": {"runs": [[5.0, 9.0]], "config": {"n_clusters": 3, "epochs": 1, "batch_size": 64,
                                                     "selector_pretrain_epochs": 20, "eval_every": 5}},
         "generation": {"max_new_tokens": 6},
-        "bert_score": False,
+        "bert_score": False, "outcome_samples": 2,
     }
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(config))
-    result = runner.invoke(app, ["experiment", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    run = json.loads((tmp_path / "run" / "results.json").read_text())
+    runs = []
+    for out in ("run", "again"):  # the same config and seed twice: the same metrics
+        result = runner.invoke(app, ["experiment", str(cfg), "--out", str(tmp_path / out), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        runs.append(json.loads((tmp_path / out / "results.json").read_text()))
+    run, again = runs
+    for part in ("results", "histories"):  # compared as JSON text: NaN (an empty generation's Val-P) != NaN
+        assert json.dumps(_untimed(run[part]), sort_keys=True) == json.dumps(_untimed(again[part]), sort_keys=True)
+    assert run["data_fingerprint"] == again["data_fingerprint"] and run["environment"]["git"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["outcome_samples"] == 2
     names = list(run["results"])
     assert any("HeTLM" in n for n in names) and any("k-means" in n for n in names)
     assert any(n.startswith("larger single") for n in names) and "baseline: markov" in names

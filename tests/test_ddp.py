@@ -99,3 +99,57 @@ def _helpers_on_two_ranks(rank: int, init_file: str) -> None:
 def test_distributed_helpers_on_two_ranks(tmp_path):
     # Forked, not spawned: the ranks inherit the imported modules instead of importing transformers again.
     mp.start_processes(_helpers_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2, start_method="fork")
+
+
+HETLM_FIT = """
+import json, sys
+import numpy as np, polars as pl, torch
+from hetlm.cluster.hetlm import HeTLM, HeTLMConfig
+from hetlm.models import build_model
+from hetlm.tokenizer import load_tokenizer
+from hetlm.train import dist_info
+
+data, out = sys.argv[1], sys.argv[2]
+train, val = (pl.read_parquet(f"{data}/{split}.parquet").head(96) for split in ("train", "val"))
+vocab = len(load_tokenizer(f"{data}/tokenizer"))
+projection = np.random.default_rng(0).normal(size=(vocab, 16))
+
+def embed(samples):  # the user's pages, randomly projected: a cheap, fixed encoder for this test
+    z = np.stack([projection[np.asarray(ids)].mean(0) for ids in samples["input_ids"].to_list()])
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+torch.manual_seed(0)
+base = build_model("tiny", vocab)
+config = HeTLMConfig(n_clusters=3, epochs=2, batch_size=16, selector_pretrain_epochs=20, eval_every=4, seed=1)
+result = HeTLM(config).fit(base, train, embed(train), val, embed(val), progress=False)
+info = result.info
+weights = {k: float(sum(p.double().sum() for p in m.parameters())) for k, m in result.models.items()}
+json.dump({"history": info["history"], "sizes": result.sizes, "weights": weights,
+           "selector": float(sum(p.double().sum() for p in result.selector.net.parameters()))},
+          open(f"{out}.rank{dist_info().rank}.json", "w"))
+"""
+
+
+def test_hetlm_on_two_processes_fits_like_one(sliced, tmp_path):
+    """Predictors spread over two gloo ranks (cluster k on rank k % 2), the selector kept in step: the same
+    run as one process. Each NLL column is computed by the same weights on the same batch and the
+    all-reduce only adds zeros to it, so the numbers agree to float noise."""
+    script = tmp_path / "fit.py"
+    script.write_text(HETLM_FIT)
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"])):
+        run = subprocess.run([*launcher, str(script), str(sliced), str(tmp_path / name)], env=one_thread_env(),
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+    one, two, two_rank1 = (json.loads((tmp_path / f).read_text())
+                           for f in ("one.rank0.json", "two.rank0.json", "two.rank1.json"))
+    steps = {name: [s["LA"] for s in run["history"]["steps"]] for name, run in (("one", one), ("two", two))}
+    assert len(steps["one"]) == 12 and steps["two"] == pytest.approx(steps["one"], rel=1e-5)
+    # every predictor's critic loss reaches rank 0's history, whichever rank trained it
+    assert [sorted(s["critic"]) for s in two["history"]["steps"]] == [sorted(s["critic"]) for s in one["history"]["steps"]]
+    assert two["history"]["cluster_sizes"] == one["history"]["cluster_sizes"] and two["sizes"] == one["sizes"]
+    assert [v["combined_nll"] for v in two["history"]["val"]] == pytest.approx(
+        [v["combined_nll"] for v in one["history"]["val"]], rel=1e-5)
+    assert two["weights"] == pytest.approx(one["weights"], rel=1e-5) and two_rank1["weights"] == two["weights"]
+    assert two_rank1["selector"] == two["selector"] == pytest.approx(one["selector"], rel=1e-6)

@@ -48,14 +48,36 @@ from typing import Literal
 import numpy as np
 import polars as pl
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from safetensors.torch import load_model
 from torch.func import functional_call, stack_module_state
 from transformers import PreTrainedModel
 
 from ..train import (
-    SequenceDataset, TrainConfig, _autocast, _rng_state, _set_rng_state, length_bucketed_batches, make_optimizer,
-    pad_sequences, resolve_device, save_model, sorted_batches, token_nll, write_dir_atomically,
+    SequenceDataset,
+    TrainConfig,
+    _autocast,
+    _gather_objects,
+    _rng_state,
+    _set_rng_state,
+    broadcast_module,
+    gather_columns,
+    init_distributed,
+    length_bucketed_batches,
+    make_optimizer,
+    owned_clusters,
+    pad_sequences,
+    resolve_device,
+    save_model,
+    sorted_batches,
+    token_nll,
+    write_dir_atomically,
 )
 from .base import ClusterwiseLM, centroids_of
 from .kmeans import kmeans_labels
@@ -165,6 +187,9 @@ def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx
                bf16: bool = False, batched: bool = False) -> torch.Tensor:
     """(len(idx), K) mean token NLL of each sample under each active predictor (0 for retired ones);
     batched: all predictors in one vmapped pass, else one pass each."""
+    out = torch.zeros(len(idx), n_clusters)
+    if not models:  # a rank whose predictors were all retired still joins the gather
+        return gather_columns(out, [])
     ids, mask = pad_sequences([dataset[i] for i in idx])
     lms = list(models.values())
     device = lms[0].device
@@ -179,9 +204,8 @@ def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx
             nll = torch.stack([token_nll(m, ids, mask) for m in lms])
     for m, mode in zip(lms, modes):
         m.train(mode)
-    out = torch.zeros(len(idx), n_clusters)
     out[:, list(models)] = (nll.float().sum(2) / mask[:, 1:].sum(1).clamp_min(1)).T.cpu()
-    return out
+    return gather_columns(out, list(models))  # over several processes: every rank's columns
 
 
 @dataclass
@@ -220,6 +244,7 @@ class HeTLM:
         """Algorithm 1. With out_dir, checkpoints go to out_dir/checkpoint; resume=True continues from the
         latest one (or starts afresh when there is none)."""
         c = self.config
+        self.dist = init_distributed()  # under torchrun: this rank trains the predictors it owns
         device = resolve_device(c.device)
         train_set = SequenceDataset.from_samples(train, c.max_len)
         val_set = SequenceDataset.from_samples(val, c.max_len) if val is not None and val.height else None
@@ -227,6 +252,11 @@ class HeTLM:
         zv = torch.as_tensor(z_val, dtype=torch.float32) if val_set is not None else None
         out_dir = Path(out_dir) if out_dir is not None else None
         checkpoint = latest_checkpoint(out_dir) if resume and out_dir is not None else None
+        saving = out_dir is not None and self.dist.world_size == 1
+        if out_dir is not None and not saving:
+            log.warning("HeTLM checkpoints are written by single-process runs only; %d processes run without them",
+                        self.dist.world_size)
+            checkpoint = None
         run = self._resume(checkpoint, base_model, device) if checkpoint else self._start(base_model, z_train, device)
         s = run.state
         self.tau, self.pretrain_agreement = s["tau"], s["pretrain_agreement"]
@@ -247,29 +277,30 @@ class HeTLM:
                 batches = length_bucketed_batches(train_set.lengths, c.batch_size, 50,
                                                   np.random.default_rng([c.seed, s["epoch"]]))
                 for batch in batches[s["position"]:]:
+                    key = (s["epoch"], s["position"])
                     if warmup:  # each predictor on its k-means cluster
-                        self._critic_step(run, train_set, batch, kmeans_assigned[batch], device)
+                        self._critic_step(run, train_set, batch, kmeans_assigned[batch], device, key)
                     else:
-                        parts = self._actor_critic_step(run, train_set, z, batch, device)
+                        parts = self._actor_critic_step(run, train_set, z, batch, device, key)
                         s["step"] += 1
                         self.history.steps.append({"step": s["step"], "epoch": epoch, **parts})
                         if val_set is not None and s["step"] % c.eval_every == 0:
                             self._validate(run, val_set, zv)
                     s["position"] += 1
-                    if out_dir is not None and s["position"] < len(batches) and \
+                    if saving and s["position"] < len(batches) and \
                             (s["epoch"] * n_batches + s["position"]) % c.save_every == 0:
                         self._save(run, out_dir / CHECKPOINT, started)
-                    status = "warm-up" if warmup else f"LA {parts['LA']:.3f} K={len(run.models)}"
+                    status = "warm-up" if warmup else f"LA {parts['LA']:.3f} K={len(run.selector.active_clusters)}"
                     bar.update(task, advance=1, info=status)
                 if not warmup:
                     if val_set is not None:
                         self._validate(run, val_set, zv)
                     self._retire_empty(run, z_train, epoch + 1)
                 s["epoch"], s["position"] = s["epoch"] + 1, 0
-                if out_dir is not None:
+                if saving:
                     self._save(run, out_dir / CHECKPOINT, started)
 
-        selector, models = run.selector, run.models
+        selector, models = run.selector, self._collect_predictors(run, base_model, device)
         selector.net.eval()
         for m in models.values():
             m.eval()
@@ -280,10 +311,20 @@ class HeTLM:
                 "history": asdict(self.history)}
         self.result_ = ClusterwiseLM("hetlm", models, centroids_of(z_train, final, c.n_clusters), selector=selector,
                                      routing="selector", encoder=encoder or {}, sizes=sizes, info=info)
-        if out_dir is not None:
+        if out_dir is not None and self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "hetlm_history.json").write_text(json.dumps(asdict(self.history)))
         return self.result_
+
+    def _collect_predictors(self, run: _Run, base_model: PreTrainedModel, device) -> dict[int, PreTrainedModel]:
+        """Every active predictor on every rank, each from the rank that trained it (a no-op in one process)."""
+        if self.dist.world_size == 1:
+            return run.models
+        models = {}
+        for k in run.selector.active_clusters:
+            models[k] = run.models.get(k) or copy.deepcopy(base_model).to(device)
+            broadcast_module(models[k], src=k % self.dist.world_size)
+        return models
 
     # ------------------------------------------------------------ set-up and checkpoints
 
@@ -306,7 +347,8 @@ class HeTLM:
                  "tau": c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean()),
                  "pretrain_agreement": float((selector.predict(z_train) == labels).mean()),
                  "kmeans_labels": labels.tolist(), "config": asdict(c)}
-        models = {k: copy.deepcopy(base_model).to(device).train() for k in range(c.n_clusters)}
+        broadcast_module(selector.net)  # same seed, same fit on every rank; this makes sure
+        models = {k: copy.deepcopy(base_model).to(device).train() for k in owned_clusters(c.n_clusters, self.dist)}
         self.history = HeTLMHistory()
         self._record_sizes(selector, z_train, epoch=0)
         return self._optimizers(selector, models, state)
@@ -347,12 +389,21 @@ class HeTLM:
 
     # ------------------------------------------------------------ one batch
 
+    def _seed(self, key: tuple[int, int], stream: int) -> None:
+        """Dropout and row draws seeded by (epoch, batch, stream), stream 0 the selector and k + 1 predictor k:
+        the same numbers whichever process runs which predictor."""
+        torch.manual_seed(int(np.random.SeedSequence([self.config.seed, *key, stream]).generate_state(1)[0]))
+
     def _actor_critic_step(self, run: _Run, dataset: SequenceDataset, z: torch.Tensor, batch: list[int],
-                           device: torch.device) -> dict:
+                           device: torch.device, key: tuple[int, int]) -> dict:
         c = self.config
+        self._seed(key, 0)
         pi = run.selector.net(z[batch])
-        critic = self._critic_step(run, dataset, batch, pi.argmax(1).detach(), device)
         rows = None if c.actor_rows is None or c.actor_rows >= len(batch) else torch.randperm(len(batch))[:c.actor_rows]
+        critic = self._critic_step(run, dataset, batch, pi.argmax(1).detach(), device, key)
+        if self.dist.world_size > 1:  # every predictor's loss in the history, whichever rank trained it
+            critic = dict(sorted(((k, v) for part in _gather_objects(critic) for k, v in part.items()),
+                                 key=lambda kv: int(kv[0])))
         scored = batch if rows is None else [batch[i] for i in rows.tolist()]
         nll = nll_matrix(run.models, dataset, scored, c.n_clusters, c.bf16, c.nll_pass == "batched")
         loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows)
@@ -362,10 +413,13 @@ class HeTLM:
         return {**parts, "critic": critic}
 
     def _critic_step(self, run: _Run, dataset: SequenceDataset, batch: list[int], assigned: torch.Tensor,
-                     device: torch.device) -> dict[str, float]:
-        """One NLL step of each predictor on the batch samples assigned to it."""
+                     device: torch.device, key: tuple[int, int]) -> dict[str, float]:
+        """One NLL step of each (of this rank's) predictors on the batch samples assigned to it."""
         losses = {}
         for k in assigned.unique().tolist():
+            if k not in run.models:  # another rank's predictor
+                continue
+            self._seed(key, k + 1)
             idx = [batch[i] for i in torch.nonzero(assigned == k).flatten().tolist()]
             ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in idx]))
             model, optimizer = run.models[k], run.optimizers[k]
@@ -391,7 +445,8 @@ class HeTLM:
             nll[batch] = nll_matrix(run.models, val_set, batch, pi.shape[1], c.bf16, c.nll_pass == "batched")
         _, parts = actor_loss(pi, nll, zv, c.alpha, c.beta, c.l3, self.tau)
         routed = pi.argmax(1)
-        per_cluster = {str(k): float(nll[routed == k, k].mean()) for k in run.models if (routed == k).any()}
+        per_cluster = {str(k): float(nll[routed == k, k].mean()) for k in run.selector.active_clusters
+                       if (routed == k).any()}
         combined = float(nll[torch.arange(len(routed)), routed].mean())
         self.history.val.append({"step": run.state["step"], **{f"selector_{k}": v for k, v in parts.items()},
                                  "predictor": per_cluster, "combined_nll": combined})
@@ -410,8 +465,8 @@ class HeTLM:
         assigned = self._record_sizes(run.selector, z_train, epoch)
         run.selector.net.train()
         empty = [k for k in run.selector.active_clusters if not (assigned == k).any()]
-        if empty and len(empty) < len(run.models):
+        if empty and len(empty) < len(run.selector.active_clusters):
             run.selector.retire(empty)
-            for k in empty:
+            for k in set(empty) & set(run.models):
                 del run.models[k], run.optimizers[k]
             self.history.retired.append({"epoch": epoch, "clusters": empty})
