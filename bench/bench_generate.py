@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=None, help="test users to decode (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--train-steps", type=int, default=200, help="a model that writes sessions, not only [EOS]")
     args = parser.parse_args()
 
     import polars as pl
