@@ -1,16 +1,17 @@
 """`hetlm prepare` on a log larger than memory, and the peak memory of a partitioned prepare.
 
-Writes a Taobao UserBehavior CSV of --events events (default 50M) to --workdir, in chunks of users so
+Writes a Taobao UserBehavior CSV of --events events (default 20M) to --workdir, in chunks of users so
 that writing it needs little memory: pages and behaviours are drawn from the shipped sample's
 frequencies, events per user from its users, gaps so that about as many events start a session as in
 the sample. The file is generated (the issue asks for a 50M-event log; no real log that size is here)
-and deterministic (--seed). Then, each in a child process whose peak RSS is read back:
+and deterministic (--seed). Then, each in a child process whose peak RSS is read back, with
+partitions = events / --events-per-partition each time (memory should then not grow with the log):
 
-1. a --compare-events slice of it prepared in memory (partitions=1) and partitioned: same samples,
-   the ratio of their peak memory and time;
-2. the whole log prepared with --partitions: peak RSS against the size of its events in memory.
+1. prefixes of it (--prefix-events, default 1M and 4M events) and the whole log, prepared partitioned:
+   peak RSS and events/s against the log size;
+2. the first prefix prepared in memory (partitions=1): the same samples, the ratio of memory and time.
 
-    .venv/bin/python bench/bench_scale.py [--events 50000000] [--partitions 16]
+    .venv/bin/python bench/bench_scale.py [--events 50000000] [--events-per-partition 1000000]
 
 Training targets are capped at each user's 3 most recent (--max-train-targets, as configs/quick.json):
 a sample holds its user's whole history, so all targets would make the output many times the log.
@@ -19,6 +20,7 @@ a sample holds its user's whole history, so all targets would make the output ma
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import subprocess
@@ -42,8 +44,9 @@ def sample_frequencies() -> dict:
                       schema_overrides={"category": pl.Utf8, "behavior": pl.Utf8, "ts": pl.Int64})
     raw = raw.sort("user", "ts")
     new_session = ((pl.col("user") != pl.col("user").shift(1)) | (pl.col("ts").diff() > 30 * 60)).fill_null(True)
-    categories = raw["category"].value_counts()
-    behaviors = raw["behavior"].value_counts()
+    # Sorted by value: value_counts' row order varies from run to run, and with it the drawn log.
+    categories = raw["category"].value_counts().sort("category")
+    behaviors = raw["behavior"].value_counts().sort("behavior")
     return {
         "categories": categories["category"].to_numpy(), "category_p": (categories["count"] / raw.height).to_numpy(),
         "behaviors": behaviors["behavior"].to_numpy(), "behavior_p": (behaviors["count"] / raw.height).to_numpy(),
@@ -85,8 +88,7 @@ def write_log(path: Path, n_events: int, seed: int) -> int:
 
 def head(path: Path, out: Path, n_lines: int) -> None:
     with open(path, "rb") as src, open(out, "wb") as dst:
-        for _, line in zip(range(n_lines), src):
-            dst.write(line)
+        dst.writelines(itertools.islice(src, n_lines))
 
 
 def run_prepare(log: Path, out: Path, partitions: int, max_train_targets: int) -> dict:
@@ -106,28 +108,34 @@ def child(log: str, out: str, partitions: str, max_train_targets: str) -> None:
 
     config = PrepareConfig(partitions=int(partitions), max_train_targets_per_user=int(max_train_targets))
     summary = prepare("taobao", log, out, config)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "samples": summary["samples"], "events": summary["events_read"]}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "samples": summary["samples"], "events": summary["events_read"],
+                      "stage_seconds": summary["seconds"]}))
 
 
-def events_in_memory_mb(log: Path, n_lines: int) -> float:
-    """Size of the first n_lines events as the Event table (user, session, ts, page) in memory."""
+def events_in_memory_mb(log: Path) -> float:
+    """Size of a log's events as the Event table (user, session, ts, page) in memory."""
     from hetlm.ingest import read_events
 
-    part = log.with_name("sizing.csv")
-    head(log, part, n_lines)
-    return read_events("taobao", part).events.estimated_size("mb")
+    return read_events("taobao", log).events.estimated_size("mb")
+
+
+def partitions_for(n_events: int, events_per_partition: int) -> int:
+    return max(2, round(n_events / events_per_partition))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000_000,
-                        help="events in the generated log (the issue's figure: 50000000, ~20 min here)")
+                        help="events in the generated log (the issue's figure: 50000000)")
     parser.add_argument("--max-train-targets", type=int, default=3,
                         help="each user's most recent training targets (all of them would make the samples, "
                              "each with its whole history, many times the log)")
-    parser.add_argument("--partitions", type=int, default=16)
-    parser.add_argument("--compare-events", type=int, default=3_000_000,
-                        help="slice prepared both in memory and partitioned")
+    parser.add_argument("--events-per-partition", type=int, default=1_000_000,
+                        help="partitions = events / this, for every log prepared partitioned, so peak memory "
+                             "should not grow with the log")
+    parser.add_argument("--prefix-events", type=int, nargs="*", default=[1_000_000, 4_000_000],
+                        help="prefixes of the log also prepared partitioned (peak memory against log size); "
+                             "the first is also prepared in memory (same samples, memory and time ratios)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hetlm-bench-scale"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the generated log and outputs")
@@ -144,29 +152,37 @@ def main() -> None:
     generate_s = time.perf_counter() - started
     log_mb = log.stat().st_size / 2**20
 
-    sliced = args.workdir / "slice.csv"
-    head(log, sliced, args.compare_events)
-    in_memory = run_prepare(sliced, args.workdir / "slice-in-memory", 1, args.max_train_targets)
-    partitioned = run_prepare(sliced, args.workdir / "slice-partitioned", args.partitions, args.max_train_targets)
+    logs = []
+    for n in args.prefix_events:
+        head(log, args.workdir / f"prefix-{n}.csv", n)
+        logs.append((f"prefix {n:,}", args.workdir / f"prefix-{n}.csv", n))
+    logs.append(("full log", log, n_events))
+    rows, runs = [], {}
+    for name, path, n in logs:
+        partitions = partitions_for(n, args.events_per_partition)
+        runs[name] = run = run_prepare(path, args.workdir / "out", partitions, args.max_train_targets)
+        rows.append({"run": f"{name}, partitioned", "events": run["events"], "partitions": partitions,
+                     "seconds": run["seconds"], "events_per_s": run["events"] / run["seconds"],
+                     "peak_rss_mb": run["peak_rss_mb"]})
+    first_name, first_log, _ = logs[0]
+    in_memory = run_prepare(first_log, args.workdir / "out", 1, args.max_train_targets)
+    partitioned = runs[first_name]
     if in_memory["samples"] != partitioned["samples"]:
         raise AssertionError(f"partitioned samples differ: {partitioned['samples']} vs {in_memory['samples']}")
-    full = run_prepare(log, args.workdir / "full-partitioned", args.partitions, args.max_train_targets)
-    events_mb = events_in_memory_mb(log, args.compare_events) * n_events / args.compare_events
+    rows.append({"run": f"{first_name}, in memory", "events": in_memory["events"], "partitions": 1,
+                 "seconds": in_memory["seconds"], "events_per_s": in_memory["events"] / in_memory["seconds"],
+                 "peak_rss_mb": in_memory["peak_rss_mb"]})
+    full = runs["full log"]
+    events_mb = events_in_memory_mb(first_log) * n_events / in_memory["events"]
 
-    rows = [
-        {"run": "slice, in memory", "events": in_memory["events"], "partitions": 1,
-         "seconds": in_memory["seconds"], "peak_rss_mb": in_memory["peak_rss_mb"]},
-        {"run": "slice, partitioned", "events": partitioned["events"], "partitions": args.partitions,
-         "seconds": partitioned["seconds"], "peak_rss_mb": partitioned["peak_rss_mb"]},
-        {"run": "full log, partitioned", "events": full["events"], "partitions": args.partitions,
-         "seconds": full["seconds"], "peak_rss_mb": full["peak_rss_mb"]},
-    ]
     record("bench_scale", vars(args) | {"workdir": str(args.workdir)}, rows, {
         "log_events": n_events, "log_csv_mb": round(log_mb), "log_events_in_memory_mb_est": round(events_mb),
         "generate_seconds": generate_s,
         "full_peak_rss_mb": full["peak_rss_mb"],
         "full_peak_rss_over_events_in_memory": full["peak_rss_mb"] / events_mb,
+        "peak_rss_full_over_smallest_prefix": full["peak_rss_mb"] / partitioned["peak_rss_mb"],
         "full_events_per_s": full["events"] / full["seconds"],
+        "full_stage_seconds": full["stage_seconds"],
         "slice_peak_rss_ratio_partitioned_over_in_memory": partitioned["peak_rss_mb"] / in_memory["peak_rss_mb"],
         "slice_time_ratio_partitioned_over_in_memory": partitioned["seconds"] / in_memory["seconds"],
         "slice_samples_equal": True,

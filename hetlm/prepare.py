@@ -5,23 +5,25 @@ Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizer
 Logs larger than memory: with `partitions=P` the log is read in chunks of lines, each chunk goes
 through the source's adapter and its events are hashed by user into P partition files. Every later
 step works on one partition at a time, and the few settings that depend on all users (the long-session
-cutoff, the time-split cutoffs, the vocabulary) are computed over all partitions first, so the samples
-are the same as with one partition (written partition after partition, so in another row order) while
-peak memory is about 1/P of the log.
+cutoff, the time-split cutoffs, the vocabulary) are computed over all partitions first, from counts
+that do not grow with the log, so the samples are the same as with one partition (written partition
+after partition, so in another row order) while peak memory is that of one partition or one chunk.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import polars as pl
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .ingest import read_events
@@ -32,19 +34,21 @@ from .sessions import (
     SplitSettings,
     assign_splits,
     build_samples,
-    clean_sessions,
-    length_cutoff,
+    group_sessions,
+    limit_sessions,
     session_ids,
     sessionize,
     split_within_sessions,
-    time_cutoffs,
+    time_split_quantiles,
 )
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
 SPLITS = ("train", "val", "test")
 # Sources a partitioned prepare can read in chunks of lines: header lines repeated in every chunk.
 HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0}
-CHUNK_BYTES = 64 << 20  # raw log read per chunk by a partitioned prepare
+CHUNK_BYTES = 16 << 20  # raw log read per chunk by a partitioned prepare
+HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
+ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
 
 
 class PrepareConfig(BaseModel):
@@ -220,7 +224,6 @@ def _line_blocks(f) -> Iterator[bytes]:
 
 def _parquet_chunks(path: Path, chunk: Path) -> Iterator[tuple[Path, int]]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows_before = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_BYTES // 64):  # ~64 bytes a row
@@ -229,31 +232,58 @@ def _parquet_chunks(path: Path, chunk: Path) -> Iterator[tuple[Path, int]]:
         rows_before += batch.num_rows
 
 
-def _sessions(events: pl.DataFrame, cfg: PrepareConfig, mode: str, report: CleaningReport,
-              long_percentile: float | None, long_cutoff: int | None = None) -> pl.DataFrame:
+def _grouped_sessions(events: pl.DataFrame, cfg: PrepareConfig, report: CleaningReport) -> pl.DataFrame:
+    """A partition's events -> sessions before the filters that depend on all users (see `_sessions`)."""
     null_pages = events["page"].is_null()
     report.add("empty page name", null_pages.sum())
-    sessions = clean_sessions(
-        sessionize(events.filter(~null_pages), cfg.gap_minutes, cfg.use_log_sessions), report,
-        collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
-        long_session_percentile=long_percentile, long_sessions=cfg.long_sessions,
-        min_sessions=1 if mode == "within-session" else cfg.min_sessions, long_session_cutoff=long_cutoff,
-    )
+    return group_sessions(sessionize(events.filter(~null_pages), cfg.gap_minutes, cfg.use_log_sessions), report,
+                          cfg.collapse_repeats, cfg.min_session_len)
+
+
+def _sessions(grouped: pl.DataFrame, cfg: PrepareConfig, mode: str, report: CleaningReport,
+              long_cutoff: int | None) -> pl.DataFrame:
+    sessions = limit_sessions(grouped, report, cfg.long_session_percentile, cfg.long_sessions,
+                              1 if mode == "within-session" else cfg.min_sessions, long_cutoff, cfg.min_session_len)
     return split_within_sessions(sessions) if mode == "within-session" else sessions
 
 
-def _long_session_cutoff(parts: _Partitions, cfg: PrepareConfig, mode: str) -> int | None:
-    """The long-session cutoff over all partitions (a first pass), or None to let one partition find it."""
-    if cfg.partitions == 1 or cfg.long_session_percentile is None:
-        return None
-    lengths = [
-        clean_sessions(sessionize(parts.get("events", p).drop_nulls("page"), cfg.gap_minutes, cfg.use_log_sessions),
-                       CleaningReport(), collapse_repeats=cfg.collapse_repeats,
-                       min_session_len=cfg.min_session_len, long_session_percentile=None, min_sessions=1)
-        ["pages"].list.len()
-        for p in parts.keys("events")
-    ]
-    return length_cutoff(pl.concat(lengths), cfg.long_session_percentile, cfg.min_session_len) if lengths else None
+_CANDIDATE = pl.col("session") >= 1  # a session that can be a target (assign_splits)
+
+
+class _Counts:
+    """How often each integer value was seen, added partition after partition: exact quantiles of many
+    values in the memory of their distinct values."""
+
+    def __init__(self):
+        self.table = pl.DataFrame(schema={"value": pl.Int64, "len": pl.Int64})
+
+    @property
+    def n(self) -> int:
+        return int(self.table["len"].sum())
+
+    def add(self, values: pl.Series) -> None:
+        counts = values.cast(pl.Int64).rename("value").value_counts(name="len").cast({"len": pl.Int64})
+        self.table = pl.concat([self.table, counts]).group_by("value").agg(pl.col("len").sum())
+
+    def quantile(self, q: float) -> tuple[int, int]:
+        """polars' quantile(q, "higher") of the values: (that value, its rank among the rows equal to it)."""
+        rank = min(self.n - 1, math.ceil(q * (self.n - 1)))  # the "higher" rank among n sorted values
+        before = self.table.sort("value").with_columns(before=pl.col("len").cum_sum() - pl.col("len"))
+        value, first = before.filter(pl.col("before") <= rank).select("value", "before").row(-1)
+        return value, rank - first
+
+
+def _time_cutoffs(parts: _Partitions, start_hours: _Counts, split: SplitSettings) -> tuple[int, int]:
+    """time_cutoffs over all partitions' candidate targets, holding the start times of one hour only:
+    the hour of each quantile from the counts per hour, then the start time of its rank in that hour."""
+    cutoffs = []
+    for q in time_split_quantiles(split):
+        hour, rank = start_hours.quantile(q)
+        in_hour = _CANDIDATE & (pl.col("start") // HOUR_MS == hour)
+        starts = pl.concat([parts.scan("sessions", p).filter(in_hour).select("start")
+                            for p in parts.keys("sessions")]).collect()["start"]
+        cutoffs.append(int(starts.sort()[rank]))
+    return cutoffs[0], cutoffs[1]
 
 
 def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareConfig, out: Path, clock: dict) -> dict:
@@ -262,12 +292,20 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
     mode = cfg.samples
     if mode == "auto":
         mode = "within-session" if ingested.anonymous else "next-session"
-    long_cutoff = _long_session_cutoff(parts, cfg, mode)
-    starts, longest = [], 0
+    lengths = _Counts()
     for p in parts.keys("events"):
-        sessions = _sessions(parts.get("events", p), cfg, mode, report, cfg.long_session_percentile, long_cutoff)
+        grouped = _grouped_sessions(parts.get("events", p), cfg, report)
+        parts.put("grouped", p, grouped)
+        lengths.add(grouped["pages"].list.len())
+    long_cutoff = None
+    if cfg.long_session_percentile is not None and lengths.n:
+        # length_cutoff over all partitions' sessions: the one of an in-memory prepare.
+        long_cutoff = max(lengths.quantile(cfg.long_session_percentile / 100)[0], cfg.min_session_len)
+    start_hours, longest = _Counts(), 0
+    for p in parts.keys("grouped"):
+        sessions = _sessions(parts.get("grouped", p), cfg, mode, report, long_cutoff)
         parts.put("sessions", p, sessions)
-        starts.append(sessions.filter(pl.col("session") >= 1)["start"])
+        start_hours.add(sessions.filter(_CANDIDATE)["start"] // HOUR_MS)
         longest = max(longest, int(sessions["pages"].list.len().max() or 0) + 2)
     clock["sessions"] = time.perf_counter()
 
@@ -277,17 +315,16 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
             f"max_len={cfg.max_len} leaves no room for history beside the longest kept session "
             f"({longest} tokens); raise max_len or lower long_session_percentile"
         )
-    candidate_starts = pl.concat(starts) if starts else pl.Series([], dtype=pl.Int64)
-    if candidate_starts.len() == 0:
+    if start_hours.n == 0:
         raise DataError("no user has two sessions after cleaning: nothing to predict")
     split = SplitSettings(cfg.split, cfg.test_fraction, cfg.val_fraction, cfg.test_targets,
                           cfg.max_train_targets_per_user, cfg.seed)
-    cutoffs = time_cutoffs(candidate_starts, split) if cfg.split == "time" else None
+    cutoffs = _time_cutoffs(parts, start_hours, split) if cfg.split == "time" else None
     page_counts = []
     for p in parts.keys("sessions"):
         targets, train_sessions = assign_splits(parts.get("sessions", p), split, cutoffs)
         parts.put("targets", p, targets)
-        page_counts.append(train_sessions.select(pl.col("pages").explode()).group_by("pages").len())
+        page_counts.append(_copied(train_sessions.select(pl.col("pages").explode()).group_by("pages").len()))
     counts = pl.concat(page_counts).group_by("pages").agg(pl.col("len").sum())
     # Most frequent first, so ids are stable and small ids are common pages.
     pages = counts.filter(pl.col("len") >= cfg.min_page_count).sort(["len", "pages"], descending=[True, False])
@@ -295,27 +332,57 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
     vocab = tokenizer.get_vocab()
 
     stats = []
-    for p in parts.keys("targets"):
-        sessions = parts.get("sessions", p)
-        samples = build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), parts.get("targets", p),
-                                history_budget)
-        has_history = pl.col("history").list.len() > 0
-        report.add("target with no history that fits max_len (sample dropped)",
-                   samples.height - samples.select(has_history.sum()).item())
-        samples = samples.filter(has_history)
-        parts.put("samples", p, samples)
-        stats.append(_partition_stats(sessions, samples, vocab))
+    with _SplitWriters(out) as writers:
+        for p in parts.keys("targets"):
+            sessions = parts.get("sessions", p)
+            samples = build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), parts.get("targets", p),
+                                    history_budget)
+            has_history = pl.col("history").list.len() > 0
+            report.add("target with no history that fits max_len (sample dropped)",
+                       samples.height - samples.select(has_history.sum()).item())
+            samples = samples.filter(has_history)
+            writers.write(samples)
+            stats.append(_partition_stats(sessions, samples, vocab))
     clock["samples"] = time.perf_counter()
-
-    samples = [parts.scan("samples", p) for p in parts.keys("samples")]
-    for name in SPLITS:
-        # Streamed, partition after partition (each sorted by target start): a global sort would need
-        # every sample in memory at once. With one partition this is build_samples' order.
-        (pl.concat(samples) if samples else pl.LazyFrame(schema={"split": pl.Utf8}))\
-            .filter(pl.col("split") == name).drop("split").sink_parquet(out / f"{name}.parquet")
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
     return _summary(cfg, mode, ingested, stats, tokenizer, report, clock)
+
+
+def _copied(df: pl.DataFrame) -> pl.DataFrame:
+    """df with its own string buffers. A polars string column taken from another (a group_by's keys)
+    views the source's buffers and keeps them all alive: kept per partition, memory would grow with the log."""
+    return pl.from_arrow(df.to_arrow(compat_level=pl.CompatLevel.oldest()))
+
+
+class _SplitWriters:
+    """train/val/test.parquet, appended partition after partition in row groups of ROW_GROUP_ROWS.
+
+    Each partition's samples go to disk as soon as they are built (sorted by target start within the
+    partition: a global sort would need every sample in memory at once; with one partition this is
+    build_samples' order), so memory holds one partition's samples, and training can stream the files
+    row group by row group.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.writers, self.schema = out, {}, None
+
+    def write(self, samples: pl.DataFrame) -> None:
+        self.schema = self.schema or samples.drop("split").head(0).to_arrow().schema
+        for (name,), rows in samples.partition_by("split", as_dict=True).items():
+            if name not in self.writers:
+                self.writers[name] = pq.ParquetWriter(self.out / f"{name}.parquet", self.schema, compression="zstd")
+            self.writers[name].write_table(rows.drop("split").to_arrow(), row_group_size=ROW_GROUP_ROWS)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        if exc[0] is None:  # a split no partition had: an empty file with the samples' columns
+            for name in set(SPLITS) - set(self.writers):
+                pq.write_table(self.schema.empty_table(), self.out / f"{name}.parquet")
 
 
 def _partition_stats(sessions: pl.DataFrame, samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any]:

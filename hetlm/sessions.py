@@ -92,6 +92,16 @@ def clean_sessions(
     `long_session_cutoff` replaces the percentile of this table's lengths (a partitioned prepare
     computes it once over all partitions, see `length_cutoff`).
     """
+    return limit_sessions(
+        group_sessions(events, report, collapse_repeats, min_session_len), report, long_session_percentile,
+        long_sessions, min_sessions, long_session_cutoff, min_session_len,
+    )
+
+
+def group_sessions(events: pl.DataFrame, report: CleaningReport, collapse_repeats: bool = True,
+                   min_session_len: int = 2) -> pl.DataFrame:
+    """The first filters of `clean_sessions`: sessionized events -> sessions (user, session, start, pages)
+    without immediate repeats and short sessions; their lengths give the long-session cutoff."""
     ev = events
     if collapse_repeats:
         same = [pl.col(c) == pl.col(c).shift(1) for c in ("user", "session", "page")]
@@ -101,11 +111,23 @@ def clean_sessions(
     sessions = ev.group_by("user", "session", maintain_order=True).agg(
         start=pl.col("start").first(), pages=pl.col("page")
     ).with_columns(n=pl.col("pages").list.len())
-
     short = pl.col("n") < min_session_len
     report.add(f"session shorter than {min_session_len} pages", sessions.filter(short)["n"].sum())
-    sessions = sessions.filter(~short)
+    return sessions.filter(~short).drop("n")
 
+
+def limit_sessions(
+    sessions: pl.DataFrame,
+    report: CleaningReport,
+    long_session_percentile: float | None = 99.0,
+    long_sessions: str = "truncate",
+    min_sessions: int = 2,
+    long_session_cutoff: int | None = None,
+    min_session_len: int = 2,
+) -> pl.DataFrame:
+    """The last filters of `clean_sessions` on `group_sessions`' table: long sessions, users with too
+    few sessions, then sessions renumbered 0..n-1."""
+    sessions = sessions.with_columns(n=pl.col("pages").list.len())
     if long_session_percentile is not None and sessions.height:
         cutoff = long_session_cutoff or length_cutoff(sessions["n"], long_session_percentile, min_session_len)
         report.long_session_cutoff = cutoff
@@ -167,10 +189,15 @@ class SplitSettings:
     seed: int = 0
 
 
+def time_split_quantiles(s: SplitSettings) -> tuple[float, float]:
+    """The quantiles of the candidate targets' start times that are the (test, val) cutoffs."""
+    return 1 - s.test_fraction, 1 - s.test_fraction - s.val_fraction
+
+
 def time_cutoffs(starts: pl.Series, s: SplitSettings) -> tuple[int, int]:
     """(test, val) cutoffs of the time split: quantiles of the candidate targets' start times."""
-    return (int(starts.quantile(1 - s.test_fraction, "higher")),
-            int(starts.quantile(1 - s.test_fraction - s.val_fraction, "higher")))
+    test, val = (int(starts.quantile(q, "higher")) for q in time_split_quantiles(s))
+    return test, val
 
 
 def assign_splits(sessions: pl.DataFrame, s: SplitSettings,
@@ -240,7 +267,7 @@ def build_samples(sessions: pl.DataFrame, targets: pl.DataFrame, history_budget:
     per_user = sess.group_by("user").agg(
         all_pages=pl.col("pages").sort_by("session"), all_ids=pl.col("ids").sort_by("session")
     )
-    past = lambda col: pl.col(col).list.slice(pl.col("k"), pl.col("session") - pl.col("k"))  # noqa: E731
+    past = lambda col: pl.col(col).list.slice(pl.col("k"), pl.col("session") - pl.col("k"))
     return (
         tgt.join(per_user, on="user")
         .select(

@@ -1,19 +1,23 @@
 """A partitioned prepare (logs larger than memory) gives exactly the samples of the in-memory one."""
 
 import json
+import math
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from hetlm import prepare as prepare_module
 from hetlm.ingest import IngestError
 from hetlm.prepare import SPLITS, PrepareConfig, prepare
+from hetlm.train import ParquetSequences
 
 from .conftest import SHIPPED
 
 RUN_SPECIFIC = ("config", "seconds", "events_per_second")
-DIGINETICA = dict(sep=";", user="user_id", session="session_id", page="item_id", page_prefix="item ",
-                  time="eventdate", order="timeframe")
+DIGINETICA = {"sep": ";", "user": "user_id", "session": "session_id", "page": "item_id", "page_prefix": "item ",
+              "time": "eventdate", "order": "timeframe"}
 
 
 @pytest.fixture
@@ -72,3 +76,39 @@ def test_partitions_refuse_what_cannot_be_chunked(shared_data, tmp_path):
     with pytest.raises(ValueError, match="time or order column"):
         prepare("generic", shared_data / "diginetica-sample" / "sample_train-item-views.csv", tmp_path,
                 PrepareConfig(partitions=2), **no_clock)
+
+
+def test_splits_written_in_bounded_row_groups(taobao_prepared, monkeypatch, tmp_path):
+    """Samples go to disk partition after partition in row groups a streaming trainer can read."""
+    in_memory, _ = taobao_prepared
+    monkeypatch.setattr(prepare_module, "ROW_GROUP_ROWS", 500)
+    prepare("taobao", SHIPPED, tmp_path, PrepareConfig(partitions=3))
+    assert_same_prepared(in_memory, tmp_path)
+    train = pq.ParquetFile(tmp_path / "train.parquet").metadata
+    sizes = [train.row_group(g).num_rows for g in range(train.num_row_groups)]
+    assert max(sizes) <= 500 and sum(sizes) > 2000 and len(sizes) >= sum(sizes) / 500
+    sequences = ParquetSequences(tmp_path / "train.parquet")
+    assert len(sequences) == sum(sizes)
+
+
+def test_split_no_partition_has_is_written_empty_with_columns(tmp_path):
+    summary = prepare("taobao", SHIPPED, tmp_path, PrepareConfig(partitions=2, val_fraction=0))
+    assert summary["samples"]["val"] == 0
+    val, train = (pl.read_parquet(tmp_path / f"{split}.parquet") for split in ("val", "train"))
+    assert val.height == 0 and val.schema == train.schema
+
+
+@pytest.mark.parametrize("high", [5, 10**12])  # few distinct values (session lengths), all distinct (times)
+def test_counts_quantile_is_polars_higher_quantile(high):
+    """Cutoffs from counts added partition after partition equal the quantile of all values at once."""
+    rng = np.random.default_rng(high)
+    for _ in range(50):
+        parts = [pl.Series(rng.integers(-high, high, rng.integers(1, 200))) for _ in range(rng.integers(1, 5))]
+        counts = prepare_module._Counts()
+        for part in parts:
+            counts.add(part)
+        values = pl.concat(parts).sort()
+        for q in (0.99, 1 - 0.1, 1 - 0.1 - 0.05, 0.5, 0.0, 1.0):
+            value, rank = counts.quantile(q)
+            assert value == values.quantile(q, "higher")
+            assert values.search_sorted(value, "left") + rank == min(values.len() - 1, math.ceil(q * (values.len() - 1)))
