@@ -1,3 +1,5 @@
+import gzip
+import itertools
 import os
 from pathlib import Path
 
@@ -29,3 +31,29 @@ def taobao_prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("taobao_prepared")
     summary = prepare("taobao", SHIPPED, out)
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """Every stage of `hetlm experiment` on the first 12,000 rows of the shipped Taobao sample, a few steps each
+    (the report tests read it; the CLI test runs its config.json again and must get the same metrics)."""
+    from hetlm.experiment import ExperimentConfig, run_experiment
+
+    root = tmp_path_factory.mktemp("report")
+    log = root / "log.csv"
+    with gzip.open(SHIPPED, "rt") as f:
+        log.write_text("".join(itertools.islice(f, 12_000)))
+    config = ExperimentConfig.model_validate({
+        "name": "report test", "path": str(log),
+        "prepare": {"max_train_targets_per_user": 1, "max_len": 128},
+        "pretrain": {"max_steps": 12, "batch_size": 32, "eval_every": 6, "max_len": 128},
+        "encoder": {"name": "pagebag", "cache_dir": str(root / "cache")},
+        "kmeans": {"n_clusters": 2, "finetune": {"max_steps": 4, "batch_size": 32, "eval_every": 2, "max_len": 128}},
+        "hetlm": {"config": {"n_clusters": 3, "epochs": 1, "batch_size": 16, "selector_pretrain_epochs": 20,
+                             "eval_every": 3, "max_len": 128}},
+        "larger": {"factor": 1.5},
+        "generation": {"max_new_tokens": 6},
+        "bert_score": False, "outcome_samples": 2,
+    })
+    run_experiment(config, root / "run", progress=False)
+    return root / "run"

@@ -1,9 +1,7 @@
 """The experiment report of a small real run: artefacts the run saves for it, the page rendered in headless
 Chromium (every figure loads, every table is there), `hetlm report`, and run folders lacking artefacts."""
 
-import gzip
 import html
-import itertools
 import json
 import os
 import re
@@ -16,36 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from hetlm.cli import app
-from hetlm.experiment import ExperimentConfig, artefact_path, paper_tables, run_experiment
+from hetlm.experiment import artefact_path, paper_tables
 from hetlm.report import FIGURES, write_report
-
-from .conftest import SHIPPED
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 LM_KINDS = ("single", "clusterwise")
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> Path:
-    """Every stage of `hetlm experiment` on the first 12,000 rows of the shipped Taobao sample, a few steps each."""
-    root = tmp_path_factory.mktemp("report")
-    log = root / "log.csv"
-    with gzip.open(SHIPPED, "rt") as f:
-        log.write_text("".join(itertools.islice(f, 12_000)))
-    config = ExperimentConfig.model_validate({
-        "name": "report test", "path": str(log),
-        "prepare": {"max_train_targets_per_user": 1, "max_len": 128},
-        "pretrain": {"max_steps": 12, "batch_size": 32, "eval_every": 6, "max_len": 128},
-        "encoder": {"name": "pagebag", "cache_dir": str(root / "cache")},
-        "kmeans": {"n_clusters": 2, "finetune": {"max_steps": 4, "batch_size": 32, "eval_every": 2, "max_len": 128}},
-        "hetlm": {"config": {"n_clusters": 3, "epochs": 1, "batch_size": 16, "selector_pretrain_epochs": 20,
-                             "eval_every": 3, "max_len": 128}},
-        "larger": {"factor": 1.5},
-        "generation": {"max_new_tokens": 6},
-        "bert_score": False, "outcome_samples": 2,
-    })
-    run_experiment(config, root / "run", progress=False)
-    return root / "run"
 
 
 def _copy(run: Path, dest: Path) -> Path:
