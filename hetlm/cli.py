@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,17 @@ def _root() -> None:
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}")
     raise typer.Exit(2)
+
+
+def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
+    """out/run.json: the resolved settings, versions, git revision and the prepared data's fingerprints."""
+    from .provenance import environment, sha256
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = {f"{s}.parquet": sha256(prepared / f"{s}.parquet") for s in ("train", "val")
+            if (prepared / f"{s}.parquet").exists()}
+    record = {"config": config, "data": str(prepared), "data_fingerprint": data, "environment": environment()}
+    (out / "run.json").write_text(json.dumps(record, indent=1))
 
 
 @app.command()
@@ -66,7 +78,8 @@ def prepare(
     from pydantic import ValidationError
 
     from .ingest import IngestError
-    from .prepare import PrepareConfig, prepare as run_prepare
+    from .prepare import PrepareConfig
+    from .prepare import prepare as run_prepare
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
                               sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
@@ -147,7 +160,8 @@ def train(
                                   f"--nproc_per_node={processes}", "-m", "hetlm.cli", *sys.argv[1:]])
     import torch
 
-    from .models import build_model, count_parameters, init_from as load_released
+    from .models import build_model, count_parameters
+    from .models import init_from as load_released
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, close_distributed, init_distributed, train_lm
 
@@ -167,6 +181,9 @@ def train(
         console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
     config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
                          bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
+    if main:
+        _write_run_record(out, {"preset": preset, "family": family, "init_from": init_from and str(init_from),
+                                "train": dataclasses.asdict(config)}, prepared)
     try:
         result = train_lm(model, train_samples, _load_split(prepared, "val"), config, out, resume=resume, stream=stream)
     except ValueError as err:
@@ -365,7 +382,8 @@ def serve(
     max_pages: int = typer.Option(20_000, help="requests with more pages get 413"),
 ) -> None:
     """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs."""
-    from .serve import Limits, serve as run_server
+    from .serve import Limits
+    from .serve import serve as run_server
 
     limits = Limits(max_body_bytes=max_body_bytes, max_sessions=max_sessions, max_pages=max_pages,
                     max_batch=max_batch, max_wait_ms=max_wait_ms)

@@ -12,11 +12,7 @@ Run folder:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +47,7 @@ from .models import (
 )
 from .outcomes import outcome_calibration, outcome_table
 from .prepare import PrepareConfig, prepare
+from .provenance import environment, sha256
 from .tokenizer import load_tokenizer, page_vocabulary
 from .train import TrainConfig, train_lm
 
@@ -143,37 +140,6 @@ class ExperimentConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> ExperimentConfig:
         return cls.model_validate_json(Path(path).read_text())
-
-
-def _git_revision() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ["hetlm", "torch", "transformers", "tokenizers", "polars", "pyarrow", "numpy", "scikit-learn",
-             "sentence-transformers", "sacrebleu"]
-    found = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
-def _sha256(path: str | Path) -> str:
-    """Fingerprint of a data file, so a result can be tied to the exact bytes it came from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Clock:
@@ -325,10 +291,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         "name": config.name, "reference": reference, "outcome_samples": config.outcome_samples, "data": summary,
         "results": results,
         "seconds": clock.seconds, "histories": histories,
-        "environment": {"python": platform.python_version(), "versions": _versions(), "cpu_count": os.cpu_count(),
-                        "platform": platform.platform(), "git": _git_revision()},
-        "data_fingerprint": {"input": _sha256(config.path)}
-        | {f"prepared/{s}.parquet": _sha256(out / "prepared" / f"{s}.parquet") for s in ("train", "val", "test")},
+        "environment": environment(),
+        "data_fingerprint": {"input": sha256(config.path)}
+        | {f"prepared/{s}.parquet": sha256(out / "prepared" / f"{s}.parquet") for s in ("train", "val", "test")},
     }
     (out / "results.json").write_text(json.dumps(run, indent=1, default=_json_default))
     (out / "tables.md").write_text(tables_markdown(run))
@@ -414,8 +379,8 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
     ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
                for n, r in results.items() if r.get("kind") != "baseline"}
-    outcome_estimator = (f"Monte Carlo, {run['outcome_samples']} sampled sessions per user" if run.get("outcome_samples")
-                         else "P(first page = Cart / Purchase)")
+    n_draws = run.get("outcome_samples")
+    outcome_estimator = f"Monte Carlo, {n_draws} sampled sessions per user" if n_draws else "P(first page = Cart / Purchase)"
     outcomes = {n: r["outcomes"] for n, r in results.items() if "outcomes" in r}
     timing = {n: {"params (M)": r["params"] / 1e6, "inference s (test set)": r["inference_seconds"]}
               for n, r in results.items() if "inference_seconds" in r}

@@ -8,6 +8,7 @@ import math
 
 import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from hetlm.cli import app
@@ -83,6 +84,11 @@ def test_train_generate_evaluate_chain(small_log, tmp_path):
     assert result.exit_code == 0, result.output
     history = json.loads((run / "history.json").read_text())
     assert len(history["train"]) == 15 and len(history["val"]) == 3
+    record = json.loads((run / "run.json").read_text())  # what produced the run
+    assert record["config"]["train"]["max_steps"] == 15 and record["config"]["preset"] == "tiny"
+    assert set(record["data_fingerprint"]) == {"train.parquet", "val.parquet"}
+    assert record["environment"]["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        record["environment"]["versions"]["torch"] == torch.__version__
     gen = tmp_path / "gen.parquet"
     result = runner.invoke(app, ["generate", str(run / "best"), str(prepared), "--out", str(gen),
                                  "--max-new-tokens", "8"])
