@@ -25,7 +25,8 @@ TARGETS = [
     ("bench_generate", "batched constrained decoder faster than one user at a time", "speedup_over_one_at_a_time", "min", 1.0),
     ("bench_generate", "page constraint costs nothing vs unconstrained batched generate", "speedup_over_batched_unconstrained", "min", 1.0),
     ("bench_prepare", "hetlm prepare faster than pandas", "speedup_hetlm_over_pandas", "min", 1.0),
-    ("bench_inference", "clusterwise / larger-LM inference time <= paper's 0.39", "inference_time_ratio_clusterwise_over_larger", "max", 0.39),
+    ("bench_inference", "clusterwise / larger-LM inference time <= paper's 0.39 (predict: routing, generation, scoring)", "inference_time_ratio_clusterwise_over_larger", "max", 0.39),
+    ("bench_inference", "the same, end to end (loading from disk and embedding test users included)", "end_to_end_ratio_clusterwise_over_larger", "max", 0.39),
     ("bench_scale", "partitioned prepare: samples equal to in memory", "slice_samples_equal", "min", True),
 ]
 

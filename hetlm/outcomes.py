@@ -22,6 +22,7 @@ Calibration (`calibration`): Brier score and reliability-curve data on samples w
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,13 +96,19 @@ def decode_sessions(model: PreTrainedModel, input_ids_list: list[list[int]], row
         for batch in sorted_batches(np.array([len(p) for p in prompts]), batch_size):
             ids, mask = (t.to(model.device) for t in pad_sequences([prompts[i] for i in batch], side="left"))
             sampler = LogitsProcessorList([RowSampler([rows[i] for i in batch])])
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=_shared_prompt_cache(model, ids),
-                                 generation_config=config, logits_processor=sampler)
+            cache = {_cache_kwarg(model): _shared_prompt_cache(model, ids)}
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 logits_processor=sampler, **cache)
             for i, row in zip(batch, out[:, ids.shape[1]:].tolist()):
                 sessions[i] = row[:row.index(EOS_ID)] if EOS_ID in row else row
             bar.advance(task, len(batch))
     model.train(was_training)
     return sessions
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns); keep both working.
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _shared_prompt_cache(model: PreTrainedModel, ids: torch.Tensor):
@@ -113,8 +120,9 @@ def _shared_prompt_cache(model: PreTrainedModel, ids: torch.Tensor):
     unique, row_of = torch.unique(ids, dim=0, return_inverse=True)  # left padding is part of the row
     unique_mask = (unique != PAD_ID).long()  # a prompt holds no [PAD]
     positions = (unique_mask.cumsum(1) - 1).clamp(min=0)
-    cache = model(input_ids=unique[:, :-1], attention_mask=unique_mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True, logits_to_keep=1).past_key_values
+    output = model(input_ids=unique[:, :-1], attention_mask=unique_mask[:, :-1], position_ids=positions[:, :-1],
+                   use_cache=True, logits_to_keep=1)
+    cache = output[_cache_kwarg(model)]
     cache.reorder_cache(row_of)
     return cache
 
