@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +17,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+
+# How a log is read and cut into sessions: options shared by `prepare` and `score`.
+UserColumn = Annotated[Optional[str], typer.Option(help="generic: user column")]
+PageColumn = Annotated[Optional[str], typer.Option(help="generic: page column")]
+TimeColumn = Annotated[Optional[str], typer.Option(help="generic: timestamp column (unix or date/time text)")]
+SessionColumn = Annotated[Optional[str], typer.Option(help="generic: session id column")]
+EventColumn = Annotated[Optional[str], typer.Option(help="generic: event type column (cart/purchase values)")]
+OrderColumn = Annotated[Optional[str], typer.Option(help="generic: numeric column added to the time in ms")]
+Separator = Annotated[Optional[str], typer.Option(help="generic: CSV delimiter")]
+TimeFormat = Annotated[Optional[str], typer.Option(help="generic: strftime format of the time column")]
+TimeUnit = Annotated[Optional[str], typer.Option(help="generic: unit of a numeric time column (s or ms)")]
+PagePrefix = Annotated[Optional[str], typer.Option(help="generic: text put before each page value")]
+GapMinutes = Annotated[float, typer.Option(help="inactivity gap that splits sessions")]
+CollapseRepeats = Annotated[bool, typer.Option(help="collapse immediate repeats of the same page")]
+MinSessionLen = Annotated[int, typer.Option(help="drop sessions shorter than this (pages)")]
+LongPercentile = Annotated[float, typer.Option(help="session-length percentile cutoff")]
+LongSessions = Annotated[str, typer.Option(help="truncate | drop sessions above the cutoff")]
+SkipBadRows = Annotated[bool, typer.Option(help="drop bad rows and count them instead of stopping")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=max(Console().width, 200))  # 20+ metric columns stay readable
@@ -47,21 +65,21 @@ def prepare(
     source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc"),
     path: Path = typer.Argument(..., help="the log file"),
     out: Path = typer.Option(..., "--out", help="output folder"),
-    user: Optional[str] = typer.Option(None, help="generic: user column"),
-    page: Optional[str] = typer.Option(None, help="generic: page column"),
-    time: Optional[str] = typer.Option(None, help="generic: timestamp column (unix or date/time text)"),
-    session: Optional[str] = typer.Option(None, help="generic: session id column"),
-    event: Optional[str] = typer.Option(None, help="generic: event type column (cart/purchase values)"),
-    order: Optional[str] = typer.Option(None, help="generic: numeric column added to the time in ms"),
-    sep: Optional[str] = typer.Option(None, help="generic: CSV delimiter"),
-    time_format: Optional[str] = typer.Option(None, help="generic: strftime format of the time column"),
-    time_unit: Optional[str] = typer.Option(None, help="generic: unit of a numeric time column (s or ms)"),
-    page_prefix: Optional[str] = typer.Option(None, help="generic: text put before each page value"),
-    gap_minutes: float = typer.Option(30.0, help="inactivity gap that splits sessions"),
-    collapse_repeats: bool = typer.Option(True, help="collapse immediate repeats of the same page"),
-    min_session_len: int = typer.Option(2, help="drop sessions shorter than this (pages)"),
-    long_percentile: float = typer.Option(99.0, help="session-length percentile cutoff"),
-    long_sessions: str = typer.Option("truncate", help="truncate | drop sessions above the cutoff"),
+    user: UserColumn = None,
+    page: PageColumn = None,
+    time: TimeColumn = None,
+    session: SessionColumn = None,
+    event: EventColumn = None,
+    order: OrderColumn = None,
+    sep: Separator = None,
+    time_format: TimeFormat = None,
+    time_unit: TimeUnit = None,
+    page_prefix: PagePrefix = None,
+    gap_minutes: GapMinutes = 30.0,
+    collapse_repeats: CollapseRepeats = True,
+    min_session_len: MinSessionLen = 2,
+    long_percentile: LongPercentile = 99.0,
+    long_sessions: LongSessions = "truncate",
     samples: str = typer.Option("auto", help="auto | next-session | within-session"),
     split: str = typer.Option("time", help="time (targets after a cutoff are test) | user (paper)"),
     test_fraction: float = typer.Option(0.1),
@@ -70,7 +88,7 @@ def prepare(
     max_train_targets: Optional[int] = typer.Option(None, help="keep each user's N most recent training targets"),
     max_len: int = typer.Option(512, help="token budget of history + target"),
     min_page_count: int = typer.Option(1, help="pages seen fewer times in training -> [UNK]"),
-    skip_bad_rows: bool = typer.Option(False, help="drop bad rows and count them instead of stopping"),
+    skip_bad_rows: SkipBadRows = False,
     partitions: int = typer.Option(1, help="logs larger than memory: hash users into N partitions done one at a time"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -328,22 +346,22 @@ def score(
     max_new_tokens: int = typer.Option(40),
     batch_users: int = typer.Option(64, help="users scored and written per batch"),
     batch_size: int = typer.Option(64, help="decoded sequences per forward pass"),
-    user: Optional[str] = typer.Option(None, help="generic: user column"),
-    page: Optional[str] = typer.Option(None, help="generic: page column"),
-    time: Optional[str] = typer.Option(None, help="generic: timestamp column (unix or date/time text)"),
-    session: Optional[str] = typer.Option(None, help="generic: session id column"),
-    event: Optional[str] = typer.Option(None, help="generic: event type column (cart/purchase values)"),
-    order: Optional[str] = typer.Option(None, help="generic: numeric column added to the time in ms"),
-    sep: Optional[str] = typer.Option(None, help="generic: CSV delimiter"),
-    time_format: Optional[str] = typer.Option(None, help="generic: strftime format of the time column"),
-    time_unit: Optional[str] = typer.Option(None, help="generic: unit of a numeric time column (s or ms)"),
-    page_prefix: Optional[str] = typer.Option(None, help="generic: text put before each page value"),
-    gap_minutes: float = typer.Option(30.0, help="inactivity gap that splits sessions"),
-    collapse_repeats: bool = typer.Option(True, help="collapse immediate repeats of the same page"),
-    min_session_len: int = typer.Option(2, help="drop sessions shorter than this (pages)"),
-    long_percentile: float = typer.Option(99.0, help="session-length percentile cutoff"),
-    long_sessions: str = typer.Option("truncate", help="truncate | drop sessions above the cutoff"),
-    skip_bad_rows: bool = typer.Option(False, help="drop bad rows and count them instead of stopping"),
+    user: UserColumn = None,
+    page: PageColumn = None,
+    time: TimeColumn = None,
+    session: SessionColumn = None,
+    event: EventColumn = None,
+    order: OrderColumn = None,
+    sep: Separator = None,
+    time_format: TimeFormat = None,
+    time_unit: TimeUnit = None,
+    page_prefix: PagePrefix = None,
+    gap_minutes: GapMinutes = 30.0,
+    collapse_repeats: CollapseRepeats = True,
+    min_session_len: MinSessionLen = 2,
+    long_percentile: LongPercentile = 99.0,
+    long_sessions: LongSessions = "truncate",
+    skip_bad_rows: SkipBadRows = False,
 ) -> None:
     """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase)."""
     from pydantic import ValidationError
