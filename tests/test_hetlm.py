@@ -29,16 +29,18 @@ def planted(tmp_path_factory):
     return df, groups, z, base
 
 
-def test_hetlm_recovers_planted_groups_and_shrinks_k(planted, tmp_path):
+@pytest.mark.parametrize("loss", [{}, {"l1": "centered", "alpha": 0.0, "beta": 0.0}], ids=["paper", "centered-L1"])
+def test_hetlm_recovers_planted_groups_and_shrinks_k(planted, tmp_path, loss):
     df, groups, z, base = planted
     kmeans_ari = adjusted_rand_score(groups, kmeans_labels(z, 6)[0])
     cfg = HeTLMConfig(n_clusters=6, epochs=6, batch_size=16, selector_lr=1e-2, predictor_lr=3e-3,
-                      selector_pretrain_epochs=300, device="cpu")
+                      selector_pretrain_epochs=300, device="cpu", **loss)
     model = HeTLM(cfg).fit(base, df, z, progress=False)
     ari = adjusted_rand_score(groups, model.route(z))
     # 3 planted groups, noisy embeddings: k-means with K=6 splits them (ARI ~0.56 with seed 0).
     # HeTLM must move users to the predictor that models their transitions best, which merges the
-    # sub-clusters (measured: K 6 -> 4, ARI 0.87); the bounds leave room for numeric noise.
+    # sub-clusters (measured on 2026-11-29: paper loss K 6 -> 4, ARI 0.78; centred L1 alone K 6 -> 3,
+    # ARI 1.0); the bounds leave room for numeric noise.
     assert len(model.models) < 6
     assert ari > 0.7 and ari > kmeans_ari + 0.15, (ari, kmeans_ari)
     sizes = model.info["history"]["cluster_sizes"]
@@ -70,6 +72,34 @@ def test_actor_loss_terms():
     assert paper["L3"] < 1e-6 < scaled["L3"]
     uniform = torch.full((8, 3), 1 / 3)
     assert actor_loss(uniform, nll, z, 1.0, 0.0)[1]["L2"] == pytest.approx(np.log(3), rel=1e-5)
+
+
+def test_centered_l1_ignores_a_predictor_that_is_better_on_everyone():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    logits = torch.randn(8, 3, requires_grad=True)
+    # Predictor 0 is 1 nat better on every sample; predictor 2 is better on the first half than elsewhere.
+    nll = torch.tensor([[2.0, 3.0, 3.0]]).repeat(8, 1)
+    nll[:4, 2] -= 0.5
+    paper = torch.autograd.grad(actor_loss(torch.softmax(logits, 1), nll, z, 0.0, 0.0)[0], logits)[0]
+    centered = torch.autograd.grad(actor_loss(torch.softmax(logits, 1), nll, z, 0.0, 0.0, l1="centered")[0], logits)[0]
+    # The paper's L1 pulls every sample to predictor 0; the centred one only moves each sample towards the
+    # predictor that is relatively good on it: the first half to 2, the second half away from it.
+    assert (paper[:, 0] < 0).all()
+    assert (centered[:4, 2] < 0).all() and (centered[4:, 2] > 0).all()
+    with pytest.raises(ValueError, match="l1"):
+        actor_loss(torch.softmax(logits, 1), nll, z, 0.0, 0.0, l1="relative")
+
+
+def test_l2_balance_prefers_confident_assignments_spread_over_clusters():
+    z = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    nll = torch.ones(6, 3)
+    one_cluster = torch.nn.functional.one_hot(torch.zeros(6, dtype=torch.long), 3).float()
+    spread = torch.nn.functional.one_hot(torch.arange(6) % 3, 3).float()
+    for pi in (one_cluster, spread):  # per-sample entropy alone (the paper's L2) cannot tell them apart
+        assert actor_loss(pi, nll, z, 1.0, 0.0)[1]["L2"] == pytest.approx(0.0, abs=1e-6)
+    assert actor_loss(spread, nll, z, 1.0, 0.0, l2_balance=1.0)[1]["L2"] == pytest.approx(-np.log(3), rel=1e-5)
+    assert actor_loss(one_cluster, nll, z, 1.0, 0.0, l2_balance=1.0)[1]["L2"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_selector_fit_save_load(tmp_path):

@@ -16,6 +16,10 @@
 
 l_ik is the mean NLL per token of sample i's whole sequence (history + next session), the same loss the
 critic minimises, so the selector sends a user to the predictor that models that user best.
+Options not in the paper, because the paper's loss collapses real data to one cluster (README, "HeTLM
+collapses"; bench/hetlm_variants.py): `l1="centered"` uses l_ik - mean_i l_ik in L1 (a user goes where a
+predictor is relatively good, not to the predictor that is best on average), and `l2_balance` subtracts
+that weight x the entropy of the batch's mean assignment from L2.
 
 Speed: L1 needs every predictor on every batch sample, K no-grad forwards per step, about 2.3 single-LM
 training steps for K=6 on a CPU (bench/bench_hetlm_epoch.py): an exact epoch costs ~3x a single-LM one.
@@ -109,6 +113,14 @@ class HeTLMConfig:
     # any actor step. With identical predictors, the one of the largest cluster otherwise gets ahead
     # and L1 can pull every user to it.
     critic_warmup_epochs: int = 0
+    # Not in the paper: "centered" scores each predictor's NLL against its own batch mean (l_ik - mean_i l_ik),
+    # so L1 routes a user by where a predictor is relatively good, not to whichever predictor is best on
+    # average (the one that got the most critic steps), which pulls every user to one cluster.
+    l1: Literal["paper", "centered"] = "paper"
+    # Not in the paper: L2 minus this weight x the entropy of the batch's mean assignment (weight 1: minus the
+    # mutual information of user and cluster, as in RIM/IMSAT clustering). The paper's L2 alone (0) is
+    # lowered fastest by raising one cluster's output bias for everyone, which also collapses K.
+    l2_balance: float = 0.0
     l3: Literal["paper", "scaled"] = "scaled"
     l3_tau: float | None = None        # scaled L3 temperature; None = mean pairwise L1 distance of the k-means centroids
     eval_every: int = 50               # steps between validation points (paper Figure 3)
@@ -125,6 +137,10 @@ class HeTLMConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        if self.l1 not in ("paper", "centered"):
+            raise ValueError(f"l1 must be 'paper' or 'centered', not {self.l1!r}")
+        if self.l2_balance < 0:
+            raise ValueError(f"l2_balance must be >= 0, not {self.l2_balance}")
         if self.nll_pass not in ("batched", "sequential"):
             raise ValueError(f"nll_pass must be 'batched' or 'sequential', not {self.nll_pass!r}")
         if self.actor_rows is not None and self.actor_rows < 1:
@@ -143,14 +159,21 @@ class HeTLMHistory:
 
 
 def actor_loss(pi: torch.Tensor, nll: torch.Tensor, z: torch.Tensor, alpha: float, beta: float,
-               l3: str = "scaled", tau: float = 1.0, rows: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+               l3: str = "scaled", tau: float = 1.0, rows: torch.Tensor | None = None, l1: str = "paper",
+               l2_balance: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """L_A = L1 + alpha L2 + beta L3 over the active clusters (columns of pi with any mass).
     nll holds the NLL of every row of pi, or only of `rows` (then L1 is their mean)."""
     active = pi.sum(0) > 0
     p, l = pi[:, active], nll[:, active]
+    if l1 == "centered":
+        l = l - l.mean(0, keepdim=True)
+    elif l1 != "paper":
+        raise ValueError(f"l1 must be 'paper' or 'centered', not {l1!r}")
     l1 = ((p if rows is None else p[rows]) * l).sum(1).mean()
     l2 = -(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()
+    if l2_balance:
+        marginal = p.mean(0)
+        l2 = l2 + l2_balance * (marginal * torch.log(marginal.clamp_min(1e-12))).sum()
     e = (p.T @ z) / p.sum(0).clamp_min(1e-12)[:, None]
     dist = torch.cdist(e, e, p=1)
     pairs = torch.triu_indices(len(e), len(e), offset=1)
@@ -406,7 +429,7 @@ class HeTLM:
                                  key=lambda kv: int(kv[0])))
         scored = batch if rows is None else [batch[i] for i in rows.tolist()]
         nll = nll_matrix(run.models, dataset, scored, c.n_clusters, c.bf16, c.nll_pass == "batched")
-        loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows)
+        loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows, c.l1, c.l2_balance)
         run.actor_opt.zero_grad()
         loss.backward()
         run.actor_opt.step()
@@ -443,7 +466,7 @@ class HeTLM:
         nll = torch.zeros(len(val_set), pi.shape[1])
         for batch in sorted_batches(val_set.lengths, 64):  # length-sorted: little padding
             nll[batch] = nll_matrix(run.models, val_set, batch, pi.shape[1], c.bf16, c.nll_pass == "batched")
-        _, parts = actor_loss(pi, nll, zv, c.alpha, c.beta, c.l3, self.tau)
+        _, parts = actor_loss(pi, nll, zv, c.alpha, c.beta, c.l3, self.tau, l1=c.l1, l2_balance=c.l2_balance)
         routed = pi.argmax(1)
         per_cluster = {str(k): float(nll[routed == k, k].mean()) for k in run.selector.active_clusters
                        if (routed == k).any()}
