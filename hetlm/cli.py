@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-# How a log is read and cut into sessions: options shared by `prepare` and `score`.
+# How a log is read and cut into sessions: options shared by `prepare`, `score` and `serve`.
 UserColumn = Annotated[Optional[str], typer.Option(help="generic: user column")]
 PageColumn = Annotated[Optional[str], typer.Option(help="generic: page column")]
 TimeColumn = Annotated[Optional[str], typer.Option(help="generic: timestamp column (unix or date/time text)")]
@@ -398,16 +398,18 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="larger request bodies get 413"),
     max_sessions: int = typer.Option(1000, help="requests with more sessions get 413"),
     max_pages: int = typer.Option(20_000, help="requests with more pages get 413"),
+    collapse_repeats: CollapseRepeats = True,
+    min_session_len: MinSessionLen = 2,
 ) -> None:
     """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs."""
-    from .serve import Limits
+    from .serve import Cleaning, Limits
     from .serve import serve as run_server
 
     limits = Limits(max_body_bytes=max_body_bytes, max_sessions=max_sessions, max_pages=max_pages,
                     max_batch=max_batch, max_wait_ms=max_wait_ms)
     try:
         run_server(model_dir, host, port, tokenizer_dir=tokenizer, routing=routing, max_new_tokens=max_new_tokens,
-                   limits=limits)
+                   limits=limits, cleaning=Cleaning(collapse_repeats, min_session_len))
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
 

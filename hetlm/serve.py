@@ -13,9 +13,12 @@ pass (`Scorer.score`) in a thread, so the event loop keeps accepting requests me
 result does not depend on the batch it shares (see `hetlm.score`), so batching changes only throughput.
 
 Malformed requests get 422 with pydantic's message; requests over the limits of `create_app` (body
-bytes, sessions, pages) get 413. Page names are normalised as the ingest adapters do (whitespace -> "_");
-sessions are otherwise used as sent (`hetlm score` applies prepare's cleaning to a raw log: repeats
-collapsed, short sessions dropped), so send sessions cleaned that way to get the same numbers.
+bytes, sessions, pages) get 413. Page names are normalised as the ingest adapters do (whitespace -> "_").
+Sessions are cleaned as `hetlm prepare` and `hetlm score` clean a log (`sessions.group_sessions`: immediate
+repeats of a page collapsed, sessions shorter than `min_session_len` pages dropped; the response counts
+what was removed), unless the request says `"clean": false`. The long-session cut of prepare is a
+percentile over a whole log and has no per-request equivalent: a last session longer than the model's
+context gets 422.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
+import polars as pl
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import AfterValidator, BaseModel, Field, StrictStr
 from starlette.responses import JSONResponse
 
 from .score import ScoreOptions, Scorer, UserScore
+from .sessions import CleaningReport, group_sessions
 
 
 def _page_name(page: str) -> str:
@@ -50,6 +55,8 @@ Session = Annotated[list[Page], Field(min_length=1)]
 class PredictRequest(ScoreOptions):
     sessions: list[Session] = Field(min_length=1, description="the user's sessions, oldest first; each a non-empty "
                                     "list of page names")
+    clean: bool = Field(True, description="clean the sessions as `hetlm prepare` does (immediate repeats "
+                        "collapsed, short sessions dropped); false uses them as sent")
 
 
 class PagePrediction(BaseModel):
@@ -69,6 +76,7 @@ class PredictResponse(BaseModel):
     n_samples: int
     unknown_pages: list[str] = Field(description="pages not in the model's vocabulary, scored as [UNK]")
     sessions_used: int = Field(description="most recent sessions that fit the model's context")
+    cleaning: dict[str, int] = Field(description="pages removed by cleaning, by reason (as in prepare's summary)")
 
 
 @dataclass
@@ -86,13 +94,30 @@ def _number(x: float) -> float | None:
     return None if math.isnan(x) else x  # NaN -> null
 
 
-def prediction_response(score: UserScore, n_samples: int) -> PredictResponse:
+@dataclass
+class Cleaning:
+    """`hetlm prepare`'s session filters that apply to one user's sessions (same defaults)."""
+
+    collapse_repeats: bool = True
+    min_session_len: int = 2
+
+    def apply(self, sessions: list[list[str]]) -> tuple[list[list[str]], dict[str, int]]:
+        """The sessions that prepare would keep, and the pages removed by reason."""
+        events = pl.DataFrame({"user": [0] * sum(map(len, sessions)),
+                               "session": [i for i, s in enumerate(sessions) for _ in s],
+                               "page": [p for s in sessions for p in s]}).with_columns(start=pl.col("session"))
+        report = CleaningReport()
+        kept = group_sessions(events, report, self.collapse_repeats, self.min_session_len)
+        return kept["pages"].to_list(), report.dropped
+
+
+def prediction_response(score: UserScore, n_samples: int, cleaning: dict[str, int]) -> PredictResponse:
     s = asdict(score)
     return PredictResponse(
         cluster=s["cluster"], cluster_probability=s["cluster_prob"], next_session=s["next_session"],
         top_pages=[PagePrediction(page=p, probability=q) for p, q in zip(s["top_pages"], s["top_probs"])],
         **{key: _number(s[key]) for key in ("p_cart", "se_cart", "p_purchase", "se_purchase")},
-        n_samples=n_samples, unknown_pages=s["unknown_pages"], sessions_used=s["sessions_used"],
+        n_samples=n_samples, unknown_pages=s["unknown_pages"], sessions_used=s["sessions_used"], cleaning=cleaning,
     )
 
 
@@ -169,9 +194,9 @@ def _replay(messages: list[dict]):
 
 
 def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = None, routing: str | None = None,
-               max_new_tokens: int = 40, limits: Limits | None = None) -> FastAPI:
+               max_new_tokens: int = 40, limits: Limits | None = None, cleaning: Cleaning | None = None) -> FastAPI:
     """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`)."""
-    limits = limits or Limits()
+    limits, cleaning = limits or Limits(), cleaning or Cleaning()
     scorer = model if isinstance(model, Scorer) else Scorer.from_pretrained(
         model, tokenizer_dir, routing=routing, max_new_tokens=max_new_tokens)
 
@@ -192,10 +217,17 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
         pages = sum(len(s) for s in body.sessions)
         if pages > limits.max_pages:
             raise HTTPException(413, f"{pages} pages; at most {limits.max_pages} per request")
+        removed = {}
+        if body.clean:
+            sessions, removed = cleaning.apply(body.sessions)
+            if not sessions:
+                raise HTTPException(422, f"no session of {cleaning.min_session_len} or more pages is left after "
+                                         f"cleaning ({removed}); send \"clean\": false to use the sessions as sent")
+            body = body.model_copy(update={"sessions": sessions})
         if len(body.sessions[-1]) + 2 > scorer.history_budget:
             raise HTTPException(422, f"the last session has {len(body.sessions[-1])} pages; the model's context "
                                      f"holds {scorer.history_budget - 2}")
-        return prediction_response(await request.app.state.batcher.predict(body), body.n_samples)
+        return prediction_response(await request.app.state.batcher.predict(body), body.n_samples, removed)
 
     @app.get("/health")
     async def health(request: Request) -> dict:
@@ -204,7 +236,7 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
 
     @app.get("/model")
     async def describe() -> dict:
-        return scorer.describe() | {"limits": asdict(limits)}
+        return scorer.describe() | {"limits": asdict(limits), "cleaning": asdict(cleaning)}
 
     return app
 

@@ -77,6 +77,7 @@ def test_health_model_and_openapi(server):
     assert model["kind"] == "kmeans" and model["clusters"] == [0, 1] and model["routing"] == "centroid"
     assert model["pages"] > 1000 and model["history_budget_tokens"] == 128 - 10 - 1
     assert model["limits"]["max_sessions"] == 40
+    assert model["cleaning"] == {"collapse_repeats": True, "min_session_len": 2}
     spec = server.get("/openapi.json").json()
     assert "/predict" in spec["paths"] and "PredictRequest" in spec["components"]["schemas"]
 
@@ -110,6 +111,23 @@ def test_unknown_pages_are_reported(server):
     assert got["p_cart"] is None and got["n_samples"] == 0 and len(got["top_pages"]) == 10
 
 
+def test_raw_sessions_are_cleaned_as_prepare_cleans_a_log(server):
+    clean = [["category_2520377", "Cart", "category_4159072"], ["Cart", "category_2520377"]]
+    raw = [["category_2520377", "category_2520377", "Cart", "category_4159072", "category_4159072"], ["Cart"],
+           ["Cart", "Cart", "category_2520377"]]
+    options = {"n_samples": 2, "seed": 1}
+    got_clean, got_raw = (server.post("/predict", json={"sessions": s, **options}).json() for s in (clean, raw))
+    assert got_clean["cleaning"] == {}
+    assert got_raw.pop("cleaning") == {"immediate repeat of the same page (collapsed)": 3,
+                                       "session shorter than 2 pages": 1}
+    got_clean.pop("cleaning")
+    assert got_raw == got_clean
+    as_sent = server.post("/predict", json={"sessions": raw, "clean": False, **options}).json()
+    assert as_sent["cleaning"] == {} and as_sent["sessions_used"] == 3
+    nothing_left = server.post("/predict", json={"sessions": [["Cart", "Cart"], ["Purchase"]]})
+    assert nothing_left.status_code == 422 and '"clean": false' in nothing_left.json()["detail"]
+
+
 @pytest.mark.parametrize("body, where", [
     ({"sessions": []}, "sessions"),
     ({"sessions": [[]]}, "sessions.0"),
@@ -134,7 +152,7 @@ def test_oversize_requests_get_413(server):
     assert too_many_sessions.status_code == 413 and "at most 40" in too_many_sessions.json()["detail"]
     too_many_pages = server.post("/predict", json={"sessions": [["Cart", "Purchase"] * 101] * 2, "n_samples": 0})
     assert too_many_pages.status_code == 413 and "at most 400" in too_many_pages.json()["detail"]
-    too_long = server.post("/predict", json={"sessions": [["Cart"] * 200], "n_samples": 0})
+    too_long = server.post("/predict", json={"sessions": [["Cart", "Purchase"] * 100], "n_samples": 0})
     assert too_long.status_code == 422 and "context" in too_long.json()["detail"]
     huge = server.post("/predict", content=b'{"sessions": [["' + b"x" * 50_000 + b'"]]}',
                        headers={"content-type": "application/json"})
