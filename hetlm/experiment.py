@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 from rich.console import Console
 
 from . import metrics as M
@@ -88,8 +89,28 @@ class KMeansSettings(BaseModel):
 class HeTLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    runs: list[tuple[float, float]] = [(5.0, 9.0)]   # (alpha, beta) pairs
+    # One HeTLM per run: an (alpha, beta) pair, or a dict of HeTLMConfig fields that replace `config`'s
+    # for that run (e.g. {"alpha": 0, "beta": 0, "l1": "centered"}).
+    runs: list[tuple[float, float] | dict[str, Any]] = [(5.0, 9.0)]
     config: HeTLMConfig = HeTLMConfig()
+
+    @model_validator(mode="after")
+    def _runs_are_configs(self) -> HeTLMSettings:
+        self.variants()  # every run must give a valid HeTLMConfig
+        return self
+
+    def variants(self) -> list[tuple[str, HeTLMConfig]]:
+        """(label, config) per run; the label names alpha, beta and any other field the run sets."""
+        fields = {f.name for f in dataclasses.fields(HeTLMConfig)}
+        out = []
+        for i, run in enumerate(self.runs):
+            changes = dict(zip(("alpha", "beta"), run)) if isinstance(run, tuple) else dict(run)
+            if set(changes) - fields:
+                raise ValueError(f"runs[{i}]: unknown HeTLMConfig fields {sorted(set(changes) - fields)}")
+            cfg = TypeAdapter(HeTLMConfig).validate_python(dataclasses.asdict(self.config) | changes)
+            others = " ".join(f"{k}={v}" for k, v in changes.items() if k not in ("alpha", "beta"))
+            out.append((f"a={cfg.alpha:g} b={cfg.beta:g}" + (f" {others}" if others else ""), cfg))
+        return out
 
 
 class LargerSettings(BaseModel):
@@ -215,16 +236,16 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
 
     final_ks = []
     if config.hetlm.enabled:
-        for alpha, beta in config.hetlm.runs:
-            cfg = dataclasses.replace(config.hetlm.config, alpha=alpha, beta=beta)
-            with clock(f"HeTLM a={alpha:g} b={beta:g}"):
+        for label, cfg in config.hetlm.variants():
+            folder = "hetlm_" + re.sub(r"[^\w.-]+", "_", label.replace("a=", "a").replace(" b=", "_b"))
+            with clock(f"HeTLM {label}"):
                 het = HeTLM(cfg).fit(small, train, z["train"], val, z["val"], encoder_info, progress,
-                                     out / "train" / f"hetlm_a{alpha:g}_b{beta:g}")
-            name = f"{config.model.preset} HeTLM a={alpha:g} b={beta:g}"
+                                     out / "train" / folder)
+            name = f"{config.model.preset} HeTLM {label}"
             models[name], params[name] = het, sum(count_parameters(m) for m in het.models.values())
             histories[name] = het.info["history"]
             final_ks.append(len(het.models))
-            het.save_pretrained(out / "models" / f"hetlm_a{alpha:g}_b{beta:g}", tokenizer)
+            het.save_pretrained(out / "models" / folder, tokenizer)
 
     larger_name = None
     if config.larger.enabled:

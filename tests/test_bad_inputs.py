@@ -330,6 +330,8 @@ def test_prepare_config_errors_name_the_field(settings, field):
     ({"prepare": {"test_fraction": 0.5, "val_fraction": 0.5}}, "prepare",
      "test_fraction + val_fraction must be below 1"),
     ({"kmeans": {"n_clusters": 1}}, "kmeans.n_clusters", "greater than or equal to 2"),
+    ({"hetlm": {"runs": [{"alpha": 1, "colour": 2}]}}, "hetlm", "runs[0]: unknown HeTLMConfig fields ['colour']"),
+    ({"hetlm": {"runs": [[5, 9], {"l1": "relative"}]}}, "hetlm.l1", "'paper' or 'centered'"),
 ])
 def test_experiment_config_errors_name_the_field(settings, field, problem):
     with pytest.raises(ValidationError) as caught:

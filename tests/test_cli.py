@@ -133,6 +133,9 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
     het = next(r for n, r in again["results"].items() if "HeTLM" in n)
     assert sum(c["n"] for c in het["clusters"].values()) == het["combined"]["n"]
     assert (tmp_path / "again" / "models" / "hetlm_a5_b9" / "clusterwise.json").exists()
+    assert "tiny HeTLM a=0 b=0 l1=centered" in names  # a run that sets more than (alpha, beta)
+    centered = json.loads((tmp_path / "again" / "models" / "hetlm_a0_b0_l1_centered" / "clusterwise.json").read_text())
+    assert centered["info"]["config"]["l1"] == "centered"
 
 
 def test_experiment_stops_before_training_on_inconsistent_settings(tmp_path):
