@@ -464,9 +464,15 @@ def resolve_device(device: str) -> torch.device:
 
 def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
     """Fill a temp dir, then swap it in with renames: a crash leaves `final` or `final.old` complete."""
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    swap_in(tmp, final)
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` by the complete folder `tmp` (two renames; `final.old` holds the previous one between them)."""
+    old = final.with_name(final.name + ".old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

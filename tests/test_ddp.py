@@ -110,6 +110,8 @@ from hetlm.tokenizer import load_tokenizer
 from hetlm.train import dist_info
 
 data, out = sys.argv[1], sys.argv[2]
+epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+checkpoints = sys.argv[4] if len(sys.argv) > 4 else None  # out_dir of fit: checkpoints, and resume from them
 train, val = (pl.read_parquet(f"{data}/{split}.parquet").head(96) for split in ("train", "val"))
 vocab = len(load_tokenizer(f"{data}/tokenizer"))
 projection = np.random.default_rng(0).normal(size=(vocab, 16))
@@ -120,8 +122,9 @@ def embed(samples):  # the user's pages, randomly projected: a cheap, fixed enco
 
 torch.manual_seed(0)
 base = build_model("tiny", vocab)
-config = HeTLMConfig(n_clusters=3, epochs=2, batch_size=16, selector_pretrain_epochs=20, eval_every=4, seed=1)
-result = HeTLM(config).fit(base, train, embed(train), val, embed(val), progress=False)
+config = HeTLMConfig(n_clusters=3, epochs=epochs, batch_size=16, selector_pretrain_epochs=20, eval_every=4, seed=1)
+result = HeTLM(config).fit(base, train, embed(train), val, embed(val), progress=False, out_dir=checkpoints,
+                           resume=checkpoints is not None)
 info = result.info
 weights = {k: float(sum(p.double().sum() for p in m.parameters())) for k, m in result.models.items()}
 json.dump({"history": info["history"], "sizes": result.sizes, "weights": weights,
@@ -130,18 +133,24 @@ json.dump({"history": info["history"], "sizes": result.sizes, "weights": weights
 """
 
 
+ONE = [sys.executable]
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _run_fit(launcher: list[str], script, *args) -> None:
+    run = subprocess.run([*launcher, str(script), *map(str, args)], env=one_thread_env(), capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_hetlm_on_two_processes_fits_like_one(sliced, tmp_path):
     """Predictors spread over two gloo ranks (cluster k on rank k % 2), the selector kept in step: the same
     run as one process. Each NLL column is computed by the same weights on the same batch and the
     all-reduce only adds zeros to it, so the numbers agree to float noise."""
     script = tmp_path / "fit.py"
     script.write_text(HETLM_FIT)
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    "--nproc_per_node=2"])):
-        run = subprocess.run([*launcher, str(script), str(sliced), str(tmp_path / name)], env=one_thread_env(),
-                             capture_output=True, text=True, timeout=300, check=False)
-        assert run.returncode == 0, run.stdout + run.stderr
+    for name, launcher in (("one", ONE), ("two", TWO)):
+        _run_fit(launcher, script, sliced, tmp_path / name)
     one, two, two_rank1 = (json.loads((tmp_path / f).read_text())
                            for f in ("one.rank0.json", "two.rank0.json", "two.rank1.json"))
     steps = {name: [s["LA"] for s in run["history"]["steps"]] for name, run in (("one", one), ("two", two))}
@@ -153,3 +162,25 @@ def test_hetlm_on_two_processes_fits_like_one(sliced, tmp_path):
         [v["combined_nll"] for v in one["history"]["val"]], rel=1e-5)
     assert two["weights"] == pytest.approx(one["weights"], rel=1e-5) and two_rank1["weights"] == two["weights"]
     assert two_rank1["selector"] == two["selector"] == pytest.approx(one["selector"], rel=1e-6)
+
+
+def test_hetlm_checkpoint_of_two_processes_resumes_on_two_or_one(sliced, tmp_path):
+    """Two ranks each write their predictors (and optimizer states) into one checkpoint after epoch 1; the run
+    then resumes to epoch 2 on two processes and, from a copy, on one: both equal a run never stopped."""
+    script = tmp_path / "fit.py"
+    script.write_text(HETLM_FIT)
+    _run_fit(ONE, script, sliced, tmp_path / "straight")
+    _run_fit(TWO, script, sliced, tmp_path / "first", 1, tmp_path / "run")
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir())
+    assert "critic_state.rank0.pt" in saved and "critic_state.rank1.pt" in saved and "selector" in saved
+    shutil.copytree(tmp_path / "run", tmp_path / "run_copy")
+    _run_fit(TWO, script, sliced, tmp_path / "on_two", 2, tmp_path / "run")
+    _run_fit(ONE, script, sliced, tmp_path / "on_one", 2, tmp_path / "run_copy")
+    straight = json.loads((tmp_path / "straight.rank0.json").read_text())
+    for name in ("on_two", "on_one"):
+        resumed = json.loads((tmp_path / f"{name}.rank0.json").read_text())
+        assert [s["LA"] for s in resumed["history"]["steps"]] == pytest.approx(
+            [s["LA"] for s in straight["history"]["steps"]], rel=1e-5), name
+        assert resumed["history"]["cluster_sizes"] == straight["history"]["cluster_sizes"]
+        assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)
+        assert resumed["selector"] == pytest.approx(straight["selector"], rel=1e-6)

@@ -34,7 +34,10 @@ each epoch end; `fit(..., resume=True)` continues from it to the same result as 
     state.json          progress (epoch, position in the epoch's batch order, step), tau, k-means labels, history
     selector/           the actor (safetensors; its mask holds the retired clusters)
     cluster_<k>/        each active predictor (save_pretrained, safetensors)
-    trainer_state.pt    AdamW states of the predictors and the actor, RNG states (tensors and plain types)
+    trainer_state.pt    AdamW state of the actor
+    critic_state.rank<r>.pt   AdamW states of the predictors process r trained, and its RNG states
+Over several processes every rank writes its own predictors into the folder before rank 0 swaps it in, and
+a run can resume on another number of processes (each loads the predictors it owns then).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -60,6 +64,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from safetensors.torch import load_model
+from safetensors.torch import save_model as save_weights
 from torch.func import functional_call, stack_module_state
 from transformers import PreTrainedModel
 
@@ -67,6 +72,7 @@ from ..train import (
     SequenceDataset,
     TrainConfig,
     _autocast,
+    _barrier,
     _gather_objects,
     _rng_state,
     _set_rng_state,
@@ -78,10 +84,9 @@ from ..train import (
     owned_clusters,
     pad_sequences,
     resolve_device,
-    save_model,
     sorted_batches,
+    swap_in,
     token_nll,
-    write_dir_atomically,
 )
 from .base import ClusterwiseLM, centroids_of
 from .kmeans import kmeans_labels
@@ -90,6 +95,7 @@ from .selector import Selector
 log = logging.getLogger(__name__)
 
 CHECKPOINT, STATE_FILE, TRAINER_STATE = "checkpoint", "state.json", "trainer_state.pt"
+CRITIC_STATE = "critic_state.rank{rank}.pt"  # the optimizer and RNG states of one process's predictors
 
 
 @dataclass
@@ -275,11 +281,6 @@ class HeTLM:
         zv = torch.as_tensor(z_val, dtype=torch.float32) if val_set is not None else None
         out_dir = Path(out_dir) if out_dir is not None else None
         checkpoint = latest_checkpoint(out_dir) if resume and out_dir is not None else None
-        saving = out_dir is not None and self.dist.world_size == 1
-        if out_dir is not None and not saving:
-            log.warning("HeTLM checkpoints are written by single-process runs only; %d processes run without them",
-                        self.dist.world_size)
-            checkpoint = None
         run = self._resume(checkpoint, base_model, device) if checkpoint else self._start(base_model, z_train, device)
         s = run.state
         self.tau, self.pretrain_agreement = s["tau"], s["pretrain_agreement"]
@@ -310,7 +311,7 @@ class HeTLM:
                         if val_set is not None and s["step"] % c.eval_every == 0:
                             self._validate(run, val_set, zv)
                     s["position"] += 1
-                    if saving and s["position"] < len(batches) and \
+                    if out_dir is not None and s["position"] < len(batches) and \
                             (s["epoch"] * n_batches + s["position"]) % c.save_every == 0:
                         self._save(run, out_dir / CHECKPOINT, started)
                     status = "warm-up" if warmup else f"LA {parts['LA']:.3f} K={len(run.selector.active_clusters)}"
@@ -320,7 +321,7 @@ class HeTLM:
                         self._validate(run, val_set, zv)
                     self._retire_empty(run, z_train, epoch + 1)
                 s["epoch"], s["position"] = s["epoch"] + 1, 0
-                if saving:
+                if out_dir is not None:
                     self._save(run, out_dir / CHECKPOINT, started)
 
         selector, models = run.selector, self._collect_predictors(run, base_model, device)
@@ -377,36 +378,53 @@ class HeTLM:
         return self._optimizers(selector, models, state)
 
     def _save(self, run: _Run, path: Path, started: float) -> None:
+        """Every rank writes its own predictors and their optimizer states into one folder; rank 0 adds the
+        selector, the actor's optimizer and state.json, then swaps the folder in (one process: the same)."""
         run.state["seconds"] = time.perf_counter() - started
-        state = {**run.state, "active": sorted(run.models), "history": asdict(self.history)}
-        trainer_state = {"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()},
-                         "actor": run.actor_opt.state_dict(), "rng": _rng_state()}
-
-        def write(tmp: Path) -> None:
+        tmp, rank = path.with_name(path.name + ".tmp"), self.dist.rank
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        for k, model in run.models.items():
+            # safetensors directly: transformers' save_pretrained writes on rank 0 only under torch.distributed
+            (tmp / f"cluster_{k}").mkdir()
+            save_weights(model, tmp / f"cluster_{k}" / "model.safetensors")
+        torch.save({"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()}, "rng": _rng_state()},
+                   tmp / CRITIC_STATE.format(rank=rank))
+        _barrier()
+        if self.dist.is_main:
             run.selector.save_pretrained(tmp / "selector")
-            for k, model in run.models.items():
-                save_model(model, tmp / f"cluster_{k}")
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            torch.save({"actor": run.actor_opt.state_dict()}, tmp / TRAINER_STATE)
+            state = {**run.state, "active": run.selector.active_clusters, "world_size": self.dist.world_size,
+                     "history": asdict(self.history)}
             (tmp / STATE_FILE).write_text(json.dumps(state))
-        write_dir_atomically(path, write)
+            swap_in(tmp, path)
+        _barrier()  # nobody reads a checkpoint before it is complete
 
     def _resume(self, path: Path, base_model: PreTrainedModel, device: torch.device) -> _Run:
-        """The run saved in `path`: safetensors for the weights; the .pt holds only tensors and plain types."""
+        """The run saved in `path`, by any number of processes: each rank loads the predictors it owns now.
+        Safetensors for the weights; the .pt files hold only tensors and plain types."""
         state = json.loads((path / STATE_FILE).read_text())
         if state["config"] != json.loads(json.dumps(asdict(self.config))):
             log.warning("resuming %s with a different HeTLMConfig than it was started with", path)
         selector = Selector.from_pretrained(path / "selector")
+        owned = set(owned_clusters(self.config.n_clusters, self.dist))
         models = {}
-        for k in state.pop("active"):
+        for k in (k for k in state.pop("active") if k in owned):
             models[k] = copy.deepcopy(base_model).to(device).train()
             load_model(models[k], path / f"cluster_{k}" / "model.safetensors", device=str(device))
         self.history = HeTLMHistory(**state.pop("history"))
         run = self._optimizers(selector, models, state)
-        saved = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        saved = [torch.load(path / CRITIC_STATE.format(rank=r), map_location="cpu", weights_only=True)
+                 for r in range(state.pop("world_size"))]
+        critic = {k: opt for part in saved for k, opt in part["critic"].items()}
         for k, opt in run.optimizers.items():
-            opt.load_state_dict(saved["critic"][k])
-        run.actor_opt.load_state_dict(saved["actor"])
-        _set_rng_state(saved["rng"])  # last: loading the selector re-seeds torch
+            opt.load_state_dict(critic[k])
+        run.actor_opt.load_state_dict(torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)["actor"])
+        # last: loading the selector re-seeds torch. Dropout is re-seeded every step (`_seed`), so a run resumed
+        # on another number of processes still follows the same path.
+        _set_rng_state(saved[min(self.dist.rank, len(saved) - 1)]["rng"])
         log.info("resumed %s at step %d (epoch %d)", path, state["step"], state["epoch"])
         return run
 
