@@ -3,14 +3,17 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import polars as pl
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hetlm.cli import app
@@ -184,3 +187,49 @@ def test_hetlm_checkpoint_of_two_processes_resumes_on_two_or_one(sliced, tmp_pat
         assert resumed["history"]["cluster_sizes"] == straight["history"]["cluster_sizes"]
         assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)
         assert resumed["selector"] == pytest.approx(straight["selector"], rel=1e-6)
+
+
+TRAIN_FIT = """
+import sys
+import polars as pl, torch
+from hetlm.models import build_model
+from hetlm.tokenizer import load_tokenizer
+from hetlm.train import TrainConfig, train_lm
+
+data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+train, val = (pl.read_parquet(f"{data}/{split}.parquet") for split in ("train", "val"))
+torch.manual_seed(0)
+model = build_model("tiny", len(load_tokenizer(f"{data}/tokenizer")), "opt")  # OPT has dropout: RNG states matter
+config = TrainConfig(lr=3e-3, batch_size=16, max_steps=16, eval_every=4, save_every=2, seed=3,
+                     early_stopping_patience=None, device="cpu")
+train_lm(model, train, val, config, out, resume=resume, progress=False)
+"""
+
+
+def test_two_process_training_resumes_after_sigkill(sliced, tmp_path):
+    """torchrun and both ranks SIGKILLed after a checkpoint; two new processes resume to the unbroken run."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_FIT)
+    _run_fit(TWO, script, sliced, tmp_path / "straight", "fresh")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*TWO, str(script), str(sliced), str(killed), "fresh"], env=one_thread_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoint" / "trainer_state.pt").exists():
+            assert proc.poll() is None, "training ended before the kill"
+            assert time.monotonic() < deadline, "no checkpoint appeared in time"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+    finally:
+        proc.wait()
+    saved = next(d for d in (killed / "checkpoint", killed / "checkpoint.old") if (d / "trainer_state.pt").exists())
+    step = torch.load(saved / "trainer_state.pt", weights_only=True)["step"]
+    assert 0 < step < 16
+    _run_fit(TWO, script, sliced, killed, "resume")
+    straight, resumed = (json.loads((d / "history.json").read_text()) for d in (tmp_path / "straight", killed))
+    assert len(resumed["train"]) == 16
+    assert [e["loss"] for e in resumed["train"]] == pytest.approx([e["loss"] for e in straight["train"]], abs=1e-6)
+    a, b = (load_file(d / "checkpoint" / "model.safetensors") for d in (tmp_path / "straight", killed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
