@@ -189,6 +189,11 @@ def training_curves(run: RunFolder) -> Figure:
     return fig
 
 
+def _wrapped(items: list[str], per_line: int) -> str:
+    """Items joined by commas, `per_line` to a line (tick labels that stay within their bar's width)."""
+    return "\n".join(", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line))
+
+
 def cluster_sizes(run: RunFolder) -> Figure:
     runs = {n: h["cluster_sizes"] for n, h in (run.results.get("histories") or {}).items() if h.get("cluster_sizes")}
     if not runs:
@@ -197,7 +202,7 @@ def cluster_sizes(run: RunFolder) -> Figure:
     for ax, (name, epochs) in zip(axes, runs.items()):
         clusters = sorted({k for e in epochs for k in e["sizes"]}, key=int)
         labels = [("k-means start" if e["epoch"] == 0 else f"after epoch {e['epoch']}") + "\n"
-                  + ", ".join(f"{k}: {v}" for k, v in e["sizes"].items() if v) for e in epochs]
+                  + _wrapped([f"{k}: {v}" for k, v in e["sizes"].items() if v], per_line=2) for e in epochs]
         bottom = np.zeros(len(epochs))
         for k in clusters:
             sizes = np.array([e["sizes"].get(k, 0) for e in epochs], dtype=float)
