@@ -146,16 +146,23 @@ def _run_fit(launcher: list[str], script, *args) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_hetlm_on_two_processes_fits_like_one(sliced, tmp_path):
+@pytest.fixture(scope="module")
+def hetlm_one_process(sliced, tmp_path_factory):
+    """The fit script and the result of its 2-epoch run in one process, the reference of the tests below."""
+    folder = tmp_path_factory.mktemp("hetlm_fit")
+    script = folder / "fit.py"
+    script.write_text(HETLM_FIT)
+    _run_fit(ONE, script, sliced, folder / "one")
+    return script, json.loads((folder / "one.rank0.json").read_text())
+
+
+def test_hetlm_on_two_processes_fits_like_one(sliced, hetlm_one_process, tmp_path):
     """Predictors spread over two gloo ranks (cluster k on rank k % 2), the selector kept in step: the same
     run as one process. Each NLL column is computed by the same weights on the same batch and the
     all-reduce only adds zeros to it, so the numbers agree to float noise."""
-    script = tmp_path / "fit.py"
-    script.write_text(HETLM_FIT)
-    for name, launcher in (("one", ONE), ("two", TWO)):
-        _run_fit(launcher, script, sliced, tmp_path / name)
-    one, two, two_rank1 = (json.loads((tmp_path / f).read_text())
-                           for f in ("one.rank0.json", "two.rank0.json", "two.rank1.json"))
+    script, one = hetlm_one_process
+    _run_fit(TWO, script, sliced, tmp_path / "two")
+    two, two_rank1 = (json.loads((tmp_path / f).read_text()) for f in ("two.rank0.json", "two.rank1.json"))
     steps = {name: [s["LA"] for s in run["history"]["steps"]] for name, run in (("one", one), ("two", two))}
     assert len(steps["one"]) == 12 and steps["two"] == pytest.approx(steps["one"], rel=1e-5)
     # every predictor's critic loss reaches rank 0's history, whichever rank trained it
@@ -167,19 +174,16 @@ def test_hetlm_on_two_processes_fits_like_one(sliced, tmp_path):
     assert two_rank1["selector"] == two["selector"] == pytest.approx(one["selector"], rel=1e-6)
 
 
-def test_hetlm_checkpoint_of_two_processes_resumes_on_two_or_one(sliced, tmp_path):
+def test_hetlm_checkpoint_of_two_processes_resumes_on_two_or_one(sliced, hetlm_one_process, tmp_path):
     """Two ranks each write their predictors (and optimizer states) into one checkpoint after epoch 1; the run
     then resumes to epoch 2 on two processes and, from a copy, on one: both equal a run never stopped."""
-    script = tmp_path / "fit.py"
-    script.write_text(HETLM_FIT)
-    _run_fit(ONE, script, sliced, tmp_path / "straight")
+    script, straight = hetlm_one_process
     _run_fit(TWO, script, sliced, tmp_path / "first", 1, tmp_path / "run")
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir())
     assert "critic_state.rank0.pt" in saved and "critic_state.rank1.pt" in saved and "selector" in saved
     shutil.copytree(tmp_path / "run", tmp_path / "run_copy")
     _run_fit(TWO, script, sliced, tmp_path / "on_two", 2, tmp_path / "run")
     _run_fit(ONE, script, sliced, tmp_path / "on_one", 2, tmp_path / "run_copy")
-    straight = json.loads((tmp_path / "straight.rank0.json").read_text())
     for name in ("on_two", "on_one"):
         resumed = json.loads((tmp_path / f"{name}.rank0.json").read_text())
         assert [s["LA"] for s in resumed["history"]["steps"]] == pytest.approx(
