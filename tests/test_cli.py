@@ -138,6 +138,14 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
     assert centered["info"]["config"]["l1"] == "centered"
 
 
+@pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_profiles_are_valid_configs(profile):
+    from hetlm.experiment import ExperimentConfig
+
+    config = ExperimentConfig.model_validate_json(profile.read_text())
+    assert config.hetlm.variants()
+
+
 def test_experiment_stops_before_training_on_inconsistent_settings(tmp_path):
     """max_len below the longest session is caught in prepare: exit 2 with the reason, no traceback."""
     config = json.loads((REPO / "configs" / "quick.json").read_text())
