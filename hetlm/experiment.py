@@ -46,7 +46,7 @@ from .models import (
     init_from,
     scale_preset,
 )
-from .outcomes import outcome_calibration, outcome_table
+from .outcomes import OUTCOMES, OutcomeCalibrator, calibration, outcome_calibration, outcome_table
 from .prepare import PrepareConfig, prepare
 from .provenance import environment, sha256
 from .tokenizer import load_tokenizer, page_vocabulary
@@ -200,6 +200,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     models: dict[str, Any] = {}
     params: dict[str, int] = {}
     histories: dict[str, Any] = {}
+    folders: dict[str, Path] = {}  # where each model is saved
     max_len = config.prepare.max_len
 
     with clock("small LM pre-training"):
@@ -213,6 +214,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         name = f"{config.model.preset} single"
         models[name], params[name], histories[name] = small.eval(), count_parameters(small), result.history
         small.save_pretrained(out / "models" / "small")
+        folders[name] = out / "models" / "small"
 
     z = {}
     if config.kmeans.enabled or config.hetlm.enabled:
@@ -233,6 +235,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             models[name], params[name] = km, sum(count_parameters(m) for m in km.models.values())
             histories[name] = km.info.pop("histories")
             km.save_pretrained(out / "models" / f"kmeans_k{k}", tokenizer)
+            folders[name] = out / "models" / f"kmeans_k{k}"
 
     final_ks = []
     if config.hetlm.enabled:
@@ -246,6 +249,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             histories[name] = het.info["history"]
             final_ks.append(len(het.models))
             het.save_pretrained(out / "models" / folder, tokenizer)
+            folders[name] = out / "models" / folder
 
     larger_name = None
     if config.larger.enabled:
@@ -260,6 +264,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             result = train_lm(larger, train, val, config.pretrain, out / "train" / "larger", progress=progress)
             models[larger_name], params[larger_name], histories[larger_name] = larger.eval(), n, result.history
             larger.save_pretrained(out / "models" / "larger")
+            folders[larger_name] = out / "models" / "larger"
 
     bert_encoder = None
     if config.bert_score:
@@ -285,8 +290,16 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                                pred.clusters)
             save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
             if config.outcome_samples:
-                outcomes = outcome_table(model, tokenizer, test, zt, n_samples=config.outcome_samples,
-                                         seed=config.seed, max_new_tokens=config.generation.max_new_tokens)
+                mc = {"n_samples": config.outcome_samples, "seed": config.seed,
+                      "max_new_tokens": config.generation.max_new_tokens}
+                outcomes = outcome_table(model, tokenizer, test, zt, **mc)
+                if val.height:  # Platt scaling on the validation users, kept with the model for score/serve
+                    zv = z["val"] if isinstance(model, ClusterwiseLM) else None
+                    calibrator = OutcomeCalibrator().fit(outcome_table(model, tokenizer, val, zv, **mc),
+                                                         config.outcome_samples)
+                    calibrator.save_pretrained(folders[name])
+                    outcomes = outcomes.with_columns(**{f"p_{o}_calibrated": calibrator.transform(
+                        o, outcomes[f"p_{o}"].to_numpy()) for o in OUTCOMES})
             else:
                 outcomes = first_page_outcomes(test, pred.first_page_logprobs, tokenizer)
             outcomes.write_parquet(_parent_made(artefact_path(out, "outcomes", name)))
@@ -370,13 +383,17 @@ def _save_clusters(path: Path, train: pl.DataFrame, train_clusters: np.ndarray, 
 
 
 def _outcome_summary(outcomes: pl.DataFrame) -> dict[str, float]:
-    """AUC and Brier score (beside that of always predicting the observed rate) of each outcome."""
+    """AUC and Brier score (beside that of always predicting the observed rate, and after recalibration on
+    the validation users when the table has it) of each outcome."""
     summary = {}
     for name, cal in outcome_calibration(outcomes).items():
         prob = outcomes[f"p_{name}"].to_numpy()
         known = ~np.isnan(prob)
         summary |= {f"AUC-{name}": M.outcome_auc(prob[known], outcomes[name].to_numpy()[known]) if known.any()
                     else float("nan"), f"Brier-{name}": cal.brier, f"Brier-{name} (base rate)": cal.brier_base_rate}
+        if f"p_{name}_calibrated" in outcomes.columns:
+            summary[f"Brier-{name} (calibrated on val)"] = calibration(
+                outcomes[f"p_{name}_calibrated"].to_numpy(), outcomes[name].to_numpy()).brier
     return summary
 
 

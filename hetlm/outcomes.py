@@ -17,6 +17,8 @@ whatever else shares the batch. Rows without a temperature get no noise (greedy 
 rows and sampled rows share one batched `generate` call.
 
 Calibration (`calibration`): Brier score and reliability-curve data on samples whose outcome is known.
+Recalibration (`OutcomeCalibrator`): a small LM's probabilities can be further off than always predicting
+the base rate; Platt scaling fitted on held-out users (validation) maps them to calibrated ones.
 """
 
 from __future__ import annotations
@@ -247,3 +249,71 @@ def calibration(p: np.ndarray, observed: np.ndarray, n_bins: int = 10) -> Calibr
 def outcome_calibration(table: pl.DataFrame, n_bins: int = 10) -> dict[str, Calibration]:
     """Calibration of p_cart and p_purchase of an `outcome_table` against its observed cart / purchase."""
     return {name: calibration(table[f"p_{name}"].to_numpy(), table[name].to_numpy(), n_bins) for name in OUTCOMES}
+
+
+@dataclass
+class OutcomeCalibrator:
+    """Platt scaling of each outcome's Monte Carlo probability, fitted on held-out users:
+    calibrated p = sigmoid(slope * logit(p) + intercept), p clipped to [1/(2N), 1 - 1/(2N)] first (a
+    0-of-N estimate has no logit). A logistic regression on the validation users' estimates gives the
+    two numbers; a negative slope (worse than chance on validation) is replaced by the base rate
+    (slope 0). Fitted at N draws per user; scoring with another N changes the noise it corrects for.
+    Saved as outcome_calibration.json in a model folder, where `hetlm score` / `serve` pick it up.
+    """
+
+    coefficients: dict[str, tuple[float, float]] = field(default_factory=dict)  # outcome -> (slope, intercept)
+    n_samples: int = 0
+    n_users: int = 0
+
+    FILE = "outcome_calibration.json"
+
+    def _logit(self, p: np.ndarray) -> np.ndarray:
+        eps = 0.5 / max(self.n_samples, 1)
+        p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
+        return np.log(p / (1 - p))
+
+    def fit(self, table: pl.DataFrame, n_samples: int) -> OutcomeCalibrator:
+        """From an `outcome_table` of held-out users (p_cart, p_purchase and the observed cart, purchase)."""
+        from sklearn.linear_model import LogisticRegression
+
+        self.n_samples, self.n_users, self.coefficients = n_samples, table.height, {}
+        for name in OUTCOMES:
+            p, y = table[f"p_{name}"].to_numpy(), table[name].to_numpy().astype(int)
+            known = ~np.isnan(p)
+            p, y = p[known], y[known]
+            if not len(y) or y.min() == y.max():  # nothing to learn a slope from
+                continue
+            fitted = LogisticRegression(C=1e6).fit(self._logit(p)[:, None], y)
+            slope, intercept = float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
+            if slope < 0:
+                rate = y.mean()
+                slope, intercept = 0.0, float(np.log(rate / (1 - rate)))
+            self.coefficients[name] = (slope, intercept)
+        return self
+
+    def transform(self, name: str, p: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of outcome `name` (NaN where p is NaN or the outcome was not fitted)."""
+        p = np.asarray(p, dtype=float)
+        if name not in self.coefficients:
+            return np.full_like(p, np.nan)
+        slope, intercept = self.coefficients[name]
+        out = 1 / (1 + np.exp(-(slope * self._logit(p) + intercept)))
+        return np.where(np.isnan(p), np.nan, out)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        import json
+
+        (Path(folder) / self.FILE).write_text(json.dumps(
+            {"method": "platt", "coefficients": self.coefficients, "n_samples": self.n_samples,
+             "n_users": self.n_users}, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> OutcomeCalibrator | None:
+        """The calibrator saved in a model folder, None when it has none."""
+        import json
+
+        path = Path(folder) / cls.FILE
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        return cls({k: tuple(v) for k, v in saved["coefficients"].items()}, saved["n_samples"], saved["n_users"])

@@ -7,6 +7,8 @@ For each user (a history: sessions of page names, oldest first) a `Scorer` gives
     top_pages, top_probs    the k most likely first pages of the next session (`next_page_scores`)
     p_cart, p_purchase      P(Cart / Purchase in the next session), Monte Carlo (`hetlm.outcomes`),
     se_cart, se_purchase    with standard errors; NaN when n_samples = 0 or the page is not in the vocabulary
+    p_*_calibrated          the same after the model folder's Platt scaling (`OutcomeCalibrator`, written by
+                            `hetlm experiment`); NaN when the folder has none
     unknown_pages           pages of the history used that the tokenizer does not know (mapped to [UNK])
     sessions_used           how many of the most recent sessions fit the model's context
 The prompt is built as `hetlm prepare` builds a sample's history (`sessions.build_samples`): the most
@@ -40,7 +42,16 @@ from .cluster.base import ClusterwiseLM
 from .encoders import encoder_from_settings
 from .generate import next_page_scores
 from .ingest import read_events
-from .outcomes import Decoding, decode_sessions, estimate_outcomes, monte_carlo_rows, outcome_ids, row_seed
+from .outcomes import (
+    OUTCOMES,
+    Decoding,
+    OutcomeCalibrator,
+    decode_sessions,
+    estimate_outcomes,
+    monte_carlo_rows,
+    outcome_ids,
+    row_seed,
+)
 from .prepare import PrepareConfig
 from .sessions import CleaningReport, build_samples, clean_sessions, session_ids, sessionize
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, load_tokenizer
@@ -74,13 +85,15 @@ class UserScore:
     se_purchase: float
     unknown_pages: list[str]
     sessions_used: int
+    p_cart_calibrated: float = float("nan")      # after the model folder's OutcomeCalibrator, if it has one
+    p_purchase_calibrated: float = float("nan")
 
 
 SCORE_SCHEMA = {
     "user": pl.Utf8, "cluster": pl.Int64, "cluster_prob": pl.Float64, "next_session": pl.List(pl.Utf8),
     "top_pages": pl.List(pl.Utf8), "top_probs": pl.List(pl.Float64), "p_cart": pl.Float64, "se_cart": pl.Float64,
     "p_purchase": pl.Float64, "se_purchase": pl.Float64, "unknown_pages": pl.List(pl.Utf8),
-    "sessions_used": pl.Int64,
+    "sessions_used": pl.Int64, "p_cart_calibrated": pl.Float64, "p_purchase_calibrated": pl.Float64,
 }
 
 
@@ -159,6 +172,7 @@ class Scorer:
     max_new_tokens: int = 40
     batch_size: int = 64                # decoded rows per forward pass
     encoder: Any = field(default=None, repr=False)
+    calibrator: OutcomeCalibrator | None = None  # Platt scaling of P(Cart), P(Purchase) (experiment model folders)
     vocab: dict[str, int] = field(init=False, repr=False)
     outcome_ids: dict[str, int | None] = field(init=False)
 
@@ -178,7 +192,8 @@ class Scorer:
     def from_pretrained(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
                         **kwargs) -> Scorer:
         tokenizer = load_tokenizer(tokenizer_dir or find_tokenizer(model_dir))
-        return cls(load_model(model_dir, device), tokenizer, **kwargs)
+        return cls(load_model(model_dir, device), tokenizer, calibrator=OutcomeCalibrator.from_pretrained(model_dir),
+                   **kwargs)
 
     @property
     def clusterwise(self) -> bool:
@@ -208,6 +223,7 @@ class Scorer:
         if self.clusterwise:
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
                      "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
+        info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
         return info
 
     def score(self, histories: Sequence[History], options: Sequence[ScoreOptions]) -> list[UserScore]:
@@ -272,6 +288,8 @@ class Scorer:
             p_cart=float(outcomes.p["cart"][0]), se_cart=float(outcomes.se["cart"][0]),
             p_purchase=float(outcomes.p["purchase"][0]), se_purchase=float(outcomes.se["purchase"][0]),
             unknown_pages=unknown, sessions_used=len(histories[i]),
+            **{f"p_{name}_calibrated": float(self.calibrator.transform(name, outcomes.p[name])[0])
+               for name in OUTCOMES if self.calibrator is not None},
         )
 
 

@@ -73,6 +73,8 @@ class PredictResponse(BaseModel):
     se_cart: float | None
     p_purchase: float | None
     se_purchase: float | None
+    p_cart_calibrated: float | None = Field(description="p_cart after the model's Platt scaling; null without one")
+    p_purchase_calibrated: float | None
     n_samples: int
     unknown_pages: list[str] = Field(description="pages not in the model's vocabulary, scored as [UNK]")
     sessions_used: int = Field(description="most recent sessions that fit the model's context")
@@ -116,7 +118,8 @@ def prediction_response(score: UserScore, n_samples: int, cleaning: dict[str, in
     return PredictResponse(
         cluster=s["cluster"], cluster_probability=s["cluster_prob"], next_session=s["next_session"],
         top_pages=[PagePrediction(page=p, probability=q) for p, q in zip(s["top_pages"], s["top_probs"])],
-        **{key: _number(s[key]) for key in ("p_cart", "se_cart", "p_purchase", "se_purchase")},
+        **{key: _number(s[key]) for key in ("p_cart", "se_cart", "p_purchase", "se_purchase", "p_cart_calibrated",
+                                            "p_purchase_calibrated")},
         n_samples=n_samples, unknown_pages=s["unknown_pages"], sessions_used=s["sessions_used"], cleaning=cleaning,
     )
 

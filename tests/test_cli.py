@@ -136,6 +136,10 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
     assert "tiny HeTLM a=0 b=0 l1=centered" in names  # a run that sets more than (alpha, beta)
     centered = json.loads((tmp_path / "again" / "models" / "hetlm_a0_b0_l1_centered" / "clusterwise.json").read_text())
     assert centered["info"]["config"]["l1"] == "centered"
+    # P(Cart)/P(Purchase) recalibrated on the validation users; the calibrator stays with each model
+    assert all("Brier-cart (calibrated on val)" in r["outcomes"] for r in again["results"].values() if "outcomes" in r)
+    assert (tmp_path / "again" / "models" / "small" / "outcome_calibration.json").exists()
+    assert (tmp_path / "again" / "models" / "hetlm_a5_b9" / "outcome_calibration.json").exists()
 
 
 @pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.stem)

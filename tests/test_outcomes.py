@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from hetlm.generate import NEVER_EMITTED, generate_next_sessions, session_prompts
 from hetlm.outcomes import (
+    OutcomeCalibrator,
     Decoding,
     calibration,
     decode_sessions,
@@ -97,3 +98,28 @@ def test_calibration():
     constant = calibration(np.full(10, 0.3), np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]))
     assert constant.bins == [{"mean_predicted": pytest.approx(0.3), "observed_rate": 0.3, "count": 10}]
     assert constant.brier == pytest.approx(0.21) and constant.brier_base_rate == pytest.approx(0.21)
+
+
+def test_platt_calibrator_fixes_overconfident_estimates(tmp_path):
+    rng = np.random.default_rng(0)
+    n, draws = 3000, 16
+    true = 1 / (1 + np.exp(-rng.normal(-1.5, 0.8, n)))
+    bought = rng.random(n) < true
+    estimate = rng.binomial(draws, np.clip(2 * true, 0, 1)) / draws  # an LM twice as sure of a purchase
+    half = n // 2
+    table = pl.DataFrame({"p_cart": estimate, "p_purchase": estimate, "cart": bought, "purchase": np.zeros(n, bool)})
+    calibrator = OutcomeCalibrator().fit(table[:half], draws)  # fitted on "validation", scored on the rest
+    raw, fixed = estimate[half:], calibrator.transform("cart", estimate[half:])
+    brier = {name: np.mean((p - bought[half:]) ** 2) for name, p in (("raw", raw), ("fixed", fixed))}
+    base = np.mean((bought[:half].mean() - bought[half:]) ** 2)
+    assert brier["fixed"] < base < brier["raw"], (brier, base)
+    assert np.all(np.diff(fixed[np.argsort(raw)]) >= 0)  # a monotone map: the ranking (AUC) is unchanged
+    assert "purchase" not in calibrator.coefficients  # no purchase in the fit data: nothing learnt
+    assert np.isnan(calibrator.transform("purchase", raw)).all()
+    calibrator.save_pretrained(tmp_path)
+    assert OutcomeCalibrator.from_pretrained(tmp_path) == calibrator
+    assert OutcomeCalibrator.from_pretrained(tmp_path / "elsewhere") is None
+    # Worse than chance on the fit data: the slope is dropped, every user gets the observed rate.
+    reversed_ = OutcomeCalibrator().fit(table.with_columns(cart=~pl.col("cart"))[:half], draws)
+    assert reversed_.coefficients["cart"][0] == 0
+    assert np.allclose(reversed_.transform("cart", raw), 1 - bought[:half].mean())

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from hetlm.cli import app as cli
 from hetlm.cluster.kmeans import fit_kmeans_clusterwise
 from hetlm.encoders import encoder_from_settings
+from hetlm.outcomes import OutcomeCalibrator
 from hetlm.score import log_sessions
 from hetlm.serve import Limits, create_app
 from hetlm.tokenizer import load_tokenizer
@@ -26,6 +27,7 @@ from .test_score import log_head, train_micro
 
 LIMITS = Limits(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20)
 OPTIONS = {"k": 5, "n_samples": 4, "seed": 2}
+CALIBRATOR = OutcomeCalibrator({"cart": (0.5, -1.0), "purchase": (0.8, -2.0)}, n_samples=4, n_users=50)
 
 
 @contextmanager
@@ -61,6 +63,7 @@ def clusterwise(taobao_prepared, tmp_path_factory):
     model = fit_kmeans_clusterwise(base, train, embed(train["history"].to_list()), val, embed(val["history"].to_list()),
                                    2, config, folder / "train_clusters", encoder, progress=False)
     model.save_pretrained(folder / "kmeans", load_tokenizer(prepared / "tokenizer"))
+    CALIBRATOR.save_pretrained(folder / "kmeans")  # as `hetlm experiment` leaves one in each model folder
     return folder / "kmeans"
 
 
@@ -78,6 +81,7 @@ def test_health_model_and_openapi(server):
     assert model["pages"] > 1000 and model["history_budget_tokens"] == 128 - 10 - 1
     assert model["limits"]["max_sessions"] == 40
     assert model["cleaning"] == {"collapse_repeats": True, "min_session_len": 2}
+    assert model["outcome_calibration"]["coefficients"] == {"cart": [0.5, -1.0], "purchase": [0.8, -2.0]}
     spec = server.get("/openapi.json").json()
     assert "/predict" in spec["paths"] and "PredictRequest" in spec["components"]["schemas"]
 
@@ -101,6 +105,9 @@ def test_predictions_equal_score_command(server, clusterwise, tmp_path):
         assert [p["page"] for p in got["top_pages"]] == row["top_pages"]
         np.testing.assert_allclose([p["probability"] for p in got["top_pages"]], row["top_probs"], rtol=1e-4)
         assert (got["p_cart"], got["p_purchase"]) == (row["p_cart"], row["p_purchase"])
+        assert (got["p_cart_calibrated"], got["p_purchase_calibrated"]) == (
+            row["p_cart_calibrated"], row["p_purchase_calibrated"]) == pytest.approx(
+            (CALIBRATOR.transform("cart", [row["p_cart"]])[0], CALIBRATOR.transform("purchase", [row["p_purchase"]])[0]))
         assert got["sessions_used"] == row["sessions_used"] and got["n_samples"] == 4
 
 
