@@ -336,22 +336,27 @@ def purchase_calibration(run: RunFolder) -> Figure:
     outcomes = _outcomes(run)
     # A first-page probability sits orders of magnitude below the purchase rate: only log axes show it.
     log_axes = not run.results.get("outcome_samples")
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")  # room for the legend beside the axes
     ax = fig.subplots()
     lowest = 1.0
     for i, (name, df) in enumerate(outcomes.items()):
-        truth, prob = df["purchase"].to_numpy(), df["p_purchase"].to_numpy()
-        observed, predicted = calibration_curve(truth, prob, n_bins=10, strategy="quantile")
-        shown = (observed > 0) & (predicted > 0) if log_axes else np.ones(len(observed), bool)  # log axes have no 0
-        ax.plot(predicted[shown], observed[shown], "o-", color=_colour(i), ms=4, lw=1.2,
-                label=f"{name} (mean p {prob.mean():.3f}, rate {truth.mean():.3f})")
-        lowest = min([lowest, *predicted[shown], *observed[shown]])
+        truth = df["purchase"].to_numpy()
+        curves = [("p_purchase", "o-", "")]
+        if "p_purchase_calibrated" in df.columns:
+            curves.append(("p_purchase_calibrated", "s--", ", recalibrated on val"))
+        for column, style, what in curves:
+            prob = df[column].to_numpy()
+            observed, predicted = calibration_curve(truth, prob, n_bins=10, strategy="quantile")
+            shown = (observed > 0) & (predicted > 0) if log_axes else np.ones(len(observed), bool)  # log: no 0
+            ax.plot(predicted[shown], observed[shown], style, color=_colour(i), ms=4, lw=1.2, mfc="none" if what else None,
+                    label=f"{name}{what} (mean p {prob.mean():.3f}, rate {truth.mean():.3f})")
+            lowest = min([lowest, *predicted[shown], *observed[shown]])
     lowest = 10 ** math.floor(math.log10(lowest)) if log_axes else 0.0
     ax.plot([lowest, 1], [lowest, 1], color="0.4", ls=":", label="perfectly calibrated")
     scale = "log" if log_axes else "linear"
     ax.set(xscale=scale, yscale=scale, xlim=(lowest, 1), ylim=(lowest, 1),
            xlabel="mean predicted P(purchase) in the bin", ylabel="share of users who purchased")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return fig
 
 
@@ -403,7 +408,8 @@ FIGURES = [
     FigureSpec("purchase_calibration", "Purchase prediction: calibration",
                lambda run: f"Reliability curve of {_estimator(run)}: test users binned by predicted P(purchase) "
                            f"(10 bins of equal size); x: mean prediction in the bin, y: share of the bin who "
-                           f"purchased. Points above the diagonal: the model under-estimates. "
+                           f"purchased. Points above the diagonal: the model under-estimates. Dashed, hollow: after "
+                           f"Platt scaling fitted on the validation users (when the run has it). "
                            + ("Log-log axes (bins where nobody purchased are not drawn): a first-page probability "
                               "misses purchases later in the session, so it sits far below the rate."
                               if not run.results.get("outcome_samples") else ""),
