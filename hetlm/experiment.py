@@ -213,8 +213,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         result = train_lm(small, train, val, config.pretrain, out / "train" / "small", progress=progress)
         name = f"{config.model.preset} single"
         models[name], params[name], histories[name] = small.eval(), count_parameters(small), result.history
-        small.save_pretrained(out / "models" / "small")
         folders[name] = out / "models" / "small"
+        small.save_pretrained(folders[name])
 
     z = {}
     if config.kmeans.enabled or config.hetlm.enabled:
@@ -234,8 +234,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             name = f"{config.model.preset} k-means K={k}"
             models[name], params[name] = km, sum(count_parameters(m) for m in km.models.values())
             histories[name] = km.info.pop("histories")
-            km.save_pretrained(out / "models" / f"kmeans_k{k}", tokenizer)
             folders[name] = out / "models" / f"kmeans_k{k}"
+            km.save_pretrained(folders[name], tokenizer)
 
     final_ks = []
     if config.hetlm.enabled:
@@ -248,8 +248,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             models[name], params[name] = het, sum(count_parameters(m) for m in het.models.values())
             histories[name] = het.info["history"]
             final_ks.append(len(het.models))
-            het.save_pretrained(out / "models" / folder, tokenizer)
             folders[name] = out / "models" / folder
+            het.save_pretrained(folders[name], tokenizer)
 
     larger_name = None
     if config.larger.enabled:
@@ -263,8 +263,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             larger = build_model(shape, len(tokenizer), config.model.family, max_positions=max_len)
             result = train_lm(larger, train, val, config.pretrain, out / "train" / "larger", progress=progress)
             models[larger_name], params[larger_name], histories[larger_name] = larger.eval(), n, result.history
-            larger.save_pretrained(out / "models" / "larger")
             folders[larger_name] = out / "models" / "larger"
+            larger.save_pretrained(folders[larger_name])
 
     bert_encoder = None
     if config.bert_score:

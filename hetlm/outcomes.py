@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,8 +302,6 @@ class OutcomeCalibrator:
         return np.where(np.isnan(p), np.nan, out)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        import json
-
         (Path(folder) / self.FILE).write_text(json.dumps(
             {"method": "platt", "coefficients": self.coefficients, "n_samples": self.n_samples,
              "n_users": self.n_users}, indent=1))
@@ -310,8 +309,6 @@ class OutcomeCalibrator:
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> OutcomeCalibrator | None:
         """The calibrator saved in a model folder, None when it has none."""
-        import json
-
         path = Path(folder) / cls.FILE
         if not path.exists():
             return None
