@@ -105,7 +105,7 @@ def test_distributed_helpers_on_two_ranks(tmp_path):
 
 
 HETLM_FIT = """
-import json, sys
+import atexit, json, os, sys
 import numpy as np, polars as pl, torch
 from hetlm.cluster.hetlm import HeTLM, HeTLMConfig
 from hetlm.models import build_model
@@ -115,6 +115,9 @@ from hetlm.train import dist_info
 data, out = sys.argv[1], sys.argv[2]
 epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 checkpoints = sys.argv[4] if len(sys.argv) > 4 else None  # out_dir of fit: checkpoints, and resume from them
+# Registered first, so it runs after the hooks fit registers: has the process group been closed by then?
+atexit.register(lambda: open(f"{out}.rank{os.environ.get('RANK', '0')}.group_open_at_exit", "w").write(
+    str(torch.distributed.is_initialized())))
 train, val = (pl.read_parquet(f"{data}/{split}.parquet").head(96) for split in ("train", "val"))
 vocab = len(load_tokenizer(f"{data}/tokenizer"))
 projection = np.random.default_rng(0).normal(size=(vocab, 16))
@@ -129,9 +132,9 @@ config = HeTLMConfig(n_clusters=3, epochs=epochs, batch_size=16, selector_pretra
 result = HeTLM(config).fit(base, train, embed(train), val, embed(val), progress=False, out_dir=checkpoints,
                            resume=checkpoints is not None)
 info = result.info
-weights = {k: float(sum(p.double().sum() for p in m.parameters())) for k, m in result.models.items()}
+weights = {k: float(sum(p.detach().double().sum() for p in m.parameters())) for k, m in result.models.items()}
 json.dump({"history": info["history"], "sizes": result.sizes, "weights": weights,
-           "selector": float(sum(p.double().sum() for p in result.selector.net.parameters()))},
+           "selector": float(sum(p.detach().double().sum() for p in result.selector.net.parameters()))},
           open(f"{out}.rank{dist_info().rank}.json", "w"))
 """
 
@@ -172,6 +175,9 @@ def test_hetlm_on_two_processes_fits_like_one(sliced, hetlm_one_process, tmp_pat
         [v["combined_nll"] for v in one["history"]["val"]], rel=1e-5)
     assert two["weights"] == pytest.approx(one["weights"], rel=1e-5) and two_rank1["weights"] == two["weights"]
     assert two_rank1["selector"] == two["selector"] == pytest.approx(one["selector"], rel=1e-6)
+    # The script never closes the group; init_distributed's exit hook does, since exiting with gloo alive can
+    # abort the process.
+    assert [(tmp_path / f"two.rank{r}.group_open_at_exit").read_text() for r in (0, 1)] == ["False", "False"]
 
 
 def test_hetlm_checkpoint_of_two_processes_resumes_on_two_or_one(sliced, hetlm_one_process, tmp_path):
