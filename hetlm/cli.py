@@ -29,11 +29,27 @@ Separator = Annotated[Optional[str], typer.Option(help="generic: CSV delimiter")
 TimeFormat = Annotated[Optional[str], typer.Option(help="generic: strftime format of the time column")]
 TimeUnit = Annotated[Optional[str], typer.Option(help="generic: unit of a numeric time column (s or ms)")]
 PagePrefix = Annotated[Optional[str], typer.Option(help="generic: text put before each page value")]
-GapMinutes = Annotated[float, typer.Option(help="inactivity gap that splits sessions")]
-CollapseRepeats = Annotated[bool, typer.Option(help="collapse immediate repeats of the same page")]
-MinSessionLen = Annotated[int, typer.Option(help="drop sessions shorter than this (pages)")]
+_GAP, _COLLAPSE = "inactivity gap that splits sessions", "collapse immediate repeats of the same page"
+_MIN_LEN, _LONG = "drop sessions shorter than this (pages)", "truncate | drop sessions above the cutoff"
+GapMinutes = Annotated[float, typer.Option(help=_GAP)]
+CollapseRepeats = Annotated[bool, typer.Option(help=_COLLAPSE)]
+MinSessionLen = Annotated[int, typer.Option(help=_MIN_LEN)]
 LongPercentile = Annotated[float, typer.Option(help="session-length percentile cutoff")]
-LongSessions = Annotated[str, typer.Option(help="truncate | drop sessions above the cutoff")]
+LongSessions = Annotated[str, typer.Option(help=_LONG)]
+
+
+def _as_trained(kind: type, text: str):
+    """score/serve: an option that changes how prepare cleaned the model's training log (`SessionCleaning`)."""
+    return Annotated[Optional[kind], typer.Option(help=f"{text} [default: as the model's training log was prepared]")]
+
+
+GapOverride, CollapseOverride = _as_trained(float, _GAP), _as_trained(bool, _COLLAPSE)
+MinLenOverride, LongOverride = _as_trained(int, _MIN_LEN), _as_trained(str, _LONG)
+LongCutoffOverride = _as_trained(int, "session length (pages) above which sessions are long")
+
+
+def _override_cleaning(scorer, **given) -> None:
+    scorer.cleaning = dataclasses.replace(scorer.cleaning, **{k: v for k, v in given.items() if v is not None})
 SkipBadRows = Annotated[bool, typer.Option(help="drop bad rows and count them instead of stopping")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -356,30 +372,30 @@ def score(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     page_prefix: PagePrefix = None,
-    gap_minutes: GapMinutes = 30.0,
-    collapse_repeats: CollapseRepeats = True,
-    min_session_len: MinSessionLen = 2,
-    long_percentile: LongPercentile = 99.0,
-    long_sessions: LongSessions = "truncate",
+    gap_minutes: GapOverride = None,
+    collapse_repeats: CollapseOverride = None,
+    min_session_len: MinLenOverride = None,
+    long_sessions: LongOverride = None,
+    long_session_cutoff: LongCutoffOverride = None,
     skip_bad_rows: SkipBadRows = False,
 ) -> None:
     """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase)."""
     from pydantic import ValidationError
 
     from .ingest import IngestError
-    from .prepare import PrepareConfig
     from .score import ScoreOptions, Scorer, score_log
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
                               sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
     try:
-        cfg = PrepareConfig(gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
-                            long_session_percentile=long_percentile, long_sessions=long_sessions,
-                            on_bad_rows="skip" if skip_bad_rows else "error")
         settings = ScoreOptions(k=k, strategy=strategy, temperature=temperature, n_samples=n_samples, seed=seed)
         scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size)
-        summary = score_log(scorer, source, events, out, settings, cfg, batch_users, **options)
+        _override_cleaning(scorer, gap_minutes=gap_minutes, collapse_repeats=collapse_repeats,
+                           min_session_len=min_session_len, long_sessions=long_sessions,
+                           long_session_cutoff=long_session_cutoff)
+        summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
+                            batch_users, **options)
     except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
         _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
@@ -398,18 +414,23 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="larger request bodies get 413"),
     max_sessions: int = typer.Option(1000, help="requests with more sessions get 413"),
     max_pages: int = typer.Option(20_000, help="requests with more pages get 413"),
-    collapse_repeats: CollapseRepeats = True,
-    min_session_len: MinSessionLen = 2,
+    collapse_repeats: CollapseOverride = None,
+    min_session_len: MinLenOverride = None,
+    long_sessions: LongOverride = None,
+    long_session_cutoff: LongCutoffOverride = None,
 ) -> None:
     """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs."""
-    from .serve import Cleaning, Limits
+    from .score import Scorer
+    from .serve import Limits
     from .serve import serve as run_server
 
     limits = Limits(max_body_bytes=max_body_bytes, max_sessions=max_sessions, max_pages=max_pages,
                     max_batch=max_batch, max_wait_ms=max_wait_ms)
     try:
-        run_server(model_dir, host, port, tokenizer_dir=tokenizer, routing=routing, max_new_tokens=max_new_tokens,
-                   limits=limits, cleaning=Cleaning(collapse_repeats, min_session_len))
+        scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens)
+        _override_cleaning(scorer, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
+                           long_sessions=long_sessions, long_session_cutoff=long_session_cutoff)
+        run_server(scorer, host, port, limits=limits)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
 

@@ -31,6 +31,7 @@ from .ingest.base import CART, PURCHASE, IngestError
 from .sessions import (
     CleaningReport,
     DataError,
+    SessionCleaning,
     SplitSettings,
     assign_splits,
     build_samples,
@@ -344,6 +345,8 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
             writers.write(samples)
             stats.append(_partition_stats(sessions, samples, vocab))
     clock["samples"] = time.perf_counter()
+    SessionCleaning(cfg.gap_minutes, cfg.use_log_sessions, cfg.collapse_repeats, cfg.min_session_len, cfg.long_sessions,
+                    cfg.long_session_percentile, long_cutoff).save_to(tokenizer)
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
     return _summary(cfg, mode, ingested, stats, tokenizer, report, clock)

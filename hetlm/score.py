@@ -16,9 +16,10 @@ recent whole sessions that fit, each [BOS] p1..pn [EOS], then [BOS] of the sessi
 Every user's result depends on that user only (greedy decoding is left-padded, sampling uses per-user
 random streams), so a batch scored together gives what each user scored alone gives.
 
-`score_log` reads a raw click log with any ingest adapter, cleans sessions like `hetlm prepare`
-(repeats collapsed, short sessions dropped, long ones cut; users need one session, not two) and
-writes one row per user to Parquet, batch by batch, so memory does not grow with the number of users.
+`score_log` reads a raw click log with any ingest adapter, cleans sessions as `hetlm prepare` cleaned the
+model's training log (`SessionCleaning`, stored with the tokenizer: repeats collapsed, short sessions
+dropped, long ones cut at the training log's cutoff; users need one session, not two) and writes one row
+per user to Parquet, batch by batch, so memory does not grow with the number of users.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ from .outcomes import (
     outcome_ids,
     row_seed,
 )
-from .prepare import PrepareConfig
-from .sessions import CleaningReport, build_samples, clean_sessions, session_ids, sessionize
+from .sessions import CleaningReport, SessionCleaning, build_samples, session_ids, sessionize
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, load_tokenizer
 
 History = Sequence[Sequence[str]]
@@ -173,6 +173,7 @@ class Scorer:
     batch_size: int = 64                # decoded rows per forward pass
     encoder: Any = field(default=None, repr=False)
     calibrator: OutcomeCalibrator | None = None  # Platt scaling of P(Cart), P(Purchase) (experiment model folders)
+    cleaning: SessionCleaning | None = None  # None: the one recorded in the tokenizer by `hetlm prepare`
     vocab: dict[str, int] = field(init=False, repr=False)
     outcome_ids: dict[str, int | None] = field(init=False)
 
@@ -185,6 +186,7 @@ class Scorer:
             raise ValueError(f"this {self.model.kind} model has no selector; route by 'centroid'")
         if self.clusterwise and self.encoder is None:
             self.encoder = encoder_from_settings(self.model.encoder).set_params(show_progress=False)
+        self.cleaning = self.cleaning or SessionCleaning.from_tokenizer(self.tokenizer)
         self.vocab = self.tokenizer.get_vocab()
         self.outcome_ids = outcome_ids(self.tokenizer)
 
@@ -224,6 +226,7 @@ class Scorer:
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
                      "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
         info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
+        info["cleaning"] = asdict(self.cleaning)
         return info
 
     def score(self, histories: Sequence[History], options: Sequence[ScoreOptions]) -> list[UserScore]:
@@ -293,17 +296,13 @@ class Scorer:
         )
 
 
-def log_sessions(source: str, path: str | Path, config: PrepareConfig | None = None,
+def log_sessions(source: str, path: str | Path, cleaning: SessionCleaning | None = None, on_bad_rows: str = "error",
                  **source_options: Any) -> tuple[pl.DataFrame, int]:
-    """The cleaned sessions of a raw log (prepare's session settings of `config`; a user needs one
-    session) and the number of users in the log."""
-    cfg = config or PrepareConfig()
-    events = read_events(source, path, on_bad_rows=cfg.on_bad_rows, **source_options).events.drop_nulls("page")
-    sessions = clean_sessions(
-        sessionize(events, cfg.gap_minutes, cfg.use_log_sessions), CleaningReport(),
-        collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
-        long_session_percentile=cfg.long_session_percentile, long_sessions=cfg.long_sessions, min_sessions=1,
-    )
+    """The sessions of a raw log, cleaned by `cleaning` (default: prepare's defaults, no long-session cut),
+    and the number of users in the log."""
+    cleaning = cleaning or SessionCleaning()
+    events = read_events(source, path, on_bad_rows=on_bad_rows, **source_options).events.drop_nulls("page")
+    sessions = cleaning.clean(sessionize(events, cleaning.gap_minutes, cleaning.use_log_sessions), CleaningReport())
     return sessions, events["user"].n_unique()
 
 
@@ -326,14 +325,15 @@ class ScoreSummary:
 
 
 def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, options: ScoreOptions | None = None,
-              config: PrepareConfig | None = None, batch_users: int = 64, progress: bool = True,
+              on_bad_rows: str = "error", batch_users: int = 64, progress: bool = True,
               **source_options: Any) -> ScoreSummary:
-    """Score every user of a raw log (see the module docstring) into the Parquet file `out`.
+    """Score every user of a raw log (see the module docstring) into the Parquet file `out`; sessions are
+    cleaned by `scorer.cleaning`.
 
     Users left with no session after cleaning, or whose last session does not fit the model's context,
     get no row (users_in_log - users_scored of them).
     """
-    sessions, users_in_log = log_sessions(source, path, config, **source_options)
+    sessions, users_in_log = log_sessions(source, path, scorer.cleaning, on_bad_rows, **source_options)
     fitted = fit_histories(sessions, scorer.vocab, scorer.history_budget)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,11 @@ result does not depend on the batch it shares (see `hetlm.score`), so batching c
 
 Malformed requests get 422 with pydantic's message; requests over the limits of `create_app` (body
 bytes, sessions, pages) get 413. Page names are normalised as the ingest adapters do (whitespace -> "_").
-Sessions are cleaned as `hetlm prepare` and `hetlm score` clean a log (`sessions.group_sessions`: immediate
-repeats of a page collapsed, sessions shorter than `min_session_len` pages dropped; the response counts
-what was removed), unless the request says `"clean": false`. The long-session cut of prepare is a
-percentile over a whole log and has no per-request equivalent: a last session longer than the model's
-context gets 422.
+Sessions are cleaned as `hetlm prepare` cleaned the model's training log (`sessions.SessionCleaning`, stored
+with the tokenizer: immediate repeats of a page collapsed, sessions shorter than `min_session_len` pages
+dropped, sessions longer than the training log's cutoff truncated or dropped; the response counts what
+was removed), unless the request says `"clean": false`. A last session that still does not fit the
+model's context gets 422.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
-import polars as pl
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import AfterValidator, BaseModel, Field, StrictStr
 from starlette.responses import JSONResponse
 
 from .score import ScoreOptions, Scorer, UserScore
-from .sessions import CleaningReport, group_sessions
+from .sessions import SessionCleaning
 
 
 def _page_name(page: str) -> str:
@@ -55,8 +54,9 @@ Session = Annotated[list[Page], Field(min_length=1)]
 class PredictRequest(ScoreOptions):
     sessions: list[Session] = Field(min_length=1, description="the user's sessions, oldest first; each a non-empty "
                                     "list of page names")
-    clean: bool = Field(True, description="clean the sessions as `hetlm prepare` does (immediate repeats "
-                        "collapsed, short sessions dropped); false uses them as sent")
+    clean: bool = Field(True, description="clean the sessions as `hetlm prepare` cleaned the training log "
+                        "(immediate repeats collapsed, short sessions dropped, long ones cut); false uses them "
+                        "as sent")
 
 
 class PagePrediction(BaseModel):
@@ -94,23 +94,6 @@ class Limits:
 
 def _number(x: float) -> float | None:
     return None if math.isnan(x) else x  # NaN -> null
-
-
-@dataclass
-class Cleaning:
-    """`hetlm prepare`'s session filters that apply to one user's sessions (same defaults)."""
-
-    collapse_repeats: bool = True
-    min_session_len: int = 2
-
-    def apply(self, sessions: list[list[str]]) -> tuple[list[list[str]], dict[str, int]]:
-        """The sessions that prepare would keep, and the pages removed by reason."""
-        events = pl.DataFrame({"user": [0] * sum(map(len, sessions)),
-                               "session": [i for i, s in enumerate(sessions) for _ in s],
-                               "page": [p for s in sessions for p in s]}).with_columns(start=pl.col("session"))
-        report = CleaningReport()
-        kept = group_sessions(events, report, self.collapse_repeats, self.min_session_len)
-        return kept["pages"].to_list(), report.dropped
 
 
 def prediction_response(score: UserScore, n_samples: int, cleaning: dict[str, int]) -> PredictResponse:
@@ -197,11 +180,14 @@ def _replay(messages: list[dict]):
 
 
 def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = None, routing: str | None = None,
-               max_new_tokens: int = 40, limits: Limits | None = None, cleaning: Cleaning | None = None) -> FastAPI:
-    """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`)."""
-    limits, cleaning = limits or Limits(), cleaning or Cleaning()
+               max_new_tokens: int = 40, limits: Limits | None = None,
+               cleaning: SessionCleaning | None = None) -> FastAPI:
+    """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`).
+    cleaning: default the scorer's (recorded with the model's tokenizer by `hetlm prepare`)."""
+    limits = limits or Limits()
     scorer = model if isinstance(model, Scorer) else Scorer.from_pretrained(
         model, tokenizer_dir, routing=routing, max_new_tokens=max_new_tokens)
+    cleaning = cleaning or scorer.cleaning
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -222,7 +208,7 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
             raise HTTPException(413, f"{pages} pages; at most {limits.max_pages} per request")
         removed = {}
         if body.clean:
-            sessions, removed = cleaning.apply(body.sessions)
+            sessions, removed = cleaning.clean_user(body.sessions)
             if not sessions:
                 raise HTTPException(422, f"no session of {cleaning.min_session_len} or more pages is left after "
                                          f"cleaning ({removed}); send \"clean\": false to use the sessions as sent")
@@ -244,8 +230,8 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
     return app
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Run the service with uvicorn until interrupted (options go to `create_app`)."""
     import uvicorn
 
-    uvicorn.run(create_app(model_dir, **options), host=host, port=port)
+    uvicorn.run(create_app(model, **options), host=host, port=port)

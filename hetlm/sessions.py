@@ -6,7 +6,7 @@ Samples table: user, split, target_start, history (list[list[str]]), target (lis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
@@ -96,6 +96,52 @@ def clean_sessions(
         group_sessions(events, report, collapse_repeats, min_session_len), report, long_session_percentile,
         long_sessions, min_sessions, long_session_cutoff, min_session_len,
     )
+
+
+CLEANING_KEY = "hetlm_session_cleaning"  # in tokenizer_config.json
+
+
+@dataclass(frozen=True)
+class SessionCleaning:
+    """How `hetlm prepare` made a log's sessions, with the values one prepared log fixed.
+
+    prepare stores it in its tokenizer's tokenizer_config.json (`save_to`), which every model folder's copy
+    of the tokenizer keeps, so `hetlm score` and `hetlm serve` clean a user's sessions as the training
+    sessions were cleaned: long sessions are cut at the training log's percentile, not at one of the log
+    being scored or of a single request. long_session_cutoff None (a tokenizer saved before it was
+    stored): no long-session cut.
+    """
+
+    gap_minutes: float = 30.0
+    use_log_sessions: bool = True
+    collapse_repeats: bool = True
+    min_session_len: int = 2
+    long_sessions: str = "truncate"
+    long_session_percentile: float | None = None  # what the cutoff was, for the reasons in reports
+    long_session_cutoff: int | None = None        # pages
+
+    def clean(self, events: pl.DataFrame, report: CleaningReport) -> pl.DataFrame:
+        """Sessionized events -> cleaned sessions (a user needs one session, not two: there is no target)."""
+        percentile = (self.long_session_percentile or 100.0) if self.long_session_cutoff is not None else None
+        return clean_sessions(events, report, self.collapse_repeats, self.min_session_len, percentile,
+                              self.long_sessions, 1, self.long_session_cutoff)
+
+    def clean_user(self, sessions: list[list[str]]) -> tuple[list[list[str]], dict[str, int]]:
+        """One user's sessions (oldest first) after cleaning, and the pages removed by reason."""
+        index = [i for i, s in enumerate(sessions) for _ in s]
+        events = pl.DataFrame({"user": [0] * len(index), "session": index, "start": index,
+                               "page": [p for s in sessions for p in s]},
+                              schema={"user": pl.Int64, "session": pl.Int64, "start": pl.Int64, "page": pl.Utf8})
+        report = CleaningReport()
+        return self.clean(events, report)["pages"].to_list(), report.dropped
+
+    def save_to(self, tokenizer) -> None:
+        """Record in the tokenizer (written by its next save_pretrained)."""
+        tokenizer.init_kwargs[CLEANING_KEY] = asdict(self)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> SessionCleaning:
+        return cls(**tokenizer.init_kwargs.get(CLEANING_KEY, {}))
 
 
 def group_sessions(events: pl.DataFrame, report: CleaningReport, collapse_repeats: bool = True,

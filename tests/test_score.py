@@ -18,6 +18,7 @@ from hetlm.cluster.base import ClusterwiseLM
 from hetlm.cluster.selector import Selector
 from hetlm.models import Preset, build_model
 from hetlm.score import ScoreOptions, Scorer, fit_histories, log_sessions, route_users, sessions_frame
+from hetlm.sessions import SessionCleaning
 from hetlm.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from hetlm.train import TrainConfig, train_lm
 
@@ -124,6 +125,13 @@ def test_score_command_streams_bounded_batches(micro, tmp_path):
     routed = CliRunner().invoke(app, ["score", str(micro), str(log), "--source", "taobao", "--out", str(out),
                                       "--routing", "centroid"])
     assert routed.exit_code == 2 and "clusterwise models only" in routed.output
+    # Options change the cleaning recorded with the tokenizer: here sessions over 3 pages are dropped.
+    strict = CliRunner().invoke(app, ["score", str(micro), str(log), "--source", "taobao", "--out", str(out),
+                                      "--n-samples", "0", "--long-sessions", "drop", "--long-session-cutoff", "3"])
+    assert strict.exit_code == 0, strict.output
+    kept, _ = log_sessions("taobao", log, SessionCleaning(long_sessions="drop", long_session_cutoff=3))
+    assert pl.read_parquet(out)["user"].sort().to_list() == kept["user"].unique().sort().to_list()
+    assert kept["user"].n_unique() < sessions["user"].n_unique()
 
 
 def test_routing_probabilities():

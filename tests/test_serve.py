@@ -74,13 +74,16 @@ def server(clusterwise):
         yield client
 
 
-def test_health_model_and_openapi(server):
+def test_health_model_and_openapi(server, taobao_prepared):
     assert server.get("/health").json()["status"] == "ok"
     model = server.get("/model").json()
     assert model["kind"] == "kmeans" and model["clusters"] == [0, 1] and model["routing"] == "centroid"
     assert model["pages"] > 1000 and model["history_budget_tokens"] == 128 - 10 - 1
     assert model["limits"]["max_sessions"] == 40
-    assert model["cleaning"] == {"collapse_repeats": True, "min_session_len": 2}
+    # How prepare cleaned the training log, recorded in its tokenizer and kept by the model folder's copy.
+    assert model["cleaning"] == {"gap_minutes": 30.0, "use_log_sessions": True, "collapse_repeats": True,
+                                 "min_session_len": 2, "long_sessions": "truncate", "long_session_percentile": 99.0,
+                                 "long_session_cutoff": taobao_prepared[1]["long_session_cutoff"]}
     assert model["outcome_calibration"]["coefficients"] == {"cart": [0.5, -1.0], "purchase": [0.8, -2.0]}
     spec = server.get("/openapi.json").json()
     assert "/predict" in spec["paths"] and "PredictRequest" in spec["components"]["schemas"]
@@ -135,6 +138,17 @@ def test_raw_sessions_are_cleaned_as_prepare_cleans_a_log(server):
     assert nothing_left.status_code == 422 and '"clean": false' in nothing_left.json()["detail"]
 
 
+def test_long_sessions_are_cut_at_the_training_logs_cutoff(server, taobao_prepared):
+    cutoff = taobao_prepared[1]["long_session_cutoff"]
+    long = ["Cart", "Purchase"] * 100  # 200 pages: more than the model's context holds
+    got = server.post("/predict", json={"sessions": [long], "n_samples": 0, "seed": 1})
+    assert got.status_code == 200, got.text
+    got = got.json()
+    assert got.pop("cleaning") == {f"page beyond the 99th-percentile session length ({cutoff})": 200 - cutoff}
+    cut = server.post("/predict", json={"sessions": [long[:cutoff]], "n_samples": 0, "seed": 1}).json()
+    assert cut.pop("cleaning") == {} and got == cut
+
+
 @pytest.mark.parametrize("body, where", [
     ({"sessions": []}, "sessions"),
     ({"sessions": [[]]}, "sessions.0"),
@@ -159,7 +173,8 @@ def test_oversize_requests_get_413(server):
     assert too_many_sessions.status_code == 413 and "at most 40" in too_many_sessions.json()["detail"]
     too_many_pages = server.post("/predict", json={"sessions": [["Cart", "Purchase"] * 101] * 2, "n_samples": 0})
     assert too_many_pages.status_code == 413 and "at most 400" in too_many_pages.json()["detail"]
-    too_long = server.post("/predict", json={"sessions": [["Cart", "Purchase"] * 100], "n_samples": 0})
+    too_long = server.post("/predict", json={"sessions": [["Cart", "Purchase"] * 100], "n_samples": 0,
+                                             "clean": False})
     assert too_long.status_code == 422 and "context" in too_long.json()["detail"]
     huge = server.post("/predict", content=b'{"sessions": [["' + b"x" * 50_000 + b'"]]}',
                        headers={"content-type": "application/json"})
