@@ -47,6 +47,7 @@ from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 SPLITS = ("train", "val", "test")
 # Sources a partitioned prepare can read in chunks of lines: header lines repeated in every chunk.
 HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0}
+CSV_SOURCES = {"taobao", "rees46", "generic"}  # a newline inside a quoted field does not end a record
 CHUNK_BYTES = 16 << 20  # raw log read per chunk by a partitioned prepare
 HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
 ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
@@ -171,7 +172,7 @@ def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions,
         return _ingest_whole(source, path, cfg, parts, options)  # the adapter's own error
     total = _Ingested(0, 0, {}, False)
     anonymous_events = 0
-    for chunk, lines_before in _chunks(Path(path), HEADER_LINES[source], parts.folder):
+    for chunk, lines_before in _chunks(Path(path), HEADER_LINES[source], parts.folder, source in CSV_SOURCES):
         try:
             got = read_events(source, chunk, on_bad_rows=cfg.on_bad_rows, **options)
         except IngestError as e:
@@ -192,8 +193,8 @@ def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions,
     return total
 
 
-def _chunks(path: Path, header_lines: int, folder: Path) -> Iterator[tuple[Path, int]]:
-    """(chunk file, lines of the log before its first data line): whole lines, the header repeated."""
+def _chunks(path: Path, header_lines: int, folder: Path, csv: bool) -> Iterator[tuple[Path, int]]:
+    """(chunk file, lines of the log before its first data line): whole records, the header repeated."""
     chunk = folder / ("chunk" + "".join(s for s in path.suffixes[-2:] if s.lower() != ".gz"))
     if chunk.suffix.lower() in (".parquet", ".pq"):
         yield from _parquet_chunks(path, chunk)
@@ -203,24 +204,36 @@ def _chunks(path: Path, header_lines: int, folder: Path) -> Iterator[tuple[Path,
     with (gzip.open if gzipped else open)(path, "rb") as f:
         header = b"".join(f.readline() for _ in range(header_lines))
         lines_before = header_lines
-        for block in _line_blocks(f):
+        for block in _record_blocks(f, csv):
             chunk.write_bytes(header + block)
             yield chunk, lines_before
             lines_before += block.count(b"\n")
 
 
-def _line_blocks(f) -> Iterator[bytes]:
-    """Whole lines, about CHUNK_BYTES at a time. A last line without a newline (often a truncated one)
+def _record_blocks(f, csv: bool) -> Iterator[bytes]:
+    """Whole records, about CHUNK_BYTES at a time. A last line without a newline (often a truncated one)
     joins the block before it, so that no chunk is only a broken line."""
     rest, ready = b"", b""
     while block := f.read(CHUNK_BYTES):
         data = rest + block
-        cut = data.rfind(b"\n") + 1
+        cut = _last_record_end(data, csv)
         if ready:
             yield ready
         ready, rest = data[:cut], data[cut:]
     if ready + rest:
         yield ready + rest
+
+
+def _last_record_end(data: bytes, csv: bool) -> int:
+    """Just past the last newline of `data` (which starts a record) that ends a record; 0 if none. In CSV a
+    newline ends a record when the quotes before it are even in number ("" inside a field counts two)."""
+    cut = data.rfind(b"\n") + 1
+    quotes = data.count(b'"', 0, cut) if csv else 0
+    while cut and quotes % 2:
+        previous = data.rfind(b"\n", 0, cut - 1) + 1
+        quotes -= data.count(b'"', previous, cut)
+        cut = previous
+    return cut
 
 
 def _parquet_chunks(path: Path, chunk: Path) -> Iterator[tuple[Path, int]]:

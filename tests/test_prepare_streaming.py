@@ -113,3 +113,20 @@ def test_counts_quantile_is_polars_higher_quantile(high):
             value, rank = counts.quantile(q)
             assert value == values.quantile(q, "higher")
             assert values.search_sorted(value, "left") + rank == min(values.len() - 1, math.ceil(q * (values.len() - 1)))
+
+
+def test_chunks_never_cut_inside_a_quoted_field(monkeypatch, tmp_path):
+    """A generic CSV whose quoted page names hold newlines (and doubled quotes), read in chunks of ~1 KB:
+    most chunk ends fall inside a quoted field, and the cut moves back to the last newline outside quotes."""
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 1000)
+    rows = pl.read_csv(SHIPPED, has_header=False, new_columns=["user", "item", "category", "behavior", "time"],
+                       n_rows=4000)
+    quoted = rows.select("user", "time", page=pl.format('"shelf\n{} ""{}"""', "category", "behavior"))
+    log = tmp_path / "log.csv"
+    log.write_text("user,time,page\n" + "\n".join(f"{u},{t},{p}" for u, t, p in quoted.iter_rows()) + "\n")
+    options = {"user": "user", "time": "time", "page": "page", "time_unit": "s"}
+    for partitions in (1, 3):
+        prepare("generic", log, tmp_path / str(partitions), PrepareConfig(partitions=partitions), **options)
+    assert_same_prepared(tmp_path / "1", tmp_path / "3")
+    pages = json.loads((tmp_path / "3" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert any(p.startswith('shelf_') and p.endswith('"pv"') for p in pages)
