@@ -51,6 +51,7 @@ LongCutoffOverride = _as_trained(int, "session length (pages) above which sessio
 def _override_cleaning(scorer, **given) -> None:
     scorer.cleaning = dataclasses.replace(scorer.cleaning, **{k: v for k, v in given.items() if v is not None})
 SkipBadRows = Annotated[bool, typer.Option(help="drop bad rows and count them instead of stopping")]
+Partitions = Annotated[int, typer.Option(help="logs larger than memory: hash users into N partitions done one at a time")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=max(Console().width, 200))  # 20+ metric columns stay readable
@@ -105,7 +106,7 @@ def prepare(
     max_len: int = typer.Option(512, help="token budget of history + target"),
     min_page_count: int = typer.Option(1, help="pages seen fewer times in training -> [UNK]"),
     skip_bad_rows: SkipBadRows = False,
-    partitions: int = typer.Option(1, help="logs larger than memory: hash users into N partitions done one at a time"),
+    partitions: Partitions = 1,
     seed: int = typer.Option(0),
 ) -> None:
     """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary."""
@@ -378,6 +379,7 @@ def score(
     long_sessions: LongOverride = None,
     long_session_cutoff: LongCutoffOverride = None,
     skip_bad_rows: SkipBadRows = False,
+    partitions: Partitions = 1,
 ) -> None:
     """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase)."""
     from pydantic import ValidationError
@@ -395,7 +397,7 @@ def score(
                            min_session_len=min_session_len, long_sessions=long_sessions,
                            long_session_cutoff=long_session_cutoff)
         summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
-                            batch_users, **options)
+                            batch_users, partitions=partitions, **options)
     except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
         _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")

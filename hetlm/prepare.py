@@ -116,6 +116,17 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
     return summary
 
 
+def partition_events(source: str, path: str | Path, partitions: int, folder: str | Path, on_bad_rows: str = "error",
+                     seed: int = 0, **source_options: Any) -> list[pl.LazyFrame]:
+    """The log read in chunks (CHUNK_BYTES) and its events hashed by user into `partitions` Parquet parts
+    under `folder`, as `prepare --partitions` starts: every user's events are in one part, so the parts can
+    be processed one at a time. Returns a lazy frame per non-empty part (valid while `folder` exists)."""
+    parts = _Partitions(Path(folder))
+    cfg = PrepareConfig(partitions=partitions, on_bad_rows=on_bad_rows, seed=seed)
+    _ingest_in_chunks(source, path, cfg, parts, source_options)
+    return [parts.scan("events", p) for p in parts.keys("events")]
+
+
 @dataclass
 class _Ingested:
     events_read: int  # rows of the log, bad ones included

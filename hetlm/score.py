@@ -19,11 +19,13 @@ random streams), so a batch scored together gives what each user scored alone gi
 `score_log` reads a raw click log with any ingest adapter, cleans sessions as `hetlm prepare` cleaned the
 model's training log (`SessionCleaning`, stored with the tokenizer: repeats collapsed, short sessions
 dropped, long ones cut at the training log's cutoff; users need one session, not two) and writes one row
-per user to Parquet, batch by batch, so memory does not grow with the number of users.
+per user to Parquet, batch by batch; with `partitions` > 1 it reads the log in chunks and scores its users one
+hashed part at a time (as `prepare --partitions`), so memory does not grow with the log.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from .cluster.base import ClusterwiseLM
 from .encoders import encoder_from_settings
 from .generate import next_page_scores
 from .ingest import read_events
+from .prepare import partition_events
 from .outcomes import (
     OUTCOMES,
     Decoding,
@@ -296,14 +299,19 @@ class Scorer:
         )
 
 
+def user_sessions(events: pl.DataFrame, cleaning: SessionCleaning | None = None) -> pl.DataFrame:
+    """The sessions of a log's events (null pages dropped), cleaned by `cleaning` (default: prepare's
+    defaults, no long-session cut)."""
+    cleaning = cleaning or SessionCleaning()
+    events = sessionize(events.drop_nulls("page"), cleaning.gap_minutes, cleaning.use_log_sessions)
+    return cleaning.clean(events, CleaningReport())
+
+
 def log_sessions(source: str, path: str | Path, cleaning: SessionCleaning | None = None, on_bad_rows: str = "error",
                  **source_options: Any) -> tuple[pl.DataFrame, int]:
-    """The sessions of a raw log, cleaned by `cleaning` (default: prepare's defaults, no long-session cut),
-    and the number of users in the log."""
-    cleaning = cleaning or SessionCleaning()
-    events = read_events(source, path, on_bad_rows=on_bad_rows, **source_options).events.drop_nulls("page")
-    sessions = cleaning.clean(sessionize(events, cleaning.gap_minutes, cleaning.use_log_sessions), CleaningReport())
-    return sessions, events["user"].n_unique()
+    """`user_sessions` of a raw log, and the number of users in the log."""
+    events = read_events(source, path, on_bad_rows=on_bad_rows, **source_options).events
+    return user_sessions(events, cleaning), events.drop_nulls("page")["user"].n_unique()
 
 
 def iter_scores(scorer: Scorer, fitted: pl.DataFrame, options: ScoreOptions | None = None,
@@ -325,30 +333,42 @@ class ScoreSummary:
 
 
 def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, options: ScoreOptions | None = None,
-              on_bad_rows: str = "error", batch_users: int = 64, progress: bool = True,
+              on_bad_rows: str = "error", batch_users: int = 64, progress: bool = True, partitions: int = 1,
               **source_options: Any) -> ScoreSummary:
     """Score every user of a raw log (see the module docstring) into the Parquet file `out`; sessions are
     cleaned by `scorer.cleaning`.
 
-    Users left with no session after cleaning, or whose last session does not fit the model's context,
-    get no row (users_in_log - users_scored of them).
+    partitions > 1: the log is read in chunks and its users hashed into that many parts on disk (as `prepare
+    --partitions` does), scored one part at a time, so peak memory is about one part's, not the log's.
+    Rows are ordered by user within each part. Users left with no session after cleaning, or whose last
+    session does not fit the model's context, get no row (users_in_log - users_scored of them).
     """
-    sessions, users_in_log = log_sessions(source, path, scorer.cleaning, on_bad_rows, **source_options)
-    fitted = fit_histories(sessions, scorer.vocab, scorer.history_budget)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     columns = [TextColumn("scoring users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    writer = None
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("score", total=fitted.height)
+    writer, users_in_log, scored = None, 0, 0
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".score-partitions-") as scratch, \
+            Progress(*columns, disable=not progress) as bar:
+        if partitions > 1:
+            parts = partition_events(source, path, partitions, scratch, on_bad_rows, **source_options)
+        else:
+            parts = [read_events(source, path, on_bad_rows=on_bad_rows, **source_options).events.lazy()]
+        users = [part.drop_nulls("page").select(pl.col("user").n_unique()).collect().item() for part in parts]
+        users_in_log = sum(users)
+        task = bar.add_task("score", total=users_in_log)
         try:
-            for table in iter_scores(scorer, fitted, options, batch_users):
-                writer = writer or pq.ParquetWriter(out, table.schema)
-                writer.write_table(table)
-                bar.advance(task, table.num_rows)
+            for part, n_users in zip(parts, users):
+                fitted = fit_histories(user_sessions(part.collect(), scorer.cleaning), scorer.vocab,
+                                       scorer.history_budget)
+                for table in iter_scores(scorer, fitted, options, batch_users):
+                    writer = writer or pq.ParquetWriter(out, table.schema)
+                    writer.write_table(table)
+                    bar.advance(task, table.num_rows)
+                bar.advance(task, n_users - fitted.height)  # users with no row
+                scored += fitted.height
         finally:
             if writer is not None:
                 writer.close()
     if writer is None:  # no user to score: still an empty file with the schema
         pl.DataFrame(schema=SCORE_SCHEMA).write_parquet(out)
-    return ScoreSummary(users_in_log, fitted.height, str(out))
+    return ScoreSummary(users_in_log, scored, str(out))
