@@ -96,6 +96,8 @@ ERRORS = {
     "generic/truncated_last_line.csv": ("unparsable time", 29, {"unparsable time in ['time']": 1}),
     "generic/time_not_dates.csv": ("no date/time format fits the 'time' column", None, None),  # found by the fuzzer
     "generic/bad_time.csv": ("unparsable time", 8, {"unparsable time in ['time']": 1}),
+    # the line of the file, not the row: a page name before it spans two lines
+    "generic/bad_time_after_multiline_page.csv": ("unparsable time", 9, {"unparsable time in ['time']": 1}),
     "generic/non_utf8.csv": (NOT_UTF8, 6, {NOT_UTF8: 1}),
     "generic/reserved_page.csv": (
         "['[BOS]', '[UNK]'] are reserved for the tokenizer", None,

@@ -11,6 +11,7 @@ Event table (polars DataFrame), one row per page view, in log order:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,20 +70,22 @@ def bad_rows(
     problem: str,
     on_bad_rows: str,
     skipped: dict[str, int],
-    line_offset: int = 1,
+    line_offset: int | Callable[[int], int] = 1,
     hint: str = "fix the file, or pass --skip-bad-rows to drop such rows and count them in the summary",
 ) -> pl.DataFrame:
     """Raise on the first bad row (default) or drop them all and count them under `problem`.
 
     `raw` must carry a `_row` index column (0-based data row); `line_offset` turns it into a
-    1-based file line number (1 for headerless files, 2 when there is a header line).
+    1-based file line number: added to it (1 for headerless files, 2 when there is a header line), or
+    called with it (CSV records whose quoted fields hold newlines span several lines).
     """
     n_bad = int(bad.sum())
     if n_bad == 0:
         return raw
     if on_bad_rows == "error":
         first = raw.filter(bad).row(0, named=True)
-        line = int(first["_row"]) + line_offset
+        row = int(first["_row"])
+        line = line_offset(row) if callable(line_offset) else row + line_offset
         shown = {k: v for k, v in first.items() if k != "_row"}
         raise IngestError(path, f"{problem}: {shown} ({n_bad} such row(s) in all)", line, hint)
     skipped[problem] = skipped.get(problem, 0) + n_bad

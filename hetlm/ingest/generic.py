@@ -10,8 +10,13 @@ Also home to the small readers the other adapters share: `read_bytes`, `read_jso
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
+import itertools
 import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -53,7 +58,7 @@ def read_generic(
     """
     if time_unit not in UNIT_MS:
         raise ValueError(f"time_unit must be one of {list(UNIT_MS)}, not {time_unit!r}")
-    raw, first_line, lossy = read_table(path, sep)
+    raw, line_of, lossy = read_table(path, sep)
     named = [c for c in (user, page, time, session, event, order) if c is not None]
     check_columns(
         path, [c for c in raw.columns if c != "_row"], named,
@@ -63,7 +68,7 @@ def read_generic(
     skipped: dict[str, int] = {}
     if lossy:
         raw = bad_rows(
-            raw, not_utf8(raw, list(dict.fromkeys(named))), path, NOT_UTF8, on_bad_rows, skipped, first_line,
+            raw, not_utf8(raw, list(dict.fromkeys(named))), path, NOT_UTF8, on_bad_rows, skipped, line_of,
             NOT_UTF8_HINT,
         )
 
@@ -71,10 +76,10 @@ def read_generic(
     raw = _with_users(raw, user)
     raw = bad_rows(
         raw, raw["_user"].is_null(), path, "missing user id (and no session id to stand in)",
-        on_bad_rows, skipped, first_line,
+        on_bad_rows, skipped, line_of,
     )
     raw = raw.with_columns(_page=_pages(page, event, page_prefix, cart_events, purchase_events))
-    raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, first_line)
+    raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, line_of)
     try:
         raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
     except pl.exceptions.ComputeError as e:  # no value of the column looks like a date
@@ -84,7 +89,7 @@ def read_generic(
         ) from None
     raw = bad_rows(
         raw, raw["_ts"].is_null(), path, f"unparsable time in {[c for c in (time, order) if c]}",
-        on_bad_rows, skipped, first_line,
+        on_bad_rows, skipped, line_of,
         hint="give time_format / time_unit, fix the file, or pass --skip-bad-rows",
     )
     events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
@@ -93,14 +98,14 @@ def read_generic(
     return IngestResult(finish(events), "generic", str(path), skipped, anonymous)
 
 
-def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, int, bool]:
-    """All columns (CSV as strings) plus a 0-based `_row`, the file line of row 0, and whether the
-    file held invalid UTF-8 (see `read_csv_text`)."""
+def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, Callable[[int], int], bool]:
+    """All columns (CSV as strings) plus a 0-based `_row`, the file line of a row (for `bad_rows`), and
+    whether the file held invalid UTF-8 (see `read_csv_text`)."""
     suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
     suffix = suffixes[-1] if suffixes else ""
     if suffix in PARQUET_SUFFIXES:
         try:
-            return pl.read_parquet(path, row_index_name="_row"), 1, False  # "line" = 1-based row number
+            return pl.read_parquet(path, row_index_name="_row"), lambda row: row + 1, False  # "line": 1-based row
         except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError) as e:  # corrupt files can panic
             raise IngestError(
                 path, f"not a readable Parquet file: {e}".splitlines()[0], hint="export or copy the file again"
@@ -114,7 +119,21 @@ def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, int, bo
         raise IngestError(path, "the file is empty", hint="point at a log with a header line") from None
     except (pl.exceptions.PolarsError, OSError) as e:
         raise csv_error(path, e, separator, f"a {separator!r}-separated table") from None
-    return raw, 2, lossy  # line 1 is the header
+    return raw, partial(record_line, path, separator), lossy
+
+
+def record_line(path: str | Path, separator: str, row: int) -> int:
+    """The 1-based file line on which data row `row` (0-based, after the header line) starts. Rows are CSV
+    records and a quoted field may hold newlines, so this counts records, not lines; it reads the file
+    again, so it is only for error messages."""
+    reader = csv.reader(io.StringIO(read_bytes(path).decode("utf-8", errors="replace"), newline=""),
+                        delimiter=separator)
+    try:
+        for _ in itertools.islice(reader, row + 1):  # the header and the rows before
+            pass
+    except csv.Error:  # e.g. a field over csv's size limit: one line per row, as polars mostly has it
+        return row + 2
+    return reader.line_num + 1
 
 
 def read_csv_text(path: str | Path, **options) -> tuple[pl.DataFrame, bool]:
