@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from .generate import NEVER_EMITTED, session_prompts
 from .ingest.base import CART, PURCHASE
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID
 from .train import pad_sequences, sorted_batches
 
 OUTCOMES = {"cart": CART, "purchase": PURCHASE}
@@ -60,14 +61,18 @@ def row_seed(seed: int, prompt: list[int], stream: str) -> int:
 
 
 class RowSampler(LogitsProcessor):
-    """Gumbel-max sampling with one generator per row; greedy rows are left as they are."""
+    """Gumbel-max sampling with one generator per row; greedy rows are left as they are. Keeps the first
+    step's logits (`first_logits`): the next session's first-page distribution, at no extra pass."""
 
     def __init__(self, rows: list[Decoding]):
         self.temperature = torch.tensor([d.temperature or 1.0 for d in rows])[:, None]
         self.sampled = [row for row, d in enumerate(rows) if d.temperature is not None]
         self.generators = [torch.Generator().manual_seed(rows[row].seed) for row in self.sampled]
+        self.first_logits: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first_logits is None:
+            self.first_logits = scores.clone()
         scores = scores / self.temperature.to(scores.device)
         if self.sampled:
             uniform = torch.empty(len(self.sampled), scores.shape[1])
@@ -78,10 +83,24 @@ class RowSampler(LogitsProcessor):
         return scores
 
 
-@torch.inference_mode()
+@dataclass
+class Decoded:
+    sessions: list[list[int]]              # one per row: page ids, [EOS] excluded
+    first_page_logprobs: dict[int, np.ndarray]  # row -> (vocab,) log P(first page), specials -inf
+
+
 def decode_sessions(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[Decoding],
                     max_new_tokens: int = 40, batch_size: int = 64, progress: bool = False) -> list[list[int]]:
-    """One next session per row (page ids, [EOS] excluded), each decoded as its `Decoding` says.
+    """One next session per row (page ids, [EOS] excluded), each decoded as its `Decoding` says (`decode`)."""
+    return decode(model, input_ids_list, rows, max_new_tokens, batch_size, progress).sessions
+
+
+@torch.inference_mode()
+def decode(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[Decoding], max_new_tokens: int = 40,
+           batch_size: int = 64, progress: bool = False, first_pages_of: Sequence[int] = ()) -> Decoded:
+    """One next session per row, each decoded as its `Decoding` says, and for the rows `first_pages_of` the
+    log-probabilities of the session's first page over pages (as `generate.next_page_scores`, from the
+    decoder's own first step instead of another pass over the prompt).
 
     Same prompts and constraints as `generate.generate_next_sessions` (history + [BOS], left padded, only
     pages and [EOS] emitted); a greedy row gives the same session as it does there (up to float rounding
@@ -92,6 +111,7 @@ def decode_sessions(model: PreTrainedModel, input_ids_list: list[list[int]], row
                               pad_token_id=PAD_ID)
     prompts = session_prompts(input_ids_list, model.config.max_position_embeddings - max_new_tokens)
     sessions: list[list[int]] = [[] for _ in prompts]
+    wanted, first_pages = set(first_pages_of), {}
     was_training = model.training
     model.eval()
     with Progress(disable=not progress) as bar:
@@ -104,9 +124,15 @@ def decode_sessions(model: PreTrainedModel, input_ids_list: list[list[int]], row
                                  logits_processor=sampler, **cache)
             for i, row in zip(batch, out[:, ids.shape[1]:].tolist()):
                 sessions[i] = row[:row.index(EOS_ID)] if EOS_ID in row else row
+            keep = [j for j, i in enumerate(batch) if i in wanted]
+            if keep:
+                logits = sampler[0].first_logits[keep].float()
+                logits[:, [PAD_ID, UNK_ID, BOS_ID, EOS_ID]] = float("-inf")
+                for i, logprobs in zip((batch[j] for j in keep), torch.log_softmax(logits, dim=-1).cpu().numpy()):
+                    first_pages[i] = logprobs
             bar.advance(task, len(batch))
     model.train(was_training)
-    return sessions
+    return Decoded(sessions, first_pages)
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:

@@ -4,7 +4,7 @@ For each user (a history: sessions of page names, oldest first) a `Scorer` gives
     cluster, cluster_prob   the routed cluster and how sure the routing is (see `route_users`);
                             for a single LM cluster is None and cluster_prob 1
     next_session            the generated next session (greedy, or sampled with the user's seed)
-    top_pages, top_probs    the k most likely first pages of the next session (`next_page_scores`)
+    top_pages, top_probs    the k most likely first pages of the next session (the decoder's first step)
     p_cart, p_purchase      P(Cart / Purchase in the next session), Monte Carlo (`hetlm.outcomes`),
     se_cart, se_purchase    with standard errors; NaN when n_samples = 0 or the page is not in the vocabulary
     p_*_calibrated          the same after the model folder's Platt scaling (`OutcomeCalibrator`, written by
@@ -43,14 +43,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
 from .cluster.base import ClusterwiseLM
 from .encoders import encoder_from_settings
-from .generate import next_page_scores
 from .ingest import read_events
 from .prepare import partition_events
 from .outcomes import (
     OUTCOMES,
     Decoding,
     OutcomeCalibrator,
-    decode_sessions,
+    decode,
     estimate_outcomes,
     monte_carlo_rows,
     outcome_ids,
@@ -257,13 +256,15 @@ class Scorer:
             if not users:
                 continue
             owner, is_next, rows = self._rows(users, inputs, options)
-            decoded = decode_sessions(lm, [inputs[i] for i in owner], rows, self.max_new_tokens, self.batch_size)
-            for i, first, session in zip(owner, is_next, decoded):
+            next_rows = [j for j, first in enumerate(is_next) if first]  # one per user, in the order of `users`
+            decoded = decode(lm, [inputs[i] for i in owner], rows, self.max_new_tokens, self.batch_size,
+                             first_pages_of=next_rows)
+            for i, first, session in zip(owner, is_next, decoded.sessions):
                 if first:
                     next_sessions[i] = session
                 else:
                     draws[i].append(session)
-            logprobs = torch.from_numpy(next_page_scores(lm, [inputs[i] for i in users], self.batch_size))
+            logprobs = torch.from_numpy(np.stack([decoded.first_page_logprobs[j] for j in next_rows]))
             best = torch.topk(logprobs, min(max(options[i].k for i in users), self.n_pages), dim=1)
             for j, i in enumerate(users):
                 kk = min(options[i].k, self.n_pages)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hetlm.generate import NEVER_EMITTED, generate_next_sessions, session_prompts
+from hetlm.generate import NEVER_EMITTED, generate_next_sessions, next_page_scores, session_prompts
 from hetlm.outcomes import (
     OutcomeCalibrator,
     Decoding,
     calibration,
+    decode,
     decode_sessions,
     outcome_calibration,
     outcome_probabilities,
@@ -45,6 +46,21 @@ def test_decoding_is_greedy_generation_and_batch_independent(micro):
     mixed = [Decoding() if j % 2 else row for j, row in enumerate(rows)]
     assert decode_sessions(model, inputs, mixed, max_new_tokens=10) == [
         greedy[j] if j % 2 else sampled[j] for j in range(10)]
+
+
+def test_decoders_first_step_gives_the_next_page_scores(micro):
+    """The first-page distribution `decode` keeps from its first step (the prompt's KV cache, then its last
+    token) is `next_page_scores`' one pass over the whole prompt, up to float rounding; sampled rows too."""
+    model, _, test = micro
+    # histories that fit beside the 4 decoded pages, so both see the same prompt (as `Scorer` fits them)
+    inputs = [ids for ids in test["input_ids"].to_list() if len(ids) < model.config.max_position_embeddings - 8][:12]
+    rows = [Decoding(1.0 if j % 3 == 0 else None, j) for j in range(12)]
+    decoded = decode(model, inputs, rows, max_new_tokens=4, batch_size=5, first_pages_of=range(0, 12, 2))
+    assert sorted(decoded.first_page_logprobs) == list(range(0, 12, 2))
+    full = next_page_scores(model, inputs)
+    for j, logprobs in decoded.first_page_logprobs.items():
+        assert np.array_equal(np.isinf(logprobs), np.isinf(full[j])) and np.isinf(logprobs[:4]).all()
+        np.testing.assert_allclose(logprobs[4:], full[j][4:], atol=1e-4)
 
 
 def test_monte_carlo_matches_exact_probability(micro):
