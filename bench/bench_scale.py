@@ -91,6 +91,15 @@ def head(path: Path, out: Path, n_lines: int) -> None:
         dst.writelines(itertools.islice(src, n_lines))
 
 
+def with_prefixes(log: Path, n_events: int, prefix_events: list[int], folder: Path) -> list[tuple[str, Path, int]]:
+    """(name, file, events) of the log's first `prefix_events` lines, each written to `folder`, then the log."""
+    logs = []
+    for n in prefix_events:
+        head(log, folder / f"prefix-{n}.csv", n)
+        logs.append((f"prefix {n:,}", folder / f"prefix-{n}.csv", n))
+    return logs + [("full log", log, n_events)]
+
+
 def run_prepare(log: Path, out: Path, partitions: int, max_train_targets: int) -> dict:
     """prepare in a child process: its summary, wall time and peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
@@ -152,11 +161,7 @@ def main() -> None:
     generate_s = time.perf_counter() - started
     log_mb = log.stat().st_size / 2**20
 
-    logs = []
-    for n in args.prefix_events:
-        head(log, args.workdir / f"prefix-{n}.csv", n)
-        logs.append((f"prefix {n:,}", args.workdir / f"prefix-{n}.csv", n))
-    logs.append(("full log", log, n_events))
+    logs = with_prefixes(log, n_events, args.prefix_events, args.workdir)
     rows, runs = [], {}
     for name, path, n in logs:
         partitions = partitions_for(n, args.events_per_partition)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_scale import head, partitions_for, write_log
+from bench.bench_scale import partitions_for, with_prefixes, write_log
 from bench.common import SHIPPED, peak_rss_mb, record
 
 # isort: split
@@ -104,11 +104,7 @@ def main() -> None:
     model = train_model(args.workdir, args.train_steps)
     log = args.workdir / "UserBehavior_generated.csv"
     n_events = write_log(log, args.events, args.seed)
-    logs = []
-    for n in args.prefix_events:
-        head(log, args.workdir / f"prefix-{n}.csv", n)
-        logs.append((f"prefix {n:,}", args.workdir / f"prefix-{n}.csv", n))
-    logs.append(("full log", log, n_events))
+    logs = with_prefixes(log, n_events, args.prefix_events, args.workdir)
 
     rows, runs = [], {}
     for name, path, n in logs + [("full log, in memory", log, n_events)]:
