@@ -40,7 +40,7 @@ LongSessions = Annotated[str, typer.Option(help=_LONG)]
 
 def _as_trained(kind: type, text: str):
     """score/serve: an option that changes how prepare cleaned the model's training log (`SessionCleaning`)."""
-    return Annotated[Optional[kind], typer.Option(help=f"{text} [default: as the model's training log was prepared]")]
+    return Annotated[Optional[kind], typer.Option(help=f"{text} (default: as the model's training log was prepared)")]
 
 
 GapOverride, CollapseOverride = _as_trained(float, _GAP), _as_trained(bool, _COLLAPSE)
