@@ -56,6 +56,17 @@ Partitions = Annotated[int, typer.Option(help="logs larger than memory: hash use
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=max(Console().width, 200))  # 20+ metric columns stay readable
 
+# Not --nproc: torchrun's parser would take it for an abbreviation of its own --nproc-per-node.
+Processes = Annotated[int, typer.Option(help="processes on this machine (one per GPU): runs this command under torchrun")]
+
+
+def _become_torchrun(processes: int) -> None:
+    """With processes > 1 and not yet under torchrun: replace this process by torchrun running this command."""
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={processes}", "-m", "hetlm.cli", *sys.argv[1:]])
+
+
 @app.callback()
 def _root() -> None:
     """hetlm: learn the language of browsing from click logs."""
@@ -183,16 +194,13 @@ def train(
     resume: bool = typer.Option(False, help="continue from out/checkpoint"),
     seed: int = typer.Option(0),
     stream: bool = typer.Option(False, help="stream training samples from train.parquet row group by row group"),
-    # Not --nproc: torchrun's parser would take it for an abbreviation of its own --nproc-per-node.
-    processes: int = typer.Option(1, help="processes on this machine (one per GPU): runs this command under torchrun"),
+    processes: Processes = 1,
 ) -> None:
     """Train a page-level LM on prepared samples (causal LM loss on history + next session).
 
     Several processes: `--processes N`, or `torchrun --nproc_per_node N -m hetlm.cli train ...`;
     --batch-size is the global batch, shared out over the processes."""
-    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={processes}", "-m", "hetlm.cli", *sys.argv[1:]])
+    _become_torchrun(processes)
     import torch
 
     from .models import build_model, count_parameters
@@ -229,6 +237,40 @@ def train(
         tokenizer.save_pretrained(out / "best")
         console.print(f"{result.steps} steps, best val loss {result.best_val_loss} at step {result.best_step}, "
                       f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
+
+
+@app.command("fit-hetlm")
+def fit_hetlm(
+    prepared: Path = typer.Argument(..., help="output folder of `hetlm prepare`"),
+    base: Path = typer.Option(..., help="the pre-trained LM every predictor starts from (save_pretrained folder)"),
+    embeddings: Path = typer.Option(..., help=".npz with the users' embeddings of train and val (arrays 'train', 'val')"),
+    out: Path = typer.Option(..., "--out", help="model folder (clusterwise, with the tokenizer)"),
+    config: Optional[Path] = typer.Option(None, help="JSON of HeTLMConfig fields (default: the paper's)"),
+    encoder: Optional[Path] = typer.Option(None, help="JSON of the encoder settings, recorded in the model for routing"),
+    checkpoints: Optional[Path] = typer.Option(None, help="folder for checkpoints (and --resume)"),
+    resume: bool = typer.Option(False, help="continue from the latest checkpoint in --checkpoints"),
+    progress: bool = typer.Option(True),
+    processes: Processes = 1,
+) -> None:
+    """HeTLM (Algorithm 1) on prepared samples and saved embeddings; with --processes N its predictors are
+    spread over N processes (torchrun; one per GPU), the selector kept the same in all."""
+    _become_torchrun(processes)
+    from pydantic import TypeAdapter, ValidationError
+
+    from .cluster.hetlm import HeTLMConfig, fit_saved
+    from .train import close_distributed, dist_info
+
+    try:
+        cfg = TypeAdapter(HeTLMConfig).validate_json(config.read_text()) if config else HeTLMConfig()
+        settings = json.loads(encoder.read_text()) if encoder else None
+        model = fit_saved(prepared, base, embeddings, cfg, out, settings, checkpoints, resume, progress)
+        main = dist_info().is_main
+    except (ValidationError, ValueError, OSError) as err:
+        _fail(err)
+    finally:
+        close_distributed()
+    if main:
+        console.print(f"HeTLM: K = {len(model.models)} of {cfg.n_clusters}, sizes {model.sizes} -> {out}")
 
 
 @app.command()

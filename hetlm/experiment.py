@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +52,7 @@ from .outcomes import OUTCOMES, OutcomeCalibrator, calibration, outcome_calibrat
 from .prepare import PrepareConfig, prepare
 from .provenance import environment, sha256
 from .tokenizer import load_tokenizer, page_vocabulary
-from .train import TrainConfig, train_lm
+from .train import TrainConfig, resolve_device, train_lm
 
 console = Console(width=200)  # wide tables stay readable in logs and CI
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
@@ -93,6 +95,9 @@ class HeTLMSettings(BaseModel):
     # for that run (e.g. {"alpha": 0, "beta": 0, "l1": "centered"}).
     runs: list[tuple[float, float] | dict[str, Any]] = [(5.0, 9.0)]
     config: HeTLMConfig = HeTLMConfig()
+    # > 1: each run fits in this many processes (`hetlm fit-hetlm --processes`, torchrun; one per GPU), its
+    # predictors spread over them; the other stages stay in this process.
+    processes: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _runs_are_configs(self) -> HeTLMSettings:
@@ -183,6 +188,23 @@ class Clock:
         return _Stage()
 
 
+def _fit_hetlm_in_processes(cfg: HeTLMConfig, processes: int, out: Path, folder: str, encoder: dict,
+                            progress: bool) -> ClusterwiseLM:
+    """One HeTLM run by `hetlm fit-hetlm --processes N` on the files this run has written (prepared samples,
+    models/small, embeddings.npz); its model folder is read back."""
+    work = out / "train" / folder
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "hetlm_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (work / "encoder.json").write_text(json.dumps(encoder))
+    command = [sys.executable, "-m", "hetlm.cli", "fit-hetlm", str(out / "prepared"), "--base", str(out / "models" / "small"),
+               "--embeddings", str(out / "embeddings.npz"), "--config", str(work / "hetlm_config.json"),
+               "--encoder", str(work / "encoder.json"), "--out", str(out / "models" / folder), "--checkpoints", str(work),
+               "--processes", str(processes), "--progress" if progress else "--no-progress"]
+    if subprocess.run(command, check=False).returncode:
+        raise RuntimeError(f"HeTLM in {processes} processes failed (its output is above): {' '.join(command)}")
+    return ClusterwiseLM.from_pretrained(out / "models" / folder, str(resolve_device(cfg.device)))
+
+
 def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,8 +264,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         for label, cfg in config.hetlm.variants():
             folder = "hetlm_" + re.sub(r"[^\w.-]+", "_", label.replace("a=", "a").replace(" b=", "_b"))
             with clock(f"HeTLM {label}"):
-                het = HeTLM(cfg).fit(small, train, z["train"], val, z["val"], encoder_info, progress,
-                                     out / "train" / folder)
+                if config.hetlm.processes > 1:
+                    het = _fit_hetlm_in_processes(cfg, config.hetlm.processes, out, folder, encoder_info, progress)
+                else:
+                    het = HeTLM(cfg).fit(small, train, z["train"], val, z["val"], encoder_info, progress,
+                                         out / "train" / folder)
             name = f"{config.model.preset} HeTLM {label}"
             models[name], params[name] = het, sum(count_parameters(m) for m in het.models.values())
             histories[name] = het.info["history"]

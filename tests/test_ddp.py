@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -178,6 +179,45 @@ def test_hetlm_on_two_processes_fits_like_one(sliced, hetlm_one_process, tmp_pat
     # The script never closes the group; init_distributed's exit hook does, since exiting with gloo alive can
     # abort the process.
     assert [(tmp_path / f"two.rank{r}.group_open_at_exit").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+def test_experiment_fits_hetlm_in_two_processes_like_one(sliced, hetlm_one_process, tmp_path):
+    """`hetlm experiment` with hetlm.processes = 2 runs `hetlm fit-hetlm --processes 2` on the files of its run
+    folder: the model it reads back equals the one-process fit of the same data, base LM and embeddings."""
+    from hetlm.cluster.hetlm import HeTLMConfig
+    from hetlm.experiment import _fit_hetlm_in_processes
+    from hetlm.models import build_model
+    from hetlm.tokenizer import load_tokenizer
+
+    _, one = hetlm_one_process
+    run = tmp_path / "run"
+    (run / "prepared").mkdir(parents=True)
+    # the fit script's data: the first 96 training and validation samples, its projection embeddings, its base
+    train, val = (pl.read_parquet(sliced / f"{split}.parquet").head(96) for split in ("train", "val"))
+    train.write_parquet(run / "prepared" / "train.parquet")
+    val.write_parquet(run / "prepared" / "val.parquet")
+    shutil.copytree(sliced / "tokenizer", run / "prepared" / "tokenizer")
+    vocab = len(load_tokenizer(sliced / "tokenizer"))
+    projection = np.random.default_rng(0).normal(size=(vocab, 16))
+
+    def embed(samples):
+        z = np.stack([projection[np.asarray(ids)].mean(0) for ids in samples["input_ids"].to_list()])
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    np.savez(run / "embeddings.npz", train=embed(train), val=embed(val))
+    torch.manual_seed(0)
+    build_model("tiny", vocab).save_pretrained(run / "models" / "small")
+    config = HeTLMConfig(n_clusters=3, epochs=2, batch_size=16, selector_pretrain_epochs=20, eval_every=4, seed=1)
+    model = _fit_hetlm_in_processes(config, 2, run, "hetlm_two", {"name": "projection"}, progress=False)
+
+    history = model.info["history"]
+    assert [s["LA"] for s in history["steps"]] == pytest.approx([s["LA"] for s in one["history"]["steps"]], rel=1e-5)
+    assert history["cluster_sizes"] == one["history"]["cluster_sizes"]
+    assert {str(k): v for k, v in model.sizes.items()} == one["sizes"]
+    weights = {str(k): float(sum(p.detach().double().sum() for p in m.parameters())) for k, m in model.models.items()}
+    assert weights == pytest.approx(one["weights"], rel=1e-5)
+    assert model.encoder == {"name": "projection"} and (run / "models" / "hetlm_two" / "tokenizer").is_dir()
+    assert (run / "train" / "hetlm_two" / "checkpoint").is_dir()
 
 
 def test_hetlm_checkpoint_of_two_processes_resumes_on_two_or_one(sliced, hetlm_one_process, tmp_path):

@@ -77,6 +77,7 @@ from ..train import (
     _rng_state,
     _set_rng_state,
     broadcast_module,
+    dist_info,
     gather_columns,
     init_distributed,
     length_bucketed_batches,
@@ -290,7 +291,7 @@ class HeTLM:
         total_epochs = c.critic_warmup_epochs + c.epochs
         started = time.perf_counter() - s["seconds"]
         bar = Progress(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                       TimeElapsedColumn(), disable=not progress)
+                       TimeElapsedColumn(), disable=not (progress and self.dist.is_main))
         with bar:
             task = bar.add_task("hetlm", total=total_epochs * n_batches, info="",
                                 completed=s["epoch"] * n_batches + s["position"])
@@ -511,3 +512,23 @@ class HeTLM:
             for k in set(empty) & set(run.models):
                 del run.models[k], run.optimizers[k]
             self.history.retired.append({"epoch": epoch, "clusters": empty})
+
+
+def fit_saved(prepared: str | Path, base: str | Path, embeddings: str | Path, config: HeTLMConfig, out: str | Path,
+              encoder: dict | None = None, out_dir: str | Path | None = None, resume: bool = False,
+              progress: bool = True) -> ClusterwiseLM:
+    """`HeTLM.fit` from files: PREPARED's train/val samples and tokenizer, a save_pretrained base LM, an .npz
+    of the train and val embeddings. Process 0 saves the model, with the tokenizer, to `out`. What `hetlm
+    fit-hetlm` runs in each process under torchrun (and `hetlm experiment` with `hetlm.processes` > 1)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..tokenizer import load_tokenizer
+
+    prepared = Path(prepared)
+    train, val = (pl.read_parquet(prepared / f"{split}.parquet") for split in ("train", "val"))
+    z = np.load(embeddings)
+    base_model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
+    model = HeTLM(config).fit(base_model, train, z["train"], val, z["val"], encoder, progress, out_dir, resume)
+    if dist_info().is_main:
+        model.save_pretrained(out, load_tokenizer(prepared / "tokenizer"))
+    return model
