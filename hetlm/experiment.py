@@ -274,7 +274,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             histories[name] = het.info["history"]
             final_ks.append(len(het.models))
             folders[name] = out / "models" / folder
-            het.save_pretrained(folders[name], tokenizer)
+            if config.hetlm.processes == 1:  # else `hetlm fit-hetlm` saved it there (and it is read from there)
+                het.save_pretrained(folders[name], tokenizer)
 
     larger_name = None
     if config.larger.enabled:
