@@ -46,12 +46,13 @@ def _as_trained(kind: type, text: str):
 GapOverride, CollapseOverride = _as_trained(float, _GAP), _as_trained(bool, _COLLAPSE)
 MinLenOverride, LongOverride = _as_trained(int, _MIN_LEN), _as_trained(str, _LONG)
 LongCutoffOverride = _as_trained(int, "session length (pages) above which sessions are long")
+SkipBadRows = Annotated[bool, typer.Option(help="drop bad rows and count them instead of stopping")]
+Partitions = Annotated[int, typer.Option(help="logs larger than memory: hash users into N partitions done one at a time")]
 
 
 def _override_cleaning(scorer, **given) -> None:
+    """The given (not None) options replace the scorer's cleaning settings."""
     scorer.cleaning = dataclasses.replace(scorer.cleaning, **{k: v for k, v in given.items() if v is not None})
-SkipBadRows = Annotated[bool, typer.Option(help="drop bad rows and count them instead of stopping")]
-Partitions = Annotated[int, typer.Option(help="logs larger than memory: hash users into N partitions done one at a time")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=max(Console().width, 200))  # 20+ metric columns stay readable

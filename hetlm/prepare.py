@@ -369,8 +369,10 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
             writers.write(samples)
             stats.append(_partition_stats(sessions, samples, vocab))
     clock["samples"] = time.perf_counter()
-    SessionCleaning(cfg.gap_minutes, cfg.use_log_sessions, cfg.collapse_repeats, cfg.min_session_len, cfg.long_sessions,
-                    cfg.long_session_percentile, long_cutoff).save_to(tokenizer)
+    SessionCleaning(gap_minutes=cfg.gap_minutes, use_log_sessions=cfg.use_log_sessions,
+                    collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
+                    long_sessions=cfg.long_sessions, long_session_percentile=cfg.long_session_percentile,
+                    long_session_cutoff=long_cutoff).save_to(tokenizer)
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
     return _summary(cfg, mode, ingested, stats, tokenizer, report, clock)

@@ -36,7 +36,6 @@ from pydantic import AfterValidator, BaseModel, Field, StrictStr
 from starlette.responses import JSONResponse
 
 from .score import ScoreOptions, Scorer, UserScore
-from .sessions import SessionCleaning
 
 
 def _page_name(page: str) -> str:
@@ -180,14 +179,13 @@ def _replay(messages: list[dict]):
 
 
 def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = None, routing: str | None = None,
-               max_new_tokens: int = 40, limits: Limits | None = None,
-               cleaning: SessionCleaning | None = None) -> FastAPI:
-    """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`).
-    cleaning: default the scorer's (recorded with the model's tokenizer by `hetlm prepare`)."""
+               max_new_tokens: int = 40, limits: Limits | None = None) -> FastAPI:
+    """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`); requests
+    are cleaned by the scorer's `cleaning`."""
     limits = limits or Limits()
     scorer = model if isinstance(model, Scorer) else Scorer.from_pretrained(
         model, tokenizer_dir, routing=routing, max_new_tokens=max_new_tokens)
-    cleaning = cleaning or scorer.cleaning
+    cleaning = scorer.cleaning
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -225,7 +223,7 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
 
     @app.get("/model")
     async def describe() -> dict:
-        return scorer.describe() | {"limits": asdict(limits), "cleaning": asdict(cleaning)}
+        return scorer.describe() | {"limits": asdict(limits)}
 
     return app
 
