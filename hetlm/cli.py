@@ -236,7 +236,7 @@ def train(
         close_distributed()
     if main:
         tokenizer.save_pretrained(out / "best")
-        console.print(f"{result.steps} steps, best val loss {result.best_val_loss} at step {result.best_step}, "
+        console.print(f"{result.steps} steps, best validation next-session NLL {result.best_val_loss} at step {result.best_step}, "
                       f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
 
 

@@ -120,7 +120,8 @@ def _colour(i: int):
 
 
 def _plot_train_val(ax, history: dict, colour, label: str) -> None:
-    """Per-step training loss (thin) and its moving average, validation loss as markers."""
+    """Per-step training loss (thin) and its moving average; validation NLL of the next sessions (what selects
+    the model) as markers."""
     steps = [h["step"] for h in history.get("train", [])]
     loss = np.array([h["loss"] for h in history.get("train", [])])
     if len(loss):

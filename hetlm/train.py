@@ -82,7 +82,7 @@ class TrainConfig:
 class TrainResult:
     steps: int
     epochs: int  # epochs completed
-    best_val_loss: float | None
+    best_val_loss: float | None  # validation NLL per next-session token (ValLoss.target) of the best model
     best_step: int | None
     stopped_early: bool
     tokens_per_s: float  # non-pad training tokens per second of training steps
@@ -387,29 +387,49 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def _target_mask(nll: torch.Tensor, mask: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+    """Which entries of `token_nll` score the next session: its pages and [EOS] (entry j scores token j + 1,
+    and the target's [BOS] is given at generation time, so it is not scored)."""
+    positions = torch.arange(nll.shape[1], device=nll.device)
+    starts = torch.as_tensor(starts, device=nll.device)
+    return (positions[None, :] >= starts[:, None]) & (mask[:, 1:] == 1)
+
+
+@dataclass(frozen=True)
+class ValLoss:
+    """Validation NLL per token: of the next sessions alone (what users are scored on; it selects and
+    early-stops models) and of every token (the training objective; under the time split the validation
+    histories are training sessions, so this one also rewards memorising them)."""
+
+    target: float
+    all_tokens: float
+
+
 @torch.no_grad()
-def evaluate_loss(model: PreTrainedModel, dataset: SequenceDataset, batch_size: int, bf16: bool = False) -> float:
-    """Mean NLL per non-pad token over the dataset: the training objective, on held-out users.
+def evaluate_loss(model: PreTrainedModel, dataset: SequenceDataset, batch_size: int, bf16: bool = False) -> ValLoss:
+    """Mean NLL per target token and per non-pad token over the dataset, on held-out users.
     Under torch.distributed each rank scores a share of the batches (every rank must call it)."""
     was_training, device = model.training, model.device
     info = dist_info()
     model.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(4, dtype=torch.float64)  # target NLL, target tokens, all NLL, all tokens
     for batch in shard(sorted_batches(dataset.lengths, batch_size), info.rank, info.world_size):
         ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in batch]))
         with _autocast(device, bf16):
-            total += token_nll(model, ids, mask).sum().item()
-        count += int(mask[:, 1:].sum())
+            nll = token_nll(model, ids, mask)
+        scored = _target_mask(nll, mask, [dataset.target_starts[i] for i in batch])
+        sums += torch.tensor([(nll * scored).sum().item(), scored.sum().item(), nll.sum().item(),
+                              mask[:, 1:].sum().item()], dtype=torch.float64)
     model.train(was_training)
     if info.world_size > 1:
-        total, count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
-    return total / max(count, 1)
+        sums = all_reduce_sum(sums)
+    target, n_target, total, n_total = sums.tolist()
+    return ValLoss(target=target / max(n_target, 1), all_tokens=total / max(n_total, 1))
 
 
 @torch.no_grad()
 def sequence_nll(model: PreTrainedModel, samples, batch_size: int = 64, max_len: int = 512, bf16: bool = False) -> np.ndarray:
-    """Per-sample mean NLL of the next session's pages and [EOS] given the past sessions and its [BOS]
-    (the [BOS] itself is given at generation time, so it is not scored)."""
+    """Per-sample mean NLL of the next session's pages and [EOS] given the past sessions and its [BOS]."""
     dataset = SequenceDataset.from_samples(samples, max_len)
     was_training, device = model.training, model.device
     model.eval()
@@ -418,9 +438,7 @@ def sequence_nll(model: PreTrainedModel, samples, batch_size: int = 64, max_len:
         ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in batch]))
         with _autocast(device, bf16):
             nll = token_nll(model, ids, mask)
-        positions = torch.arange(nll.shape[1], device=device)
-        starts = torch.tensor([dataset.target_starts[i] for i in batch], device=device)
-        scored = (positions[None, :] >= starts[:, None]) & (mask[:, 1:] == 1)
+        scored = _target_mask(nll, mask, [dataset.target_starts[i] for i in batch])
         out[batch] = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).cpu().numpy()
     model.train(was_training)
     return out
@@ -609,17 +627,20 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
         model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
     def validate() -> None:
-        val_loss = evaluate_loss(model, val_set, config.batch_size, config.bf16)
-        history["val"].append({"step": state["step"], "epoch": state["epoch"], "val_loss": val_loss})
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-            state.update(best_val_loss=val_loss, best_step=state["step"], evals_since_best=0)
+        # Models are selected and early-stopped on the next sessions' NLL: what users are scored on.
+        loss = evaluate_loss(model, val_set, config.batch_size, config.bf16)
+        history["val"].append({"step": state["step"], "epoch": state["epoch"], "val_loss": loss.target,
+                               "val_loss_all_tokens": loss.all_tokens})
+        if state["best_val_loss"] is None or loss.target < state["best_val_loss"]:
+            state.update(best_val_loss=loss.target, best_step=state["step"], evals_since_best=0)
             if info.is_main:
                 write_dir_atomically(out_dir / "best", lambda tmp: save_model(model, tmp))
         else:
             state["evals_since_best"] += 1
             patience = config.early_stopping_patience
             state["stopped_early"] = patience is not None and state["evals_since_best"] >= patience
-        log.info("step %d: val loss %.4f (best %.4f at step %d)", state["step"], val_loss, state["best_val_loss"], state["best_step"])
+        log.info("step %d: val next-session NLL %.4f (best %.4f at step %d), all tokens %.4f", state["step"],
+                 loss.target, state["best_val_loss"], state["best_step"], loss.all_tokens)
         if info.is_main:
             (out_dir / "history.json").write_text(json.dumps(history))
 

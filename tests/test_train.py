@@ -15,6 +15,7 @@ from hetlm.train import (
     ParquetSequences,
     SequenceDataset,
     TrainConfig,
+    ValLoss,
     evaluate_loss,
     gather_columns,
     length_bucketed_batches,
@@ -68,7 +69,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     model = micro_model()
     val = toy_samples(60, seed=1)
-    before = evaluate_loss(model, SequenceDataset.from_samples(val), 32)
+    before = evaluate_loss(model, SequenceDataset.from_samples(val), 32).target
     result = train_lm(model, toy_samples(300, seed=0), val, TrainConfig(**QUICK), out, progress=False)
     return model, result, before, out
 
@@ -89,7 +90,7 @@ def test_best_model_reloads_in_plain_transformers(trained):
     ids = torch.tensor([chain_session(2) + chain_session(2)])
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids).logits, reloaded(ids).logits, atol=1e-6)
-    assert evaluate_loss(reloaded, SequenceDataset.from_samples(toy_samples(60, seed=1)), 32) == pytest.approx(result.best_val_loss, abs=1e-5)
+    assert evaluate_loss(reloaded, SequenceDataset.from_samples(toy_samples(60, seed=1)), 32).target == pytest.approx(result.best_val_loss, abs=1e-5)
 
 
 def test_sequence_nll_scores_the_next_session_after_its_bos(trained):
@@ -228,3 +229,28 @@ def test_single_process_helpers_for_hetlm():
     assert owned_clusters(6, DistInfo(rank=1, world_size=4)) == [1, 5]
     matrix = torch.arange(12.0).view(3, 4)
     assert torch.equal(gather_columns(matrix, [0, 2]), matrix * torch.tensor([1.0, 0, 1, 0]))
+
+
+def test_model_selection_follows_the_next_session_nll_not_all_tokens(tmp_path, monkeypatch):
+    """Scripted validation losses that disagree: all-token loss falls throughout (memorised histories),
+    next-session NLL is lowest at the second evaluation. best/ and early stopping follow the latter."""
+    import hetlm.train as train_module
+
+    scripted = iter([ValLoss(target=t, all_tokens=a) for t, a in
+                     [(3.0, 2.0), (2.0, 1.5), (2.5, 1.0), (2.8, 0.5), (3.0, 0.2), (3.5, 0.1)]])
+    snapshots = []
+
+    def fake_evaluate(model, dataset, batch_size, bf16=False):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(train_module, "evaluate_loss", fake_evaluate)
+    model = micro_model()
+    config = TrainConfig(**QUICK | dict(eval_every=5, epochs=100, early_stopping_patience=3))
+    result = train_lm(model, toy_samples(320, seed=0), toy_samples(8, seed=1), config, tmp_path, progress=False)
+    assert result.best_step == 10 and result.best_val_loss == 2.0
+    assert result.stopped_early and len(result.history["val"]) == 5  # 3 evaluations without improvement
+    assert [e["val_loss_all_tokens"] for e in result.history["val"]] == [2.0, 1.5, 1.0, 0.5, 0.2]
+    best = AutoModelForCausalLM.from_pretrained(tmp_path / "best").state_dict()
+    assert all(torch.equal(best[k], snapshots[1][k]) for k in best)
+    assert any(not torch.equal(best[k], snapshots[-1][k]) for k in best)
