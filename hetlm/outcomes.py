@@ -37,7 +37,7 @@ from rich.progress import Progress
 from sklearn.metrics import brier_score_loss
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
-from .generate import NEVER_EMITTED, session_prompts
+from .generate import NEVER_EMITTED, NoImmediateRepeat, session_prompts
 from .ingest.base import CART, PURCHASE
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID
 from .train import pad_sequences, sorted_batches
@@ -118,7 +118,7 @@ def decode(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[D
         task = bar.add_task("sample sessions", total=len(prompts))
         for batch in sorted_batches(np.array([len(p) for p in prompts]), batch_size):
             ids, mask = (t.to(model.device) for t in pad_sequences([prompts[i] for i in batch], side="left"))
-            sampler = LogitsProcessorList([RowSampler([rows[i] for i in batch])])
+            sampler = LogitsProcessorList([NoImmediateRepeat(), RowSampler([rows[i] for i in batch])])
             cache = {_cache_kwarg(model): _shared_prompt_cache(model, ids)}
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                  logits_processor=sampler, **cache)
@@ -126,7 +126,7 @@ def decode(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[D
                 sessions[i] = row[:row.index(EOS_ID)] if EOS_ID in row else row
             keep = [j for j, i in enumerate(batch) if i in wanted]
             if keep:
-                logits = sampler[0].first_logits[keep].float()
+                logits = sampler[-1].first_logits[keep].float()
                 logits[:, [PAD_ID, UNK_ID, BOS_ID, EOS_ID]] = float("-inf")
                 for i, logprobs in zip((batch[j] for j in keep), torch.log_softmax(logits, dim=-1).cpu().numpy()):
                     first_pages[i] = logprobs
