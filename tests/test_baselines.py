@@ -1,6 +1,16 @@
 import pytest
 
-from hetlm.baselines import BASELINES, LastSession, Markov, MostPopular
+import numpy as np
+
+from hetlm.baselines import (
+    BASELINES,
+    HistoryOutcomes,
+    LastSession,
+    Markov,
+    MarkovFromLastPage,
+    MostPopular,
+    RecencyTopM,
+)
 from hetlm.ingest.base import CART
 
 
@@ -48,4 +58,35 @@ def test_markov_rejects_unknown_start():
 
 
 def test_registry():
-    assert BASELINES == {"most_popular": MostPopular, "last_session": LastSession, "markov": Markov}
+    assert BASELINES == {"most_popular": MostPopular, "last_session": LastSession, "markov": Markov,
+                         "markov_last_page": MarkovFromLastPage, "recency_top_m": RecencyTopM}
+
+
+def test_recency_top_m_tunes_its_size_and_ranks_recent_pages_first():
+    # The next session is always the last two sessions' pages: a, b (last) and c (before) -> m = 3, c third.
+    histories = [[["x", "c"], ["a", "b"]]] * 5
+    targets = [["a", "b", "c"]] * 5
+    model = RecencyTopM(decays=(0.5,)).fit(histories, targets)
+    assert model.m_ == 3 and model.predict([[["x"], ["c"], ["a", "b"]]]) == [["b", "a", "c"]]  # ties: seen last first
+
+
+def test_page_scores_rank_own_pages_then_popularity():
+    pages = ["a", "b", "c", "d"]
+    targets = [["d"], ["d", "c"], ["c"], ["d"]]  # popularity d 3, c 2
+    histories = [[["a", "b"]]] * 4
+    scores = LastSession().fit(histories, targets).page_scores([[["b", "a"]]], pages)[0]
+    assert list(np.argsort(-scores)) == [1, 0, 3, 2]  # b, a (last session, in order), then d, c
+    scores = MostPopular().fit(histories, targets).page_scores([[]], pages)[0]
+    assert scores[3] > scores[2] > scores[0] == scores[1] == 0
+    markov = MarkovFromLastPage().fit([[["a", "c"], ["a", "c"], ["a", "b"]]], [[]])
+    assert np.argmax(markov.page_scores([[["a"]]], pages)[0]) == 2  # a -> c twice, a -> b once
+
+
+def test_history_outcomes_learn_from_past_carts():
+    rng = np.random.default_rng(0)
+    histories = [[["p", CART] if rng.random() < 0.5 else ["p", "q"] for _ in range(3)] for _ in range(300)]
+    carted = np.array([sum(CART in s for s in h) for h in histories])
+    y = rng.random(300) < 0.1 + 0.25 * carted
+    model = HistoryOutcomes().fit(histories, {"cart": y, "purchase": np.zeros(300, bool)})
+    p = model.predict_proba([[["p", CART]] * 3, [["p", "q"]] * 3])
+    assert p["cart"][0] > 0.5 > p["cart"][1] and p["purchase"].tolist() == [0.0, 0.0]  # never seen: base rate 0
