@@ -1,5 +1,6 @@
 """Evaluation of one model on the test samples: generate each user's next session (routing users to
-their cluster's LM for clusterwise models), then score with `metrics`, per cluster and Combined."""
+their cluster's LM for clusterwise models) greedily, as the paper does, and gather the LM's evidence for the
+set decoder (`set_decoder`); then score with `metrics`, per cluster and Combined."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from . import metrics as M
 from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
 from .cluster.base import ClusterwiseLM
 from .encoders import encoder_from_settings
-from .generate import generate_next_sessions, next_page_scores
+from .generate import generate_next_sessions
 from .ingest.base import CART, PURCHASE
+from .set_decoder import Evidence, SetDecoder, gather_evidence, outcome_page_ids
 from .tokenizer import SPECIALS
 
 OUTCOME_PAGES = {"cart": CART, "purchase": PURCHASE}  # outcome column -> its page
@@ -41,27 +43,33 @@ class GenerationSettings(BaseModel):
 class Predictions:
     """What a model produced for the test users, in test-frame order."""
 
-    pages: list[list[str]]
+    pages: list[list[str]]              # greedy next sessions (empty lists when not generated)
     clusters: np.ndarray
-    first_page_logprobs: np.ndarray     # (n, vocab) log P(first page of the next session)
+    evidence: Evidence                  # first-page log-probabilities (and sampled sessions) for the set decoder
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def first_page_logprobs(self) -> np.ndarray:  # (n, vocab) log P(first page of the next session)
+        return self.evidence.first_page_logprobs
 
 
 def _decode(tokenizer, ids: list[list[int]]) -> list[list[str]]:
     return [tokenizer.convert_ids_to_tokens(list(row)) for row in ids]
 
 
-def predict(model: PreTrainedModel | ClusterwiseLM, test: pl.DataFrame, tokenizer, settings: GenerationSettings,
-            z: np.ndarray | None = None, routing: str | None = None, progress: bool = True) -> Predictions:
-    """Generate every test user's next session with `model` (one LM, or routed cluster LMs)."""
-    inputs = test["input_ids"].to_list()
+def predict(model: PreTrainedModel | ClusterwiseLM, samples: pl.DataFrame, tokenizer, settings: GenerationSettings,
+            z: np.ndarray | None = None, routing: str | None = None, progress: bool = True, greedy: bool = True,
+            n_samples: int = 0) -> Predictions:
+    """Every user's greedy next session (unless `greedy` is False) and the LM's evidence for the set decoder
+    (first-page log-probabilities and `n_samples` sampled sessions), by one LM or routed cluster LMs."""
+    inputs = samples["input_ids"].to_list()
     kwargs = settings.model_dump()
     if isinstance(model, PreTrainedModel):
         clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
     else:
         clusters, models = model.route(z, routing), model.models
     pages: list[list[str]] = [[] for _ in inputs]
-    scores = np.zeros((len(inputs), len(tokenizer)), dtype=np.float32)
+    evidence = Evidence.empty(len(inputs), len(tokenizer))
     seconds = {"generation": 0.0, "scoring": 0.0}
     for k, lm in models.items():
         idx = np.flatnonzero(clusters == k)
@@ -69,14 +77,34 @@ def predict(model: PreTrainedModel | ClusterwiseLM, test: pl.DataFrame, tokenize
             continue
         cluster_inputs = [inputs[i] for i in idx]
         started = time.perf_counter()
-        generated = generate_next_sessions(lm, cluster_inputs, progress=progress, **kwargs)
-        for i, row in zip(idx, _decode(tokenizer, generated)):
-            pages[i] = row
+        if greedy:
+            generated = generate_next_sessions(lm, cluster_inputs, progress=progress, **kwargs)
+            for i, row in zip(idx, _decode(tokenizer, generated)):
+                pages[i] = row
         scored = time.perf_counter()
-        scores[idx] = next_page_scores(lm, cluster_inputs, settings.batch_size)
+        evidence.put(idx, gather_evidence(lm, cluster_inputs, n_samples, settings.seed, settings.max_new_tokens,
+                                          settings.batch_size))
         seconds["generation"] += scored - started
         seconds["scoring"] += time.perf_counter() - scored
-    return Predictions(pages, clusters, scores, seconds)
+    return Predictions(pages, clusters, evidence, seconds)
+
+
+def fit_set_decoder(decoder: SetDecoder, val: Predictions, val_samples: pl.DataFrame, tokenizer) -> SetDecoder:
+    """Fit the set decoder on the validation users' evidence (from `predict(..., greedy=False)`)."""
+    return decoder.fit(val_samples["input_ids"].to_list(), val.evidence, val_samples["target_ids"].to_list(),
+                       outcome_page_ids(tokenizer))
+
+
+def set_decoded_pages(decoder: SetDecoder, pred: Predictions, samples: pl.DataFrame, tokenizer) -> list[list[str]]:
+    return _decode(tokenizer, decoder.predict(samples["input_ids"].to_list(), pred.evidence))
+
+
+def baseline_page_scores(baseline, samples: pl.DataFrame, tokenizer) -> np.ndarray:
+    """(n, vocab) a baseline's ranking of every page as the next session's first page, specials -inf."""
+    pages = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    scores = baseline.page_scores(samples["history"].to_list(), pages)
+    scores[:, :len(SPECIALS)] = -np.inf
+    return scores
 
 
 def save_generations(path: str | Path, samples: pl.DataFrame, pages: list[list[str]], clusters: np.ndarray) -> None:

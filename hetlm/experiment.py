@@ -27,17 +27,20 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 from rich.console import Console
 
 from . import metrics as M
-from .baselines import BASELINES
+from .baselines import BASELINES, HistoryOutcomes
 from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
 from .cluster.kmeans import fit_kmeans_clusterwise
 from .encoders import encoder_from_settings
 from .evaluate import (
     GenerationSettings,
+    baseline_page_scores,
     first_page_outcomes,
+    fit_set_decoder,
     predict,
     save_generations,
     score,
+    set_decoded_pages,
 )
 from .ingest import SOURCES
 from .models import (
@@ -51,6 +54,7 @@ from .models import (
 from .outcomes import OUTCOMES, OutcomeCalibrator, calibration, outcome_calibration, outcome_table
 from .prepare import PrepareConfig, prepare
 from .provenance import environment, sha256
+from .set_decoder import SetDecoder
 from .tokenizer import load_tokenizer, page_vocabulary
 from .train import TrainConfig, resolve_device, train_lm
 
@@ -132,6 +136,16 @@ class EncoderSettings(BaseModel):
     cache_dir: str | None = None    # None: <run>/embedding_cache
 
 
+class SetDecoderSettings(BaseModel):
+    """The expected-IoU set decoder (hetlm.set_decoder), fitted on the validation users of each LM; its rows
+    are labelled '<model> · set decoder' beside the paper's greedy rows."""
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    n_samples: int = Field(0, ge=0)   # sampled sessions per user as extra evidence (0: first-page scores only)
+    top_first: int = Field(10, ge=0)
+    max_size: int = Field(20, ge=1)
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "experiment"
@@ -146,6 +160,7 @@ class ExperimentConfig(BaseModel):
     hetlm: HeTLMSettings = HeTLMSettings()
     encoder: EncoderSettings = EncoderSettings()
     generation: GenerationSettings = GenerationSettings()
+    set_decoder: SetDecoderSettings = SetDecoderSettings()
     baselines: list[str] = list(BASELINES)
     bert_score: bool = True
     # P(Cart)/P(Purchase) in the next session: Monte Carlo over this many sampled sessions per user
@@ -298,38 +313,62 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         bert_encoder = load_minilm()
 
     results: dict[str, dict] = {}
+    outcome_baselines: dict[str, dict] = {}
+    sd = config.set_decoder
     for name, model in models.items():
+        clusterwise = isinstance(model, ClusterwiseLM)
         with clock(f"inference: {name}"):
             t0 = time.perf_counter()
-            zt = None
-            if isinstance(model, ClusterwiseLM):
-                zt = encoder.transform(test["history"].to_list())  # cached: the routing cost in Table 17
-            pred = predict(model, test, tokenizer, config.generation, zt, progress=progress)
+            zt = encoder.transform(test["history"].to_list()) if clusterwise else None  # cached: Table 17's routing cost
+            pred = predict(model, test, tokenizer, config.generation, zt, progress=progress, n_samples=sd.n_samples)
             inference_s = time.perf_counter() - t0 - pred.seconds["scoring"]
             results[name] = score(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
                                   tokenizer, bert_encoder)
             results[name] |= {"params": params[name], "inference_seconds": round(inference_s, 2),
-                              "kind": "clusterwise" if isinstance(model, ClusterwiseLM) else "single"}
-            if isinstance(model, ClusterwiseLM):
+                              "kind": "clusterwise" if clusterwise else "single"}
+            if clusterwise:
                 results[name]["train_cluster_sizes"] = model.sizes
                 _save_clusters(artefact_path(out, "clusters", name), train, model.route(z["train"]), test,
                                pred.clusters)
             save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
+            zv = z["val"] if clusterwise else None
+            val_pred = predict(model, val, tokenizer, config.generation, zv, progress=False, greedy=False,
+                               n_samples=sd.n_samples) if val.height else None
+        if sd.enabled and val_pred is not None:
+            with clock(f"set decoder: {name}"):
+                decoder = fit_set_decoder(SetDecoder(sd.n_samples, sd.top_first, sd.max_size, seed=config.seed,
+                                                     max_new_tokens=config.generation.max_new_tokens),
+                                          val_pred, val, tokenizer)
+                decoder.save_pretrained(folders[name])
+                set_name = f"{name} · set decoder"
+                set_pages = set_decoded_pages(decoder, pred, test, tokenizer)
+                results[set_name] = score(set_pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
+                                          tokenizer, bert_encoder) | {
+                    "kind": "set decoder", "decoder": {"size": decoder.size_ or "expected IoU per user",
+                                                       "validation IoU by size rule": decoder.fit_iou_}}
+                save_generations(artefact_path(out, "generations", set_name), test, set_pages, pred.clusters)
+        with clock(f"outcomes: {name}"):
             if config.outcome_samples:
                 mc = {"n_samples": config.outcome_samples, "seed": config.seed,
                       "max_new_tokens": config.generation.max_new_tokens}
                 outcomes = outcome_table(model, tokenizer, test, zt, **mc)
-                if val.height:  # Platt scaling on the validation users, kept with the model for score/serve
-                    zv = z["val"] if isinstance(model, ClusterwiseLM) else None
-                    calibrator = OutcomeCalibrator().fit(outcome_table(model, tokenizer, val, zv, **mc),
-                                                         config.outcome_samples)
+                val_outcomes = outcome_table(model, tokenizer, val, zv, **mc) if val.height else None
+                if val_outcomes is not None:  # Platt scaling on the validation users, kept with the model for score/serve
+                    calibrator = OutcomeCalibrator().fit(val_outcomes, config.outcome_samples)
                     calibrator.save_pretrained(folders[name])
                     outcomes = outcomes.with_columns(**{f"p_{o}_calibrated": calibrator.transform(
                         o, outcomes[f"p_{o}"].to_numpy()) for o in OUTCOMES})
             else:
                 outcomes = first_page_outcomes(test, pred.first_page_logprobs, tokenizer)
+                val_outcomes = first_page_outcomes(val, val_pred.first_page_logprobs, tokenizer) if val_pred else None
             outcomes.write_parquet(_parent_made(artefact_path(out, "outcomes", name)))
             results[name]["outcomes"] = _outcome_summary(outcomes)
+            if val_outcomes is not None:  # the LM's probability beside the history features, fitted on val users
+                combined = HistoryOutcomes().fit(val["history"].to_list(), {o: val[o].to_numpy() for o in OUTCOMES},
+                                                 _logits(val_outcomes))
+                probs = combined.predict_proba(test["history"].to_list(), _logits(outcomes))
+                outcome_baselines[f"{name} + history features (logistic, fitted on val)"] = _outcome_summary(
+                    _outcome_frame(test, probs))
 
     with clock("baselines"):
         histories_in = train["history"].to_list() + val["history"].to_list()
@@ -337,10 +376,15 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         for bname in config.baselines:
             baseline = BASELINES[bname]().fit(histories_in, targets_in)
             pages = baseline.predict(test["history"].to_list())
-            results[f"baseline: {bname}"] = score(pages, test, vocabulary, bert_encoder=bert_encoder) | {
-                "kind": "baseline"}
+            results[f"baseline: {bname}"] = score(pages, test, vocabulary, bert_encoder=bert_encoder,
+                                                  first_page_logprobs=baseline_page_scores(baseline, test, tokenizer),
+                                                  tokenizer=tokenizer) | {"kind": "baseline"}
             save_generations(artefact_path(out, "generations", f"baseline: {bname}"), test, pages,
                              np.zeros(len(pages), int))
+        history_lr = HistoryOutcomes().fit(histories_in, {o: np.concatenate([train[o].to_numpy(), val[o].to_numpy()])
+                                                          for o in OUTCOMES})
+        outcome_baselines["baseline: history logistic regression (fitted on train + val)"] = _outcome_summary(
+            _outcome_frame(test, history_lr.predict_proba(test["history"].to_list())))
 
     reference = larger_name or next(iter(models))
     for name, r in results.items():
@@ -349,7 +393,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
 
     run = {
         "name": config.name, "reference": reference, "outcome_samples": config.outcome_samples, "data": summary,
-        "results": results,
+        "results": results, "outcome_baselines": outcome_baselines,
         "seconds": clock.seconds, "histories": histories,
         "environment": environment(),
         "data_fingerprint": {"input": sha256(config.path)}
@@ -423,6 +467,17 @@ def _outcome_summary(outcomes: pl.DataFrame) -> dict[str, float]:
     return summary
 
 
+def _logits(table: pl.DataFrame) -> np.ndarray:
+    """(n, 2) log-odds of an outcome table's P(Cart), P(Purchase); 0 where the page is not in the vocabulary."""
+    p = np.column_stack([table[f"p_{o}"].to_numpy() for o in OUTCOMES]).astype(np.float64)
+    p = np.clip(np.nan_to_num(p, nan=0.5), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def _outcome_frame(samples: pl.DataFrame, probs: dict[str, np.ndarray]) -> pl.DataFrame:
+    return samples.select("user", *OUTCOMES).with_columns(**{f"p_{o}": probs[o] for o in OUTCOMES})
+
+
 def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     """The paper's Tables 2-6 and 17 (and two beyond it) from a finished run: title -> rows (model -> metrics)."""
     results, ref = run["results"], run["reference"]
@@ -442,10 +497,10 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     composite = {n: r[composite_key] for n, r in results.items() if composite_key in r}
     bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
     ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
-               for n, r in results.items() if r.get("kind") != "baseline"}
+               for n, r in results.items() if r.get("kind") != "set decoder"}  # its ranking is its LM's
     n_draws = run.get("outcome_samples")
     outcome_estimator = f"Monte Carlo, {n_draws} sampled sessions per user" if n_draws else "P(first page = Cart / Purchase)"
-    outcomes = {n: r["outcomes"] for n, r in results.items() if "outcomes" in r}
+    outcomes = {n: r["outcomes"] for n, r in results.items() if "outcomes" in r} | run.get("outcome_baselines", {})
     timing = {n: {"params (M)": r["params"] / 1e6, "inference s (test set)": r["inference_seconds"]}
               for n, r in results.items() if "inference_seconds" in r}
     return {
