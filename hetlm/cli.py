@@ -236,8 +236,25 @@ def train(
         close_distributed()
     if main:
         tokenizer.save_pretrained(out / "best")
+        _fit_set_decoder(model, _load_split(prepared, "val"), tokenizer, out / "best")
         console.print(f"{result.steps} steps, best validation next-session NLL {result.best_val_loss} at step {result.best_step}, "
                       f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
+
+
+def _fit_set_decoder(model, val, tokenizer, folder: Path) -> None:
+    """The expected-IoU set decoder of a trained LM, fitted on the validation users and kept in its folder
+    (`score` and `serve` decode with it by default)."""
+    from .evaluate import GenerationSettings, fit_set_decoder, predict
+    from .set_decoder import SetDecoder
+
+    if not val.height:
+        console.print("no validation users: no set decoder fitted (score and serve will decode greedily)")
+        return
+    evidence = predict(model, val, tokenizer, GenerationSettings(), progress=False, greedy=False)
+    decoder = fit_set_decoder(SetDecoder(), evidence, val, tokenizer)
+    decoder.save_pretrained(folder)
+    console.print(f"set decoder fitted on {val.height} validation users: size rule "
+                  f"{decoder.size_ or 'expected IoU per user'}, validation IoU {max(decoder.fit_iou_.values()):.3f}")
 
 
 @app.command("fit-hetlm")
@@ -398,7 +415,8 @@ def score(
     out: Path = typer.Option(..., "--out", help="Parquet file, one row per user"),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
     k: int = typer.Option(10, help="top-k next pages"),
-    strategy: str = typer.Option("greedy", help="greedy | sample (the next session)"),
+    strategy: Optional[str] = typer.Option(None, help="set | greedy | sample (the next session); default: set (the "
+                                                       "expected-IoU set decoder) where the model folder has one, else greedy"),
     temperature: float = typer.Option(1.0, help="sampling temperature of the next session"),
     n_samples: int = typer.Option(32, help="sessions drawn per user for P(Cart), P(Purchase); 0 skips them"),
     seed: int = typer.Option(0),

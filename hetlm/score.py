@@ -3,7 +3,9 @@
 For each user (a history: sessions of page names, oldest first) a `Scorer` gives
     cluster, cluster_prob   the routed cluster and how sure the routing is (see `route_users`);
                             for a single LM cluster is None and cluster_prob 1
-    next_session            the generated next session (greedy, or sampled with the user's seed)
+    next_session            the predicted next session: by the model folder's expected-IoU set decoder
+                            (`hetlm.set_decoder`, the default where the folder has one), greedy, or sampled
+                            with the user's seed; `decoder` names which
     top_pages, top_probs    the k most likely first pages of the next session (the decoder's first step)
     p_cart, p_purchase      P(Cart / Purchase in the next session), Monte Carlo (`hetlm.outcomes`),
     se_cart, se_purchase    with standard errors; NaN when n_samples = 0 or the page is not in the vocabulary
@@ -55,6 +57,7 @@ from .outcomes import (
     outcome_ids,
     row_seed,
 )
+from .set_decoder import Evidence, SetDecoder
 from .sessions import CleaningReport, SessionCleaning, build_samples, session_ids, sessionize
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, load_tokenizer
 
@@ -67,7 +70,9 @@ class ScoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: int = Field(10, ge=1, le=1000, description="number of most likely next pages returned")
-    strategy: Literal["greedy", "sample"] = Field("greedy", description="how the next session is decoded")
+    strategy: Literal["set", "greedy", "sample"] | None = Field(
+        None, description="how the next session is decoded: set (the expected-IoU set decoder), greedy or sample; "
+                          "default: set where the model folder has a fitted set decoder, else greedy")
     temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of the next session")
     seed: int = Field(0, ge=0, description="seed of the sampled next session and of the outcome estimate")
     n_samples: int = Field(32, ge=0, le=1024, description="sessions drawn to estimate P(Cart), P(Purchase); "
@@ -89,6 +94,7 @@ class UserScore:
     sessions_used: int
     p_cart_calibrated: float = float("nan")      # after the model folder's OutcomeCalibrator, if it has one
     p_purchase_calibrated: float = float("nan")
+    decoder: str = "greedy"                      # how next_session was decoded: set, greedy or sample
 
 
 SCORE_SCHEMA = {
@@ -96,6 +102,7 @@ SCORE_SCHEMA = {
     "top_pages": pl.List(pl.Utf8), "top_probs": pl.List(pl.Float64), "p_cart": pl.Float64, "se_cart": pl.Float64,
     "p_purchase": pl.Float64, "se_purchase": pl.Float64, "unknown_pages": pl.List(pl.Utf8),
     "sessions_used": pl.Int64, "p_cart_calibrated": pl.Float64, "p_purchase_calibrated": pl.Float64,
+    "decoder": pl.Utf8,
 }
 
 
@@ -175,6 +182,7 @@ class Scorer:
     batch_size: int = 64                # decoded rows per forward pass
     encoder: Any = field(default=None, repr=False)
     calibrator: OutcomeCalibrator | None = None  # Platt scaling of P(Cart), P(Purchase) (experiment model folders)
+    set_decoder: SetDecoder | None = None  # the model folder's fitted set decoder (experiment and train write one)
     cleaning: SessionCleaning | None = None  # None: the one recorded in the tokenizer by `hetlm prepare`
     vocab: dict[str, int] = field(init=False, repr=False)
     outcome_ids: dict[str, int | None] = field(init=False)
@@ -196,8 +204,9 @@ class Scorer:
     def from_pretrained(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
                         **kwargs) -> Scorer:
         tokenizer = load_tokenizer(tokenizer_dir or find_tokenizer(model_dir))
+        decoder = SetDecoder.from_pretrained(model_dir) if SetDecoder.exists(model_dir) else None
         return cls(load_model(model_dir, device), tokenizer, calibrator=OutcomeCalibrator.from_pretrained(model_dir),
-                   **kwargs)
+                   set_decoder=decoder, **kwargs)
 
     @property
     def clusterwise(self) -> bool:
@@ -228,8 +237,18 @@ class Scorer:
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
                      "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
         info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
+        info["default_decoder"] = self.strategy(ScoreOptions())
         info["cleaning"] = asdict(self.cleaning)
         return info
+
+    def strategy(self, options: ScoreOptions) -> str:
+        """The decoder a user's options ask for; an explicit 'set' needs a fitted set decoder."""
+        if options.strategy is None:
+            return "set" if self.set_decoder is not None else "greedy"
+        if options.strategy == "set" and self.set_decoder is None:
+            raise ValueError("strategy 'set' needs a fitted set decoder (set_decoder.json, written by `hetlm train` "
+                             "and `hetlm experiment` into the model folder); this model has none: use greedy")
+        return options.strategy
 
     def score(self, histories: Sequence[History], options: Sequence[ScoreOptions]) -> list[UserScore]:
         """One `UserScore` per history (raises ValueError if a history's last session does not fit)."""
@@ -251,6 +270,8 @@ class Scorer:
         next_sessions: list[list[int]] = [[] for _ in range(n)]
         draws: list[list[list[int]]] = [[] for _ in range(n)]
         top: list[tuple[list[int], list[float]]] = [([], [])] * n
+        strategies = [self.strategy(o) for o in options]
+        first_pages: dict[int, np.ndarray] = {}  # users decoded by the set decoder: log P(first page)
         for k, lm in self.models.items():
             users = np.flatnonzero(clusters == k).tolist()
             if not users:
@@ -269,7 +290,16 @@ class Scorer:
             for j, i in enumerate(users):
                 kk = min(options[i].k, self.n_pages)
                 top[i] = (best.indices[j, :kk].tolist(), best.values[j, :kk].exp().tolist())
-        return [self._user_score(i, clusters, cluster_probs, next_sessions, draws, top, histories) for i in range(n)]
+                if strategies[i] == "set":
+                    first_pages[i] = logprobs[j].numpy()
+        if first_pages:
+            users = sorted(first_pages)
+            evidence = Evidence(np.stack([first_pages[i] for i in users]),
+                                [draws[i][:self.set_decoder.n_samples] for i in users])
+            for i, pages in zip(users, self.set_decoder.predict([inputs[i] for i in users], evidence)):
+                next_sessions[i] = pages
+        return [self._user_score(i, clusters, cluster_probs, next_sessions, draws, top, histories, strategies[i])
+                for i in range(n)]
 
     def _rows(self, users: list[int], inputs: list[list[int]], options: Sequence[ScoreOptions]):
         """The decoded rows of these users, each one's next session then its outcome draws: the user
@@ -284,7 +314,7 @@ class Scorer:
             is_next += [True] + [False] * o.n_samples
         return owner, is_next, rows
 
-    def _user_score(self, i, clusters, cluster_probs, next_sessions, draws, top, histories) -> UserScore:
+    def _user_score(self, i, clusters, cluster_probs, next_sessions, draws, top, histories, decoder) -> UserScore:
         outcomes = estimate_outcomes([draws[i]], self.outcome_ids)
         pages, probs = top[i]
         unknown = list(dict.fromkeys(p for s in histories[i] for p in s if p not in self.vocab))
@@ -294,7 +324,7 @@ class Scorer:
             top_pages=self.tokenizer.convert_ids_to_tokens(pages), top_probs=probs,
             p_cart=float(outcomes.p["cart"][0]), se_cart=float(outcomes.se["cart"][0]),
             p_purchase=float(outcomes.p["purchase"][0]), se_purchase=float(outcomes.se["purchase"][0]),
-            unknown_pages=unknown, sessions_used=len(histories[i]),
+            unknown_pages=unknown, sessions_used=len(histories[i]), decoder=decoder,
             **{f"p_{name}_calibrated": float(self.calibrator.transform(name, outcomes.p[name])[0])
                for name in OUTCOMES if self.calibrator is not None},
         )

@@ -169,3 +169,35 @@ def test_routing_probabilities():
     model.selector = Selector(n_clusters=2, epochs=50).fit(z, labels)
     clusters, probs = route_users(model, z, "selector")
     np.testing.assert_allclose(probs, model.selector.predict_proba(z).max(1), rtol=1e-6)
+
+
+def test_set_decoder_is_the_default_where_the_folder_has_one(taobao_prepared, micro, tmp_path):
+    from hetlm.evaluate import GenerationSettings, fit_set_decoder, predict
+    from hetlm.set_decoder import SetDecoder
+
+    prepared = taobao_prepared[0]
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    plain = Scorer.from_pretrained(micro, max_new_tokens=12)
+    test = pl.read_parquet(prepared / "test.parquet").head(8)
+    histories = test["history"].to_list()
+    assert plain.describe()["default_decoder"] == "greedy"
+    assert {s.decoder for s in plain.score(histories, [ScoreOptions(n_samples=0)] * 8)} == {"greedy"}
+    with pytest.raises(ValueError, match="set decoder"):
+        plain.score(histories[:1], [ScoreOptions(strategy="set")])
+
+    val = pl.read_parquet(prepared / "val.parquet")
+    lm = plain.model
+    decoder = fit_set_decoder(SetDecoder(), predict(lm, val, tokenizer, GenerationSettings(), progress=False,
+                                                    greedy=False), val, tokenizer)
+    decoder.save_pretrained(micro)
+    try:
+        scorer = Scorer.from_pretrained(micro, max_new_tokens=12)
+        scores = scorer.score(histories, [ScoreOptions(n_samples=0)] * 7 + [ScoreOptions(strategy="greedy", n_samples=0)])
+        prompts = fit_histories(sessions_frame(histories), scorer.vocab, scorer.history_budget)  # as the scorer cuts them
+        expected = predict(lm, prompts, tokenizer, GenerationSettings(), progress=False, greedy=False)
+        sets = [tokenizer.convert_ids_to_tokens(s) for s in decoder.predict(prompts["input_ids"].to_list(), expected.evidence)]
+        assert [s.decoder for s in scores] == ["set"] * 7 + ["greedy"]
+        assert [s.next_session for s in scores[:7]] == sets[:7]
+        assert scores[7].next_session == plain.score(histories[7:], [ScoreOptions(n_samples=0)])[0].next_session
+    finally:
+        (micro / "set_decoder.json").unlink()
