@@ -34,9 +34,70 @@ TARGETS = [
 ]
 
 
+def latest_per_log(name: str) -> dict[str, dict]:
+    """The latest line of results/<name>.jsonl for each log (benchmarks that write one line per log)."""
+    path = RESULTS / f"{name}.jsonl"
+    found = {}
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line.strip():
+            result = json.loads(line)
+            found[result["settings"]["log"]] = result
+    return found
+
+
+QUALITY_COLUMNS = ["model", "kind", "HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase", "Recall@10", "NDCG@10", "MRR",
+                   "AUC-cart", "AUC-purchase", "Brier-cart", "Brier-purchase"]
+
+
+def quality_section(per_log: dict[str, dict]) -> str:
+    """QUALITY: per log, every LM decoder and baseline, and whether the best hetlm row beats the best baseline."""
+    out = ["## QUALITY: next-session predictions against the strongest baselines (bench/quality.py)\n",
+           "Per log: the tiny LM early-stopped on validation next-session NLL, decoded greedily (the paper's "
+           "decoding) and by the set decoder (`· set decoder`); the heuristic baselines; outcome models. "
+           "'beaten' compares the best hetlm row with the best baseline row of each metric.\n",
+           ]
+    judged = list(dict.fromkeys(k for r in per_log.values() for k in r["summary"].get("verdicts", {})))
+    out += ["| log | " + " | ".join(judged) + " |", "|---|" + "---|" * len(judged)]
+    for log, result in per_log.items():
+        verdicts = result["summary"].get("verdicts", {})
+        cells = []
+        for metric in judged:
+            v = verdicts.get(metric)
+            cells.append("-" if not v or v["beaten"] is None else
+                         ("yes" if v["beaten"] else f"**not beaten** ({fmt(v['gap'])})"))
+        out.append(f"| {log} | " + " | ".join(cells) + " |")
+    for log, result in per_log.items():
+        settings, m = result["settings"], result["machine"]
+        out.append(f"\n### QUALITY {log}\n")
+        if "not_measured" in settings:
+            out.append(f"Not measured: {settings['not_measured']}\n")
+            continue
+        out.append(f"{result['time']}, {m['cpu']}, {m['cores']} cores, load {fmt(m['load_avg_1m'])}, git {m['git']}; "
+                   f"source {settings['source']}, split {settings['split']}, subsample: {settings['subsample']}, "
+                   f"{settings['users']} users, {settings['pages']} pages, samples {fmt(settings['samples'])}; "
+                   f"{settings['preset']} LM, pretrain {fmt(settings['pretrain'])}; set decoder "
+                   f"{fmt(settings.get('set_decoder'))}; {fmt(settings['seconds'])} s in all.\n")
+        out += ["| " + " | ".join(QUALITY_COLUMNS) + " |", "|" + "---|" * len(QUALITY_COLUMNS)]
+        out += ["| " + " | ".join("" if row.get(c) is None else fmt(row[c]) for c in QUALITY_COLUMNS) + " |"
+                for row in result["rows"]]
+        out.append("")
+        for metric, v in result["summary"].get("verdicts", {}).items():
+            if v["beaten"] is None:
+                continue
+            out.append(f"- {metric}: best hetlm **{v['hetlm']}** {fmt(v['hetlm_value'])} vs best baseline "
+                       f"**{v['baseline']}** {fmt(v['baseline_value'])}: "
+                       + ("beaten" if v["beaten"] else f"**not beaten** (gap {fmt(v['gap'])})"))
+    return "\n".join(out)
+
+
+PER_LOG = {"quality": quality_section}  # benchmarks with one line per log, rendered by their own section
+
+
 def latest() -> dict[str, dict]:
     found = {}
     for path in sorted(RESULTS.glob("*.jsonl")):
+        if path.stem in PER_LOG:
+            continue
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         if lines:
             found[path.stem] = json.loads(lines[-1])
@@ -71,6 +132,10 @@ def figures(results: dict[str, dict]) -> str:
             out += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
             out += ["| " + " | ".join(fmt(v) for v in row.values()) + " |" for row in rows]
         out += [""] + [f"- {key}: {fmt(value)}" for key, value in result["summary"].items()]
+    for name, section in PER_LOG.items():
+        per_log = latest_per_log(name)
+        if per_log:
+            out += ["", section(per_log)]
     return "\n".join(out)
 
 

@@ -1,0 +1,166 @@
+"""Next-session quality on every real log we hold: each LM decoder against every baseline.
+
+For each log: `hetlm experiment` with only the single LM (tiny preset, early-stopped on the validation
+users' next-session NLL), its greedy decoding (the paper's), its set decoder (fitted on the validation
+users), the five heuristic baselines, and the outcome models (the LM's P(first page = Cart / Purchase), the
+history logistic regression, and the LM's probability with history features). One line per log goes to
+bench/results/quality.jsonl, with the best baseline of each metric and whether the best hetlm row beats it;
+`bench/report.py` turns the latest line of each log into the QUALITY section of BENCHMARKS.md.
+
+    .venv/bin/python bench/quality.py [--logs taobao-sample globo-user ...] [--work runs/quality]
+
+Large logs are subsampled deterministically by a hash of the user id (the fraction is in the settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED_DATA, SHIPPED, record  # noqa: E402
+
+import polars as pl  # noqa: E402
+
+from hetlm.experiment import ExperimentConfig, run_experiment  # noqa: E402
+
+PRETRAIN = {"lr": 3e-3, "epochs": 8, "batch_size": 32, "eval_every": 50, "early_stopping_patience": 4}
+SET_METRICS = ["HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase"]
+RANKING = ["Recall@10", "NDCG@10", "MRR"]
+OUTCOMES = ["AUC-cart", "AUC-purchase", "Brier-cart", "Brier-purchase"]
+# What the best hetlm row must beat the best baseline on (where the log has outcomes, the last three too).
+BEATEN_ON = ["IoU", "HR", "F1-Cart/Purchase", "AUC-cart", "AUC-purchase"]
+
+
+def keep_user(user: str, fraction: float) -> bool:
+    """A deterministic hash sample of users (the same users on every machine and run)."""
+    return int.from_bytes(hashlib.blake2b(str(user).encode(), digest_size=8).digest(), "little") / 2**64 < fraction
+
+
+def globo_subset(work: Path, fraction: float) -> Path:
+    path = work / f"globo_{fraction:g}.parquet"
+    if not path.exists():
+        clicks = pl.read_parquet(SHARED_DATA / "globo-news" / "clicks_even_users.parquet")
+        users = clicks["user_id"].unique()
+        kept = users.filter(users.map_elements(lambda u: keep_user(u, fraction), return_dtype=pl.Boolean))
+        clicks.filter(pl.col("user_id").is_in(kept.implode())).write_parquet(path)
+    return path
+
+
+def msnbc_head(work: Path, visits: int) -> Path:
+    import zipfile
+
+    path = work / f"msnbc_{visits}.seq"
+    if not path.exists():
+        with zipfile.ZipFile(SHARED_DATA / "msnbc" / "msnbc990928.zip") as archive:
+            lines = archive.read("msnbc990928.seq").decode().split("\n")
+        start = lines.index("% Sequences:") + 2
+        path.write_text("\n".join(lines[:start] + lines[start:start + visits]) + "\n")
+    return path
+
+
+GLOBO_OPTIONS = {"user": "user_id", "session": "session_id", "page": "click_article_id", "page_prefix": "article_",
+                 "time": "click_timestamp", "time_unit": "ms"}
+
+
+def logs(work: Path, globo_fraction: float, msnbc_visits: int) -> dict[str, dict]:
+    """name -> experiment settings (source, path, options, prepare) of each log."""
+    taobao_prepare = {"max_train_targets_per_user": 3}
+    return {
+        "taobao-sample": {"source": "taobao", "path": str(SHIPPED), "prepare": taobao_prepare},
+        "taobao-head": {"source": "taobao", "path": str(SHARED_DATA / "taobao-userbehavior" / "UserBehavior_head.csv"),
+                        "prepare": taobao_prepare | {"on_bad_rows": "skip"}},
+        "globo-time": {"source": "generic", "path": lambda: str(globo_subset(work, globo_fraction)),
+                       "source_options": GLOBO_OPTIONS, "prepare": {"split": "time", "max_train_targets_per_user": 3},
+                       "subsample": f"users with hash < {globo_fraction:g}"},
+        "globo-user": {"source": "generic", "path": lambda: str(globo_subset(work, globo_fraction)),
+                       "source_options": GLOBO_OPTIONS, "prepare": {"split": "user"},
+                       "subsample": f"users with hash < {globo_fraction:g}"},
+        "msnbc": {"source": "msnbc", "path": lambda: str(msnbc_head(work, msnbc_visits)), "prepare": {},
+                  "subsample": f"first {msnbc_visits} visits"},
+        "rees46": {"source": "rees46", "path": str(next((SHARED_DATA / "rees46-sample").glob("*.csv*"), "")), "prepare": {}},
+        "ga360": {"source": "ga360", "path": str(next((SHARED_DATA / "ga360-merchandise-store").glob("*.json*"), "")),
+                  "prepare": {}},
+    }
+
+
+def rows_of(run: dict) -> list[dict]:
+    """One row per model: set metrics, ranking of the first page, outcome AUC / Brier where computed."""
+    rows = []
+    for name, r in run["results"].items():
+        row = {"model": name, "kind": r.get("kind")}
+        row |= {m: r["combined"].get(m) for m in SET_METRICS}
+        row |= {m: r.get("extra", {}).get(m) for m in RANKING}
+        row |= {m: r.get("outcomes", {}).get(m) for m in OUTCOMES}
+        rows.append(row)
+    for name, summary in run.get("outcome_baselines", {}).items():
+        rows.append({"model": name, "kind": "baseline" if name.startswith("baseline") else "outcome model"}
+                    | {m: summary.get(m) for m in OUTCOMES})
+    return rows
+
+
+def verdicts(rows: list[dict], has_outcomes: bool) -> dict:
+    """Per metric the best hetlm row, the best baseline row and whether the first beats the second."""
+    out = {}
+    for metric in BEATEN_ON:
+        if metric not in ("IoU", "HR") and not has_outcomes:
+            continue
+        def best(kinds):
+            found = [(r[metric], r["model"]) for r in rows if r["kind"] in kinds and _number(r.get(metric))]
+            return max(found) if found else (None, None)
+        ours, ours_name = best({"single", "set decoder", "outcome model"})
+        theirs, theirs_name = best({"baseline"})
+        out[metric] = {"hetlm": ours_name, "hetlm_value": ours, "baseline": theirs_name, "baseline_value": theirs,
+                       "beaten": None if ours is None or theirs is None else ours > theirs,
+                       "gap": None if ours is None or theirs is None else ours - theirs}
+    return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value
+
+
+def run_log(name: str, spec: dict, work: Path) -> None:
+    path = spec["path"]() if callable(spec["path"]) else spec["path"]
+    config = ExperimentConfig.model_validate({
+        "name": f"quality {name}", "source": spec["source"], "path": path,
+        "source_options": spec.get("source_options", {}), "prepare": spec["prepare"],
+        "pretrain": PRETRAIN, "encoder": {"name": "pagebag"},
+        "kmeans": {"enabled": False}, "hetlm": {"enabled": False}, "larger": {"enabled": False},
+        "bert_score": False, "outcome_samples": 0,
+    })
+    started = time.perf_counter()
+    try:
+        run = run_experiment(config, work / name, progress=False)
+    except ValueError as err:  # e.g. a log too small to yield test users
+        print(f"{name}: not measured: {err}")
+        record("quality", {"log": name, "source": spec["source"], "path": path, "not_measured": str(err)}, [], {})
+        return
+    data = run["data"]
+    rows = rows_of(run)
+    has_outcomes = any(_number(r.get("AUC-cart")) or _number(r.get("AUC-purchase")) for r in rows)
+    settings = {"log": name, "source": spec["source"], "path": path, "subsample": spec.get("subsample", "all"),
+                "split": config.prepare.split, "samples": data["samples"], "users": data["users"], "pages": data["pages"],
+                "pretrain": PRETRAIN, "preset": config.model.preset, "seconds": round(time.perf_counter() - started, 1),
+                "set_decoder": next((r["decoder"] for r in run["results"].values() if "decoder" in r), None)}
+    record("quality", settings, rows, {"verdicts": verdicts(rows, has_outcomes)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--logs", nargs="*", default=None, help="which logs (default: all)")
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--globo-fraction", type=float, default=0.03)
+    parser.add_argument("--msnbc-visits", type=int, default=30_000)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    specs = logs(args.work, args.globo_fraction, args.msnbc_visits)
+    for name in args.logs or list(specs):
+        run_log(name, specs[name], args.work)
+
+
+if __name__ == "__main__":
+    main()
