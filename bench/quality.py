@@ -27,7 +27,7 @@ import polars as pl  # noqa: E402
 
 from hetlm.experiment import ExperimentConfig, run_experiment  # noqa: E402
 
-PRETRAIN = {"lr": 3e-3, "epochs": 8, "batch_size": 32, "eval_every": 50, "early_stopping_patience": 4}
+PRETRAIN = {"lr": 3e-3, "epochs": 8, "batch_size": 32, "eval_every": 50, "early_stopping_patience": 3}
 SET_METRICS = ["HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase"]
 RANKING = ["Recall@10", "NDCG@10", "MRR"]
 OUTCOMES = ["AUC-cart", "AUC-purchase", "Brier-cart", "Brier-purchase"]

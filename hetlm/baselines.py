@@ -270,7 +270,37 @@ class HistoryOutcomes:
         return {name: m.predict_proba(x)[:, 1] if isinstance(m, LogisticRegression) else np.full(len(x), m)
                 for name, m in self.models_.items()}
 
+    def stack(self, histories: Sequence[History], lm_logits: np.ndarray, outcomes: dict[str, np.ndarray]) -> StackedOutcomes:
+        """A model's outcome log-odds beside this one's (fitted on other users), combined by a logistic
+        regression on `histories` (e.g. validation users, whose LM probabilities are out of sample)."""
+        return StackedOutcomes(self, self.C).fit(histories, lm_logits, outcomes)
+
     @staticmethod
     def _x(histories: Sequence[History], extra: np.ndarray | None) -> np.ndarray:
         x = history_features(histories)
         return x if extra is None else np.column_stack([x, np.asarray(extra, dtype=np.float64).reshape(len(x), -1)])
+
+
+
+class StackedOutcomes:
+    """Per outcome, a logistic regression on [the history model's log-odds, a model's (e.g. an LM's) own
+    outcome log-odds]: two inputs, so a few hundred validation users fit it (see `HistoryOutcomes.stack`)."""
+
+    def __init__(self, history: HistoryOutcomes, C: float = 1.0):
+        self.history, self.C = history, C
+
+    def fit(self, histories: Sequence[History], logits: np.ndarray, outcomes: dict[str, np.ndarray]) -> StackedOutcomes:
+        x = self._x(histories, logits)
+        self.models_ = {name: LogisticRegression(C=self.C, max_iter=2000).fit(x, np.asarray(y, dtype=bool))
+                        if 0 < np.sum(y) < len(y) else None for name, y in outcomes.items()}
+        return self
+
+    def predict_proba(self, histories: Sequence[History], logits: np.ndarray) -> dict[str, np.ndarray]:
+        x = self._x(histories, logits)
+        base = self.history.predict_proba(histories)
+        return {name: m.predict_proba(x)[:, 1] if m is not None else base[name] for name, m in self.models_.items()}
+
+    def _x(self, histories: Sequence[History], logits: np.ndarray) -> np.ndarray:
+        base = self.history.predict_proba(histories)
+        p = np.clip(np.column_stack(list(base.values())), 1e-4, 1 - 1e-4)
+        return np.column_stack([np.log(p / (1 - p)), np.asarray(logits, dtype=np.float64).reshape(len(p), -1)])

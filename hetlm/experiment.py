@@ -313,7 +313,10 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         bert_encoder = load_minilm()
 
     results: dict[str, dict] = {}
-    outcome_baselines: dict[str, dict] = {}
+    # The outcome baseline a marketer would fit first (on the training users), and each LM stacked with it.
+    history_lr = HistoryOutcomes().fit(train["history"].to_list(), {o: train[o].to_numpy() for o in OUTCOMES})
+    outcome_baselines = {"baseline: history logistic regression": _outcome_summary(
+        _outcome_frame(test, history_lr.predict_proba(test["history"].to_list())))}
     sd = config.set_decoder
     for name, model in models.items():
         clusterwise = isinstance(model, ClusterwiseLM)
@@ -342,7 +345,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                 decoder.save_pretrained(folders[name])
                 set_name = f"{name} · set decoder"
                 set_pages = set_decoded_pages(decoder, pred, test, tokenizer)
-                results[set_name] = score(set_pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
+                ranking = decoder.page_scores(test["input_ids"].to_list(), pred.evidence)
+                results[set_name] = score(set_pages, test, vocabulary, pred.clusters, ranking,
                                           tokenizer, bert_encoder) | {
                     "kind": "set decoder", "decoder": {"size": decoder.size_ or "expected IoU per user",
                                                        "validation IoU by size rule": decoder.fit_iou_}}
@@ -363,11 +367,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                 val_outcomes = first_page_outcomes(val, val_pred.first_page_logprobs, tokenizer) if val_pred else None
             outcomes.write_parquet(_parent_made(artefact_path(out, "outcomes", name)))
             results[name]["outcomes"] = _outcome_summary(outcomes)
-            if val_outcomes is not None:  # the LM's probability beside the history features, fitted on val users
-                combined = HistoryOutcomes().fit(val["history"].to_list(), {o: val[o].to_numpy() for o in OUTCOMES},
-                                                 _logits(val_outcomes))
+            if val_outcomes is not None:  # the LM's probability stacked with the history model's, on val users
+                combined = history_lr.stack(val["history"].to_list(), _logits(val_outcomes),
+                                            {o: val[o].to_numpy() for o in OUTCOMES})
                 probs = combined.predict_proba(test["history"].to_list(), _logits(outcomes))
-                outcome_baselines[f"{name} + history features (logistic, fitted on val)"] = _outcome_summary(
+                outcome_baselines[f"{name} + history model (stacked on val)"] = _outcome_summary(
                     _outcome_frame(test, probs))
 
     with clock("baselines"):
@@ -381,10 +385,6 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                                                   tokenizer=tokenizer) | {"kind": "baseline"}
             save_generations(artefact_path(out, "generations", f"baseline: {bname}"), test, pages,
                              np.zeros(len(pages), int))
-        history_lr = HistoryOutcomes().fit(histories_in, {o: np.concatenate([train[o].to_numpy(), val[o].to_numpy()])
-                                                          for o in OUTCOMES})
-        outcome_baselines["baseline: history logistic regression (fitted on train + val)"] = _outcome_summary(
-            _outcome_frame(test, history_lr.predict_proba(test["history"].to_list())))
 
     reference = larger_name or next(iter(models))
     for name, r in results.items():
@@ -497,7 +497,7 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     composite = {n: r[composite_key] for n, r in results.items() if composite_key in r}
     bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
     ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
-               for n, r in results.items() if r.get("kind") != "set decoder"}  # its ranking is its LM's
+               for n, r in results.items()}
     n_draws = run.get("outcome_samples")
     outcome_estimator = f"Monte Carlo, {n_draws} sampled sessions per user" if n_draws else "P(first page = Cart / Purchase)"
     outcomes = {n: r["outcomes"] for n, r in results.items() if "outcomes" in r} | run.get("outcome_baselines", {})

@@ -203,6 +203,15 @@ class SetDecoder:
     def page_probabilities(self, cands: Candidates) -> np.ndarray:
         return _sigmoid(((cands.x - self.mean_) / self.scale_) @ self.coef_ + self.intercept_)
 
+    def page_scores(self, input_ids_list: list[list[int]], evidence: Evidence) -> np.ndarray:
+        """(n_users, vocab) a ranking of every page: candidates by their probability of being in the next
+        session (1 + p), the other pages below them in the LM's first-page order (specials -inf)."""
+        cands = candidates(input_ids_list, evidence, self.outcome_ids_, self.top_first)
+        lm = evidence.first_page_logprobs.astype(np.float64)
+        scores = np.where(np.isfinite(lm), np.exp(lm) * 0.5, -np.inf)  # < 1: below every candidate
+        scores[cands.user, cands.page] = 1 + self.page_probabilities(cands)
+        return scores
+
     def predict(self, input_ids_list: list[list[int]], evidence: Evidence) -> list[list[int]]:
         """Each user's next session: page ids, likeliest first, no repeats, no special token."""
         return self._sets(candidates(input_ids_list, evidence, self.outcome_ids_, self.top_first), len(input_ids_list))

@@ -90,3 +90,15 @@ def test_history_outcomes_learn_from_past_carts():
     model = HistoryOutcomes().fit(histories, {"cart": y, "purchase": np.zeros(300, bool)})
     p = model.predict_proba([[["p", CART]] * 3, [["p", "q"]] * 3])
     assert p["cart"][0] > 0.5 > p["cart"][1] and p["purchase"].tolist() == [0.0, 0.0]  # never seen: base rate 0
+
+
+def test_stacking_an_lm_probability_on_the_history_model_uses_its_signal():
+    rng = np.random.default_rng(1)
+    histories = [[["p", "q"]] for _ in range(400)]  # histories say nothing; the "LM" log-odds do
+    signal = rng.normal(size=400)
+    y = rng.random(400) < 1 / (1 + np.exp(-2 * signal))
+    history = HistoryOutcomes().fit(histories, {"cart": y})
+    stacked = history.stack(histories[:200], signal[:200, None], {"cart": y[:200]})
+    p = stacked.predict_proba(histories[200:], signal[200:, None])["cart"]
+    assert (np.argsort(p) == np.argsort(signal[200:])).all()  # ranked by the LM signal
+    assert np.ptp(history.predict_proba(histories[200:])["cart"]) == 0  # the history model alone cannot rank them

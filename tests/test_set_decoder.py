@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hetlm.outcomes import decode, monte_carlo_rows
-from hetlm.set_decoder import Evidence, SetDecoder, expected_iou_by_size, history_sessions
+from hetlm.set_decoder import Evidence, SetDecoder, candidates, expected_iou_by_size, history_sessions
 from hetlm.tokenizer import BOS_ID, EOS_ID, SPECIALS
 
 from .test_generate import boost_logits
@@ -96,3 +96,16 @@ def test_free_running_decoders_never_repeat_a_page_at_once():
     drawn = decode(model, prompts, [monte_carlo_rows(p, 1, 0)[0] for p in prompts], max_new_tokens=10).sessions
     assert all(s and all(a != b for a, b in zip(s, s[1:])) for s in drawn)
     handle.remove()
+
+
+def test_page_scores_rank_candidates_by_probability_then_the_lm():
+    inputs, targets, evidence = synthetic(200, seed=0)
+    decoder = SetDecoder().fit(inputs, evidence, targets, outcome_ids=(5, -1))
+    scores = decoder.page_scores(inputs[:3], Evidence(evidence.first_page_logprobs[:3], evidence.samples[:3]))
+    assert np.isneginf(scores[:, :len(SPECIALS)]).all()
+    for u, s in enumerate(decoder.predict(inputs[:3], Evidence(evidence.first_page_logprobs[:3], evidence.samples[:3]))):
+        assert list(np.argsort(-scores[u], kind="stable")[:len(s)]) == s  # the emitted set heads the ranking
+    cands = candidates(inputs[:3], Evidence(evidence.first_page_logprobs[:3], evidence.samples[:3]), (5, -1))
+    is_candidate = np.zeros(scores.shape, bool)
+    is_candidate[cands.user, cands.page] = True
+    assert (scores[is_candidate] >= 1).all() and (scores[~is_candidate] < 1).all()
