@@ -223,7 +223,8 @@ def _file_events(file: Path, headers: list[str], page: str, outcomes: dict[str, 
     keep = ["_row", "ts", "page_num", "user", "session"]
 
     is_view = pl.col("post_page_event").str.strip_chars().fill_null("0") == "0"
-    url = pl.col("post_page_url").str.replace(URL_ORIGIN, "")
+    url = pl.col("post_page_url").str.strip_chars()
+    url = pl.when(url.str.len_chars() > 0).then(url.str.replace(URL_ORIGIN, ""))
     views = raw.filter(is_view).with_columns(url=url, name=pl.col("post_pagename").str.strip_chars())
     paths = page_names(views["url"])
     name = views["name"] if page == "post_pagename" else pl.Series([None] * views.height, dtype=pl.Utf8)

@@ -81,7 +81,8 @@ def warn_if_no_outcomes(path: str | Path, event_values: dict[str, int], outcomes
     warnings.warn(
         f"{path}: no event was read as {CART} or {PURCHASE}, so every outcome rate will be 0; the most "
         f"frequent event types are {seen}. Name the add-to-cart and purchase types with --cart-events and "
-        "--purchase-events (cart_events / purchase_events), e.g. --cart-events 3 --purchase-events 6",
+        "--purchase-events (cart_events / purchase_events), e.g. --cart-events 3 --purchase-events 6 for GA360 "
+        "action types",
         NoOutcomesWarning, stacklevel=2,
     )
 
