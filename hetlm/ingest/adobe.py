@@ -163,12 +163,25 @@ def _line_of(data: bytes, row: int) -> int:
     return row + 1 + data.count(ESCAPES[2][1], 0, start)
 
 
+def _check_fields(file: Path, data: bytes, columns: int) -> None:
+    """Raise on the first hit with more fields than column_headers.tsv names (the reader would drop them
+    silently). Counting all tabs is cheap; lines are looked at only when the count is off."""
+    hits = data.count(b"\n") + (not data.endswith(b"\n"))
+    if not data or data.count(b"\t") == hits * (columns - 1):
+        return
+    for row, line in enumerate(data.split(b"\n")):
+        if line.count(b"\t") >= columns:
+            raise IngestError(file, f"more fields than column_headers.tsv names ({columns})", _line_of(data, row),
+                              "check that column_headers.tsv belongs to this hit data")
+
+
 def _read_hits(file: Path, headers: list[str], on_bad_rows: str, skipped: dict[str, int]):
     """The columns this adapter uses (as text, escapes undone; missing optional ones null) plus `_row`, and
     the file line of a row."""
     data = read_bytes(file)
     for escaped, placeholder, _ in ESCAPES:
         data = data.replace(escaped, placeholder)
+    _check_fields(file, data, len(headers))
     wanted = [c for c in NEEDED + OPTIONAL if c in headers]
     positions = [headers.index(c) for c in wanted]
     try:
@@ -176,12 +189,8 @@ def _read_hits(file: Path, headers: list[str], on_bad_rows: str, skipped: dict[s
     except pl.exceptions.NoDataError:
         raise IngestError(file, "the file is empty", hint="point at a data feed's hit data") from None
     except pl.exceptions.ComputeError as e:
-        if "more fields" not in str(e):
-            raise IngestError(file, f"not an Adobe hit data file: {str(e).splitlines()[0]}") from None
-        tabs = pl.Series(data.split(b"\n")).cast(pl.Utf8, strict=False).str.count_matches("\t", literal=True)
-        row = int((tabs >= len(headers)).arg_true()[0])
-        raise IngestError(file, f"more fields than column_headers.tsv names ({len(headers)})", _line_of(data, row),
-                          "check that column_headers.tsv belongs to this hit data") from None
+        raise IngestError(file, f"not an Adobe hit data file: {str(e).splitlines()[0]}",
+                          hint="check that it is a data feed's hit data") from None
     by_position = dict(zip(positions, raw.columns[1:]))  # in the order asked for
     raw = raw.select("_row", *[_unescape(by_position[p]).alias(c) for c, p in zip(wanted, positions)])
     raw = raw.with_columns([pl.lit(None, pl.Utf8).alias(c) for c in OPTIONAL if c not in wanted])
