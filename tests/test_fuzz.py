@@ -61,12 +61,15 @@ def real_slices() -> list[tuple[str, str, bytes, dict]]:
 def corpus_seeds() -> list[tuple[str, str, bytes, dict]]:
     """The good files of tests/data/bad/ (every format, incl. gzip, zip and Parquet)."""
     files = ["taobao/good.csv", "rees46/good.csv", "ga360/good.jsonl", "otto/good.jsonl", "msnbc/good.seq",
-             "msnbc/good.zip", "generic/good.csv", "generic/good.parquet"]
+             "msnbc/good.zip", "generic/good.csv", "generic/good.parquet", "ga4/good.jsonl", "ga4/good.parquet"]
     seeds = []
     for rel in files:
         source, name = rel.split("/")
         seeds.append((source, Path(name).suffix, (BAD / rel).read_bytes(), GENERIC if source == "generic" else {}))
     seeds.append(("ga360", ".json.gz", gzip.compress((BAD / "ga360/good.jsonl").read_bytes()), {}))
+    seeds.append(("ga4", ".json.gz", gzip.compress((BAD / "ga4/good.jsonl").read_bytes()), {}))
+    # A data feed's hit data, read with the good feed's lookup files.
+    seeds.append(("adobe", ".tsv", (BAD / "adobe/good/hit_data.tsv").read_bytes(), {"lookups": str(BAD / "adobe/good")}))
     return seeds
 
 

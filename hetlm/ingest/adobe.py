@@ -179,20 +179,20 @@ def _read_hits(file: Path, headers: list[str], on_bad_rows: str, skipped: dict[s
     """The columns this adapter uses (as text, escapes undone; missing optional ones null) plus `_row`, and
     the file line of a row."""
     data = read_bytes(file)
+    if not data:
+        raise IngestError(file, "the file is empty", hint="point at a data feed's hit data")
     for escaped, placeholder, _ in ESCAPES:
         data = data.replace(escaped, placeholder)
     _check_fields(file, data, len(headers))
     wanted = [c for c in NEEDED + OPTIONAL if c in headers]
-    positions = [headers.index(c) for c in wanted]
+    # The names as a first line: the reader then knows every column even when the first hit is cut short.
+    named = "\t".join(headers).encode() + b"\n" + data
     try:
-        raw, lossy = read_csv_text(data, separator="\t", has_header=False, quote_char=None, columns=positions)
-    except pl.exceptions.NoDataError:
-        raise IngestError(file, "the file is empty", hint="point at a data feed's hit data") from None
-    except pl.exceptions.ComputeError as e:
+        raw, lossy = read_csv_text(named, separator="\t", quote_char=None, columns=wanted)
+    except (pl.exceptions.PolarsError, OSError) as e:
         raise IngestError(file, f"not an Adobe hit data file: {str(e).splitlines()[0]}",
                           hint="check that it is a data feed's hit data") from None
-    by_position = dict(zip(positions, raw.columns[1:]))  # in the order asked for
-    raw = raw.select("_row", *[_unescape(by_position[p]).alias(c) for c, p in zip(wanted, positions)])
+    raw = raw.select("_row", *[_unescape(c) for c in wanted])
     raw = raw.with_columns([pl.lit(None, pl.Utf8).alias(c) for c in OPTIONAL if c not in wanted])
     line_of = lambda row: _line_of(data, row)  # noqa: E731
     if lossy:

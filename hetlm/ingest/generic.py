@@ -278,7 +278,7 @@ def read_json_lines(
         rows = pl.read_ndjson(data, schema=dtype.to_schema(), row_index_name="_row")
         if rows.height == n_lines:  # no blank lines skipped, so `_row` + 1 is the file line
             return rows
-    except pl.exceptions.PolarsError:
+    except (pl.exceptions.PolarsError, OSError):  # OSError: bytes polars takes for a broken compressed stream
         pass
     return _decode_lines(path, data, dtype, on_bad_rows, skipped)
 
