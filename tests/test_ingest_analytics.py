@@ -270,3 +270,38 @@ def test_cli_rejects_options_a_source_does_not_take(tmp_path):
                                       "--items", "item_name"])
     assert result.exit_code == 2 and "do not apply to the adobe source" in " ".join(result.output.split())
 
+
+
+def real_product_hits(shared_data, path):
+    """The issue's extract from the real GA360 sample: one row per product of a hit (impressions left out)."""
+    rows = []
+    with gzip.open(shared_data / "ga360-merchandise-store" / "ga_sessions_20160801.json.gz", "rt") as f:
+        for line in f:
+            visit = json.loads(line)
+            rows += [(visit["fullVisitorId"], visit["visitNumber"], visit["visitStartTime"], int(hit["time"]),
+                      hit["eCommerceAction"]["action_type"], product["productSKU"])
+                     for hit in visit.get("hits", []) for product in hit.get("product") or []
+                     if not product.get("isImpression")]
+    pl.DataFrame(rows, schema=["fullVisitorId", "visitNumber", "visitStartTime", "time", "action_type", "productSKU"],
+                 orient="row").write_csv(path)
+    return path
+
+
+def test_real_ga360_product_hits_need_and_get_their_codes(shared_data, tmp_path):
+    log = real_product_hits(shared_data, tmp_path / "hits.csv")
+    options = dict(user="fullVisitorId", session="visitNumber", page="productSKU", time="visitStartTime",
+                   order="time", event="action_type")
+    with pytest.warns(NoOutcomesWarning, match="'3' \\(534\\)"):
+        prepare("generic", log, tmp_path / "plain", PrepareConfig(split="user"), **options)
+    summary = prepare("generic", log, tmp_path / "coded", PrepareConfig(split="user"), cart_events="3",
+                      purchase_events="6", **options)
+    raw = pl.read_csv(log, schema_overrides={"fullVisitorId": pl.Utf8, "action_type": pl.Utf8})
+    visits = raw.group_by("fullVisitorId", "visitNumber").agg(
+        start=(pl.col("visitStartTime") * 1000 + pl.col("time")).min(), cart=(pl.col("action_type") == "3").any(),
+        purchase=(pl.col("action_type") == "6").any())
+    train = pl.read_parquet(tmp_path / "coded" / "train.parquet").join(
+        visits, left_on=["user", "target_start"], right_on=["fullVisitorId", "start"])
+    rates = summary["outcome_rates"]["train"]
+    assert train.height == summary["samples"]["train"] > 0
+    assert rates["cart"] == pytest.approx(train["cart"].mean()) and rates["cart"] > 0
+    assert rates["purchase"] == pytest.approx(train["purchase"].mean()) and rates["purchase"] > 0
