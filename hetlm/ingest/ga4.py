@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import io
+import re
 from pathlib import Path
 
 import polars as pl
@@ -59,7 +60,8 @@ def _arrow(dtype: pl.DataType) -> pa.DataType:
     return pa.list_(_arrow(dtype.inner)) if isinstance(dtype, pl.List) else pa.string()
 
 
-# pyarrow parses export lines with nested arrays ~9x faster than polars' read_ndjson; it needs the exact
+# pyarrow parses export lines with nested arrays several times faster than polars' read_ndjson (measured by
+# bench/bench_ingest.py's first versions); it needs the exact
 # types (strings, as BigQuery writes INTEGERs), and anything else takes the checked path of read_json_lines.
 FAST_JSON = pa_json.ParseOptions(explicit_schema=pa.schema([(k, _arrow(t)) for k, t in EVENT.to_schema().items()]),
                                  unexpected_field_behavior="ignore")
@@ -67,10 +69,13 @@ PAGES = ("page_location", "page_title")
 ITEMS = ("item_name", "item_category")
 USERS = ("user_pseudo_id", "user_id")
 URL_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*"  # scheme and host: a page is the URL's path
+DAILY, INTRADAY = re.compile(r"events_(\d{8})"), re.compile(r"events_intraday_(\d{8})")
 
 
 def day_files(path: str | Path) -> list[Path]:
-    """The export files to read, in name (so date) order: `path` itself, its events_* files, or a glob's."""
+    """The export files to read, in name (so date) order: `path` itself, its events_* files, or a glob's.
+    An events_intraday_YYYYMMDD file is left out when the day's events_YYYYMMDD is there: Google deletes
+    the intraday table once the daily one is complete, so both hold the same events."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -81,7 +86,8 @@ def day_files(path: str | Path) -> list[Path]:
     if not files:
         raise IngestError(path, "no GA4 export files here (expected events_YYYYMMDD files)",
                           hint="point at an exported events_* file, a folder of them, or a glob")
-    return files
+    daily = {m.group(1) for f in files if (m := DAILY.match(f.name))}
+    return [f for f in files if not ((m := INTRADAY.match(f.name)) and m.group(1) in daily)]
 
 
 def read_ga4(
@@ -127,12 +133,13 @@ def _read(file: Path, on_bad_rows: str, skipped: dict[str, int]) -> pl.DataFrame
         except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
         return read_json_lines(file, EVENT, on_bad_rows, skipped)
+    fields = EVENT.to_schema()
     try:
-        raw = pl.read_parquet(file, row_index_name="_row")
+        present = [c for c in pl.read_parquet_schema(file) if c in fields]  # an export has many more columns
+        raw = pl.read_parquet(file, columns=present, row_index_name="_row")
     except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError) as e:
         raise IngestError(file, f"not a readable Parquet file: {e}".splitlines()[0],
                           hint="export or copy the file again") from None
-    fields = EVENT.to_schema()
     # Top-level fields the export left out are null; nested ones are read by name where they are used.
     return raw.select("_row", *[pl.col(c) if c in raw.columns else pl.lit(None, fields[c]).alias(c) for c in fields])
 
