@@ -29,6 +29,8 @@ TARGETS = [
     ("bench_inference", "the same, end to end (loading from disk and embedding test users included)", "end_to_end_ratio_clusterwise_over_larger", "max", 0.39),
     ("bench_scale", "partitioned prepare: samples equal to in memory", "slice_samples_equal", "min", True),
     ("bench_score", "partitioned score: rows equal to in memory", "rows_equal_partitioned_vs_in_memory", "min", True),
+    ("bench_ingest", "partitioned prepare of GA4 and Adobe exports: samples equal to in memory",
+     "partitioned_same_samples_all", "min", True),
     ("bench_score", "partitioned score memory flat: peak above the loaded model <= 1.25x the smallest log's, the log 4x",
      "partitioned_peak_above_model_full_over_smallest", "max", 1.25),
 ]

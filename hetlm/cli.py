@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,8 +21,9 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 # How a log is read and cut into sessions: options shared by `prepare`, `score` and `serve`.
-UserColumn = Annotated[Optional[str], typer.Option(help="generic: user column")]
-PageColumn = Annotated[Optional[str], typer.Option(help="generic: page column")]
+UserColumn = Annotated[Optional[str], typer.Option(help="generic: user column; ga4: user_pseudo_id (default) or user_id")]
+PageColumn = Annotated[Optional[str], typer.Option(
+    help="generic: page column; ga4: page_location (default) or page_title; adobe: post_pagename (default) or post_page_url")]
 TimeColumn = Annotated[Optional[str], typer.Option(help="generic: timestamp column (unix or date/time text)")]
 SessionColumn = Annotated[Optional[str], typer.Option(help="generic: session id column")]
 EventColumn = Annotated[Optional[str], typer.Option(help="generic: event type column (cart/purchase values)")]
@@ -29,6 +32,11 @@ Separator = Annotated[Optional[str], typer.Option(help="generic: CSV delimiter")
 TimeFormat = Annotated[Optional[str], typer.Option(help="generic: strftime format of the time column")]
 TimeUnit = Annotated[Optional[str], typer.Option(help="generic: unit of a numeric time column (s or ms)")]
 PagePrefix = Annotated[Optional[str], typer.Option(help="generic: text put before each page value")]
+ItemField = Annotated[Optional[str], typer.Option(help="ga4: view_item pages from item_name (default), item_category or none")]
+CartEvents = Annotated[Optional[str], typer.Option(
+    help="generic, ga4, adobe: comma list of event values read as Cart (e.g. 3 or addtocart; ga4 add_to_cart, adobe 12)")]
+PurchaseEvents = Annotated[Optional[str], typer.Option(
+    help="generic, ga4, adobe: comma list of event values read as Purchase (e.g. 6 or transaction; ga4 purchase, adobe 1)")]
 _GAP, _COLLAPSE = "inactivity gap that splits sessions", "collapse immediate repeats of the same page"
 _MIN_LEN, _LONG = "drop sessions shorter than this (pages)", "truncate | drop sessions above the cutoff"
 GapMinutes = Annotated[float, typer.Option(help=_GAP)]
@@ -91,8 +99,8 @@ def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
 
 @app.command()
 def prepare(
-    source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc"),
-    path: Path = typer.Argument(..., help="the log file"),
+    source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
+    path: Path = typer.Argument(..., help="the log file (ga4, adobe: or a folder, or a quoted glob)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
     user: UserColumn = None,
     page: PageColumn = None,
@@ -104,6 +112,9 @@ def prepare(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     page_prefix: PagePrefix = None,
+    items: ItemField = None,
+    cart_events: CartEvents = None,
+    purchase_events: PurchaseEvents = None,
     gap_minutes: GapMinutes = 30.0,
     collapse_repeats: CollapseRepeats = True,
     min_session_len: MinSessionLen = 2,
@@ -119,9 +130,13 @@ def prepare(
     min_page_count: int = typer.Option(1, help="pages seen fewer times in training -> [UNK]"),
     skip_bad_rows: SkipBadRows = False,
     partitions: Partitions = 1,
+    sample_users: Optional[float] = typer.Option(None, help="keep this fraction of the users (a hash sample, "
+                                                 "the same every run): to try a big log quickly"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary."""
+    """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary.
+
+    ga4 and adobe logs may be a folder or a quoted glob of day files."""
     from pydantic import ValidationError
 
     from .ingest import IngestError
@@ -129,28 +144,56 @@ def prepare(
     from .prepare import prepare as run_prepare
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
-                              sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
+                              sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix,
+                              items=items, cart_events=cart_events, purchase_events=purchase_events)
     try:
         cfg = PrepareConfig(
             gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
             long_session_percentile=long_percentile, long_sessions=long_sessions, samples=samples,
             split=split, test_fraction=test_fraction, val_fraction=val_fraction, test_targets=test_targets,
             max_train_targets_per_user=max_train_targets,
-            max_len=max_len, min_page_count=min_page_count, partitions=partitions, seed=seed,
-            on_bad_rows="skip" if skip_bad_rows else "error",
+            max_len=max_len, min_page_count=min_page_count, partitions=partitions, sample_users=sample_users,
+            seed=seed, on_bad_rows="skip" if skip_bad_rows else "error",
         )
-        summary = run_prepare(source, path, out, cfg, **options)
+        with _warnings_shown():
+            summary = run_prepare(source, path, out, cfg, **options)
     except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
         _fail(err)
     _print_summary(summary, out)
 
 
-def _source_options(source: str, **generic: Optional[str]) -> dict[str, str]:
-    """The generic adapter's column options that were given (an error for other sources)."""
-    options = {k: v for k, v in generic.items() if v is not None}
-    if source != "generic" and options:
-        _fail(ValueError(f"options {sorted(options)} apply to the generic source only"))
+# The log options each source takes.
+SOURCE_OPTIONS = {
+    "generic": {"user", "page", "time", "session", "event", "order", "sep", "time_format", "time_unit", "page_prefix",
+                "cart_events", "purchase_events"},
+    "ga4": {"user", "page", "items", "cart_events", "purchase_events"},
+    "adobe": {"page", "cart_events", "purchase_events"},
+}
+
+
+def _source_options(source: str, **given: Optional[str]) -> dict[str, str]:
+    """The log options that were given (an error for options the source does not take)."""
+    options = {k: v for k, v in given.items() if v is not None}
+    wrong = sorted(set(options) - SOURCE_OPTIONS.get(source, set()))
+    if wrong:
+        takes = sorted(SOURCE_OPTIONS.get(source, set()))
+        _fail(ValueError(f"options {wrong} do not apply to the {source} source"
+                         + (f" (it takes {takes})" if takes else " (only to generic, ga4 and adobe logs)")))
+    if options.get("items") == "none":
+        options["items"] = None
     return options
+
+
+@contextlib.contextmanager
+def _warnings_shown():
+    """Warnings about the log (e.g. no outcome events) printed plainly, not as Python's source lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        finally:
+            for warning in caught:
+                console.print(f"[bold yellow]warning:[/] {warning.message}", highlight=False)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -411,7 +454,7 @@ def report(
 def score(
     model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
     events: Path = typer.Argument(..., help="the click log to score (every user in it)"),
-    source: str = typer.Option(..., help="generic | taobao | rees46 | ga360 | otto | msnbc"),
+    source: str = typer.Option(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
     out: Path = typer.Option(..., "--out", help="Parquet file, one row per user"),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
     k: int = typer.Option(10, help="top-k next pages"),
@@ -434,6 +477,9 @@ def score(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     page_prefix: PagePrefix = None,
+    items: ItemField = None,
+    cart_events: CartEvents = None,
+    purchase_events: PurchaseEvents = None,
     gap_minutes: GapOverride = None,
     collapse_repeats: CollapseOverride = None,
     min_session_len: MinLenOverride = None,
@@ -449,7 +495,8 @@ def score(
     from .score import ScoreOptions, Scorer, score_log
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
-                              sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix)
+                              sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix,
+                              items=items, cart_events=cart_events, purchase_events=purchase_events)
     try:
         settings = ScoreOptions(k=k, strategy=strategy, temperature=temperature, n_samples=n_samples, seed=seed)
         scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens,
@@ -457,8 +504,9 @@ def score(
         _override_cleaning(scorer, gap_minutes=gap_minutes, collapse_repeats=collapse_repeats,
                            min_session_len=min_session_len, long_sessions=long_sessions,
                            long_session_cutoff=long_session_cutoff)
-        summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
-                            batch_users, partitions=partitions, **options)
+        with _warnings_shown():
+            summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
+                                batch_users, partitions=partitions, **options)
     except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
         _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")

@@ -26,8 +26,9 @@ import polars as pl
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .ingest import read_events
-from .ingest.base import CART, PURCHASE, IngestError
+from .ingest import MULTI_FILE as MULTI_FILE_SOURCES
+from .ingest import input_files, outcomes, read_events
+from .ingest.base import CART, PURCHASE, IngestError, merge_counts, warn_if_no_outcomes
 from .sessions import (
     CleaningReport,
     DataError,
@@ -46,8 +47,9 @@ from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
 SPLITS = ("train", "val", "test")
 # Sources a partitioned prepare can read in chunks of lines: header lines repeated in every chunk.
-HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0}
+HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0, "ga4": 0, "adobe": 0}
 CSV_SOURCES = {"taobao", "rees46", "generic"}  # a newline inside a quoted field does not end a record
+ESCAPED_SOURCES = {"adobe"}  # a newline after a backslash does not end a record
 CHUNK_BYTES = 16 << 20  # raw log read per chunk by a partitioned prepare
 HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
 ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
@@ -76,6 +78,8 @@ class PrepareConfig(BaseModel):
     on_bad_rows: Literal["error", "skip"] = "error"
     partitions: int = Field(1, ge=1, description="users hashed into this many partitions processed one at "
                             "a time: peak memory ~1/partitions of the log, same samples")
+    sample_users: float | None = Field(None, gt=0, le=1, description="keep this fraction of the users (by a hash "
+                                       "of the user id, the same on every run): to try a big log quickly")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -133,6 +137,12 @@ class _Ingested:
     events: int       # events the adapter returned
     skipped: dict[str, int]
     anonymous: bool
+    event_values: dict[str, int]  # the event types seen (IngestResult.event_values)
+
+
+def _read(source: str, path, cfg: PrepareConfig, options: dict, warn_outcomes: bool = True):
+    return read_events(source, path, on_bad_rows=cfg.on_bad_rows, sample=cfg.sample_users, seed=cfg.seed,
+                       warn_outcomes=warn_outcomes, **options)
 
 
 class _Partitions:
@@ -165,10 +175,10 @@ class _Partitions:
 
 
 def _ingest_whole(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
-    ingested = read_events(source, path, on_bad_rows=cfg.on_bad_rows, **options)
+    ingested = _read(source, path, cfg, options)
     parts.put("events", 0, ingested.events)
     return _Ingested(ingested.events.height + sum(ingested.skipped.values()), ingested.events.height,
-                     dict(ingested.skipped), ingested.anonymous)
+                     dict(ingested.skipped), ingested.anonymous, ingested.event_values)
 
 
 def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
@@ -179,55 +189,61 @@ def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions,
     if source == "generic" and options.get("time") is None and options.get("order") is None:
         raise DataError("partitions: a generic log needs a time or order column (without one the row "
                          "number is the clock, which chunks would restart)")
-    if not Path(path).is_file():
+    if source not in MULTI_FILE_SOURCES and not Path(path).is_file():
         return _ingest_whole(source, path, cfg, parts, options)  # the adapter's own error
-    total = _Ingested(0, 0, {}, False)
-    anonymous_events = 0
-    for chunk, lines_before in _chunks(Path(path), HEADER_LINES[source], parts.folder, source in CSV_SOURCES):
-        try:
-            got = read_events(source, chunk, on_bad_rows=cfg.on_bad_rows, **options)
-        except IngestError as e:
-            line = e.line if e.line is None or e.line <= HEADER_LINES[source] else e.line - HEADER_LINES[source] + lines_before
-            raise IngestError(path, e.problem, line, e.hint) from None
-        part = (pl.col("user").hash(cfg.seed) % cfg.partitions).alias("_part")
-        for (p,), events in got.events.with_columns(part).partition_by("_part", as_dict=True).items():
-            parts.put("events", p, events.drop("_part"))
-        total.events += got.events.height
-        total.events_read += got.events.height + sum(got.skipped.values())
-        for reason, n in got.skipped.items():
-            total.skipped[reason] = total.skipped.get(reason, 0) + n
-        anonymous_events += got.events.height if got.anonymous else 0
+    total = _Ingested(0, 0, {}, False, {})
+    anonymous_events = outcome_events = 0
+    records = "csv" if source in CSV_SOURCES else "escaped" if source in ESCAPED_SOURCES else "lines"
+    for file, file_options in input_files(source, path, **options):
+        for chunk, lines_before in _chunks(file, HEADER_LINES[source], parts.folder, records):
+            try:
+                got = _read(source, chunk, cfg, options | file_options, warn_outcomes=False)
+            except IngestError as e:
+                header = HEADER_LINES[source]
+                line = e.line if e.line is None or e.line <= header else e.line - header + lines_before
+                raise IngestError(file, e.problem, line, e.hint) from None
+            part = (pl.col("user").hash(cfg.seed) % cfg.partitions).alias("_part")
+            for (p,), events in got.events.with_columns(part).partition_by("_part", as_dict=True).items():
+                parts.put("events", p, events.drop("_part"))
+            total.events += got.events.height
+            total.events_read += got.events.height + sum(got.skipped.values())
+            merge_counts(total.skipped, got.skipped)
+            merge_counts(total.event_values, got.event_values)
+            outcome_events += outcomes(got.events)
+            anonymous_events += got.events.height if got.anonymous else 0
     if total.events_read == 0:
         return _ingest_whole(source, path, cfg, parts, options)  # an empty log: the adapter's own error
+    warn_if_no_outcomes(path, total.event_values, outcome_events)
     # The adapter decides per chunk whether users are anonymous visits; the log is if most events are.
     total.anonymous = anonymous_events * 2 > total.events
     return total
 
 
-def _chunks(path: Path, header_lines: int, folder: Path, csv: bool) -> Iterator[tuple[Path, int]]:
+def _chunks(path: Path, header_lines: int, folder: Path, records: str) -> Iterator[tuple[Path, int]]:
     """(chunk file, lines of the log before its first data line): whole records, the header repeated."""
     chunk = folder / ("chunk" + "".join(s for s in path.suffixes[-2:] if s.lower() != ".gz"))
-    if chunk.suffix.lower() in (".parquet", ".pq"):
+    with open(path, "rb") as raw:
+        magic = raw.read(4)
+    if chunk.suffix.lower() in (".parquet", ".pq") or magic == b"PAR1":
         yield from _parquet_chunks(path, chunk)
         return
-    with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
+    gzipped = magic[:2] == b"\x1f\x8b"
     with (gzip.open if gzipped else open)(path, "rb") as f:
         header = b"".join(f.readline() for _ in range(header_lines))
         lines_before = header_lines
-        for block in _record_blocks(f, csv):
+        for block in _record_blocks(f, records):
             chunk.write_bytes(header + block)
             yield chunk, lines_before
             lines_before += block.count(b"\n")
 
 
-def _record_blocks(f, csv: bool) -> Iterator[bytes]:
+def _record_blocks(f, records: str) -> Iterator[bytes]:
     """Whole records, about CHUNK_BYTES at a time. A last line without a newline (often a truncated one)
     joins the block before it, so that no chunk is only a broken line."""
     rest, ready = b"", b""
     while block := f.read(CHUNK_BYTES):
         data = rest + block
-        cut = _last_record_end(data, csv)
+        cut = _last_record_end(data, records)
         if ready:
             yield ready
         ready, rest = data[:cut], data[cut:]
@@ -235,16 +251,28 @@ def _record_blocks(f, csv: bool) -> Iterator[bytes]:
         yield ready + rest
 
 
-def _last_record_end(data: bytes, csv: bool) -> int:
-    """Just past the last newline of `data` (which starts a record) that ends a record; 0 if none. In CSV a
-    newline ends a record when the quotes before it are even in number ("" inside a field counts two)."""
+def _last_record_end(data: bytes, records: str) -> int:
+    """Just past the last newline of `data` (which starts a record) that ends a record; 0 if none. records:
+    "lines" (every newline ends one), "csv" (a newline ends a record when the quotes before it are even in
+    number; "" inside a field counts two) or "escaped" (one after an odd run of backslashes does not)."""
     cut = data.rfind(b"\n") + 1
-    quotes = data.count(b'"', 0, cut) if csv else 0
+    if records == "escaped":
+        while cut and _backslashes_before(data, cut - 1) % 2:
+            cut = data.rfind(b"\n", 0, cut - 1) + 1
+        return cut
+    quotes = data.count(b'"', 0, cut) if records == "csv" else 0
     while cut and quotes % 2:
         previous = data.rfind(b"\n", 0, cut - 1) + 1
         quotes -= data.count(b'"', previous, cut)
         cut = previous
     return cut
+
+
+def _backslashes_before(data: bytes, end: int) -> int:
+    start = end
+    while start and data[start - 1] == ord("\\"):
+        start -= 1
+    return end - start
 
 
 def _parquet_chunks(path: Path, chunk: Path) -> Iterator[tuple[Path, int]]:

@@ -5,6 +5,7 @@ prepare's summary. Big cases (a 10,000-page session) are generated here."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -106,7 +107,33 @@ ERRORS = {
     "generic/truncated.parquet": ("not a readable Parquet file", None, None),
     "generic/panics_reader.parquet": ("not a readable Parquet file", None, None),  # found by the fuzzer
     "generic/nested_page.parquet": ("column 'page' holds List(String)", 1, None),
+    "ga4/empty.json.gz": ("the file is empty", None, None),
+    "ga4/truncated.json.gz": ("truncated or corrupt gzip", None, None),
+    "ga4/truncated_last_line.jsonl": (
+        "malformed JSON line", 29, {"malformed JSON line (expected one JSON object per line)": 1}),
+    "ga4/event_params_not_a_list.jsonl": ("wrong type", 2, {
+        "JSON values of the wrong type in the fields "
+        "['event_timestamp', 'event_name', 'user_pseudo_id', 'user_id', 'event_params', 'items']": 1}),
+    "ga4/timestamp_not_numeric.jsonl": (
+        "event without a numeric event_timestamp", 5, {"event without a numeric event_timestamp": 1}),
+    "ga4/timestamp_out_of_range.jsonl": ("event_timestamp out of range", 6, {
+        "event_timestamp out of range (microseconds since the epoch expected)": 1}),
+    "ga4/missing_user.jsonl": ("event without user_pseudo_id", 3, {"event without user_pseudo_id": 1}),
+    "ga4/missing_page_location.jsonl": (
+        "page_view without a page_location parameter", 7, {"page_view without a page_location parameter": 1}),
+    "ga4/non_utf8.jsonl": (NOT_UTF8, 1, {NOT_UTF8: 1}),
+    "adobe/empty_hit_data": ("the file is empty", None, None),
+    "adobe/no_column_headers": ("no column_headers.tsv", None, None),
+    "adobe/renamed_column": ("missing column(s) ['post_visid_high']", 1, None),
+    "adobe/extra_field": ("more fields than column_headers.tsv names (18)", 4, None),
+    "adobe/bad_time": ("hit without a numeric hit_time_gmt", 6, {"hit without a numeric hit_time_gmt": 1}),
+    "adobe/missing_visitor": (
+        "hit without post_visid_high and post_visid_low", 3, {"hit without post_visid_high and post_visid_low": 1}),
+    "adobe/truncated_last_line": (
+        "hit without post_visid_high and post_visid_low", 29, {"hit without post_visid_high and post_visid_low": 1}),
+    "adobe/non_utf8": (NOT_UTF8, 1, {NOT_UTF8: 1}),
 }
+ADOBE_EXCLUDED = {"hit excluded by Adobe (exclude_hit not 0)": 1, "data source hit (hit_source 5, 7, 8 or 9)": 1}
 
 # file: (events read, dropped_rows, the good file of its format whose samples it must reproduce or None)
 HANDLED = {
@@ -146,6 +173,16 @@ HANDLED = {
     "generic/tricky_pages.csv": (27, {}, None),
     "generic/id_overflow.csv": (27, {}, None),
     "generic/uint64_users.parquet": (27, {}, None),
+    "ga4/good.jsonl": (28, {}, None),
+    "ga4/good.parquet": (28, {}, "ga4/good.jsonl"),
+    "ga4/shuffled.jsonl": (28, {}, "ga4/good.jsonl"),
+    "ga4/days": (28, {}, "ga4/good.jsonl"),
+    "ga4/no_session_id.jsonl": (28, {}, "ga4/good.jsonl"),  # sessions split on the gap instead
+    "adobe/good": (28, {}, None),
+    "adobe/gzipped": (28, {}, "adobe/good"),
+    "adobe/multi_day": (28, {}, "adobe/good"),
+    "adobe/excluded_hits": (30, ADOBE_EXCLUDED, "adobe/good"),
+    "adobe/escaped_values": (28, {}, None),
 }
 
 
@@ -176,8 +213,10 @@ def test_bad_file_stops_with_file_line_and_problem(rel, tmp_path):
     with pytest.raises(IngestError) as caught:
         run_prepare(rel, tmp_path)
     err = caught.value
-    assert err.path == str(BAD / rel) and err.line == line and problem in err.problem
-    where = f"{BAD / rel}:{line}: " if line else f"{BAD / rel}: "
+    # A data feed case is a folder: the error names its file.
+    assert (err.path == str(BAD / rel) or err.path.startswith(f"{BAD / rel}/")) and err.line == line
+    assert problem in err.problem
+    where = f"{err.path}:{line}: " if line else f"{err.path}: "
     assert str(err).startswith(where) and err.hint  # the hint says what to do
     assert not (tmp_path / "train.parquet").exists()
 
@@ -191,7 +230,7 @@ def test_bad_rows_are_skipped_and_counted(rel, tmp_path):
 
 @pytest.mark.parametrize("rel", [rel for rel, (_, _, skipped) in ERRORS.items() if skipped is None])
 def test_unskippable_problems_still_stop_with_skip_bad_rows(rel, tmp_path):
-    with pytest.raises(IngestError, match="^" + str(BAD / rel)):
+    with pytest.raises(IngestError, match="^" + re.escape(str(BAD / rel))):
         run_prepare(rel, tmp_path, on_bad_rows="skip")
 
 
@@ -223,6 +262,7 @@ def test_ids_beyond_int64_are_kept_exactly(rel, users):
     ("rees46/quoted_fields.csv", {'kids,toys_"lego"_\U0001F9F1', "tab_here"}),
     ("ga360/tricky_paths.jsonl", {"shop_smile", "shop_say_hi_there", "shop_two_lines_and_more"}),
     ("otto/aid_overflow.jsonl", {"item_123456789012345678901234567890"}),
+    ("adobe/escaped_values", {"Tab_here", "Two_lines", "Back\\slash\\"}),
 ])
 def test_page_names_with_delimiters_quotes_newlines_and_emoji(rel, pages, tmp_path):
     source, options = source_and_options(rel)

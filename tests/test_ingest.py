@@ -364,7 +364,7 @@ def test_msnbc_plain_gz_file_and_bad_number(tmp_path):
 
 
 def test_read_events_unknown_source_and_missing_file(tmp_path):
-    assert set(SOURCES) == {"generic", "taobao", "rees46", "ga360", "otto", "msnbc"}
+    assert set(SOURCES) == {"generic", "taobao", "rees46", "ga360", "otto", "msnbc", "ga4", "adobe"}
     with pytest.raises(ValueError, match="ga360"):
         read_events("nosuch", tmp_path / "x.csv")
     with pytest.raises(IngestError, match="no such file"):

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import CART, EVENT_SCHEMA, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult
+from .adobe import feed_files, read_adobe
+from .base import (
+    CART, EVENT_SCHEMA, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, NoOutcomesWarning, sample_users,
+    warn_if_no_outcomes,
+)
+from .ga4 import day_files, read_ga4
 from .ga360 import read_ga360
 from .generic import read_generic
 from .msnbc import read_msnbc
@@ -24,24 +29,31 @@ SOURCES: dict[str, Callable[..., IngestResult]] = {
     "ga360": read_ga360,
     "otto": read_otto,
     "msnbc": read_msnbc,
+    "ga4": read_ga4,
+    "adobe": read_adobe,
 }
+# Sources whose log may be a folder or glob of files (one per day); `input_files` lists them.
+MULTI_FILE = {"ga4", "adobe"}
 
 __all__ = [
     "CART", "EVENT_SCHEMA", "OUTCOME_PAGES", "PURCHASE", "SOURCES", "IngestError", "IngestResult",
-    "read_events",
+    "NoOutcomesWarning", "input_files", "read_events",
 ]
 
 
-def read_events(source: str, path: str | Path, **options) -> IngestResult:
+def read_events(source: str, path: str | Path, *, sample: float | None = None, seed: int = 0,
+                warn_outcomes: bool = True, **options) -> IngestResult:
     """Read `path` with the `source` adapter; options go to it (e.g. on_bad_rows="skip").
 
-    Checks every adapter's result: at least one event, and no page named like a special token.
+    Checks every adapter's result: at least one event, and no page named like a special token. sample:
+    keep only this fraction of the users (`sample_users`, by a hash of the id with `seed`). warn_outcomes:
+    warn (NoOutcomesWarning) when the log names event types and none became Cart or Purchase.
     """
     from ..tokenizer import SPECIALS  # here, not at the top: transformers is slow to import
 
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
-    if not Path(path).is_file():
+    if source not in MULTI_FILE and not Path(path).is_file():
         raise IngestError(path, "no such file", hint=f"check the path given for the {source} log")
     result = SOURCES[source](path, **options)
     reserved = result.events["page"].is_in(SPECIALS)
@@ -57,4 +69,24 @@ def read_events(source: str, path: str | Path, **options) -> IngestResult:
     if result.events.height == 0:
         dropped = f"; bad rows dropped: {result.skipped}" if result.skipped else ""
         raise IngestError(path, f"no events in the file{dropped}", hint=f"check that it is a {source} log")
+    if warn_outcomes:
+        warn_if_no_outcomes(path, result.event_values, outcomes(result.events))
+    if sample is not None:
+        result.events = sample_users(result.events, sample, seed)
     return result
+
+
+def outcomes(events) -> int:
+    """How many Cart and Purchase events `events` holds."""
+    return int(events["page"].is_in(OUTCOME_PAGES).sum())
+
+
+def input_files(source: str, path: str | Path, **options) -> list[tuple[Path, dict]]:
+    """The files of a log, each with the adapter options it is read with on its own (a partitioned prepare
+    reads them one chunk at a time): a GA4 export's day files, a data feed's hit data files with their
+    lookup folder, or the one file of other sources."""
+    if source == "ga4":
+        return [(file, {}) for file in day_files(path)]
+    if source == "adobe":
+        return [(file, {"lookups": str(folder)}) for file, folder in feed_files(path, options.get("lookups"))]
+    return [(Path(path), {})]

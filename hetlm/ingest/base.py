@@ -11,7 +11,8 @@ Event table (polars DataFrame), one row per page view, in log order:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,11 @@ MAX_SECONDS = 253_402_300_799
 REPLACEMENT_CHAR = "\ufffd"
 NOT_UTF8 = "text that is not valid UTF-8"
 NOT_UTF8_HINT = "convert the file to UTF-8 (e.g. iconv -f cp1252 -t utf-8), or pass --skip-bad-rows"
+EVENT_VALUES_KEPT = 20  # most frequent event values an adapter reports, for the no-outcome warning
+
+
+class NoOutcomesWarning(UserWarning):
+    """The log has event types, and none of them was read as Cart or Purchase."""
 
 
 class IngestError(ValueError):
@@ -49,6 +55,52 @@ class IngestResult:
     skipped: dict[str, int] = field(default_factory=dict)
     # True when the log has no user ids: each user is one anonymous visit.
     anonymous: bool = False
+    # How often each event type occurred (the most frequent EVENT_VALUES_KEPT), from adapters whose log
+    # names event types: what to show when none of them became an outcome.
+    event_values: dict[str, int] = field(default_factory=dict)
+
+
+def event_codes(codes: str | Iterable[str]) -> tuple[str, ...]:
+    """Outcome event codes from a comma list ("3,6", "addtocart") or a list of codes, stripped."""
+    items = codes.split(",") if isinstance(codes, str) else codes
+    return tuple(c for c in (str(item).strip() for item in items) if c)
+
+
+def most_frequent(values: pl.Series) -> dict[str, int]:
+    """The EVENT_VALUES_KEPT most frequent values of `values` (nulls left out) -> their counts."""
+    counts = values.drop_nulls().cast(pl.Utf8).value_counts(sort=True, name="n").head(EVENT_VALUES_KEPT)
+    return dict(zip(counts[:, 0].to_list(), counts["n"].to_list()))
+
+
+def warn_if_no_outcomes(path: str | Path, event_values: dict[str, int], outcomes: int) -> None:
+    """Say so (NoOutcomesWarning) when a log with event types gave no Cart or Purchase event: its
+    outcome rates would all be 0 without a word. Lists the most frequent types to name instead."""
+    if outcomes or not event_values:
+        return
+    seen = ", ".join(f"{value!r} ({n})" for value, n in sorted(event_values.items(), key=lambda kv: -kv[1])[:10])
+    warnings.warn(
+        f"{path}: no event was read as {CART} or {PURCHASE}, so every outcome rate will be 0; the most "
+        f"frequent event types are {seen}. Name the add-to-cart and purchase types with --cart-events and "
+        "--purchase-events (cart_events / purchase_events), e.g. --cart-events 3 --purchase-events 6 for GA360 "
+        "action types",
+        NoOutcomesWarning, stacklevel=2,
+    )
+
+
+def merge_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add the counts `more` into `total` (event types seen chunk after chunk)."""
+    for value, n in more.items():
+        total[value] = total.get(value, 0) + n
+
+
+def sample_users(events: pl.DataFrame, fraction: float, seed: int = 0) -> pl.DataFrame:
+    """The events of about `fraction` of the users, chosen by a hash of the user id: the same users on
+    every run and in every chunk of a log (with one polars version), so a sampled log keeps whole users."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"sample_users must be in (0, 1], not {fraction}")
+    # A seed other than the partitions' (prepare hashes users with `seed` into partitions).
+    kept = pl.col("user").hash(seed + 1_000_003) < int(fraction * 2**64 - 1)
+    return events.filter(kept) if fraction < 1 else events
 
 
 def normalize_pages(expr: pl.Expr) -> pl.Expr:

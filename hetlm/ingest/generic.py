@@ -2,7 +2,8 @@
 
 Naming rule: a page is `page_prefix` + the value of the `page` column. When an `event` column is
 named, events listed in `cart_events` -> Cart and in `purchase_events` -> Purchase (compared
-case-insensitively); any other event keeps its page. Users that are null, empty or "NA" become
+case-insensitively; lists or comma lists, e.g. "3" / "6" for a GA360 action_type, "addtocart" /
+"transaction" for RetailRocket); any other event keeps its page. Users that are null, empty or "NA" become
 "session:<session id>" (an anonymous visit) when a session column is named.
 
 Also home to the small readers the other adapters share: `read_bytes`, `read_json_lines`, `to_millis`.
@@ -22,8 +23,8 @@ from pathlib import Path
 import polars as pl
 
 from .base import (
-    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
-    normalize_pages, not_utf8,
+    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, event_codes,
+    finish, most_frequent, normalize_pages, not_utf8,
 )
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -45,8 +46,8 @@ def read_generic(
     time_format: str | None = None,
     time_unit: str = "s",
     page_prefix: str = "",
-    cart_events: tuple[str, ...] = ("cart",),
-    purchase_events: tuple[str, ...] = ("purchase",),
+    cart_events: str | tuple[str, ...] = ("cart",),
+    purchase_events: str | tuple[str, ...] = ("purchase",),
     on_bad_rows: str = "error",
 ) -> IngestResult:
     """Events from a table whose columns are named by the caller.
@@ -78,7 +79,9 @@ def read_generic(
         raw, raw["_user"].is_null(), path, "missing user id (and no session id to stand in)",
         on_bad_rows, skipped, line_of,
     )
-    raw = raw.with_columns(_page=_pages(page, event, page_prefix, cart_events, purchase_events))
+    raw = raw.with_columns(
+        _page=_pages(page, event, page_prefix, event_codes(cart_events), event_codes(purchase_events))
+    )
     raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, line_of)
     try:
         raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
@@ -95,7 +98,8 @@ def read_generic(
     events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
     fallback_users = raw.filter(pl.col("_anonymous"))["_user"].n_unique()
     anonymous = fallback_users > events["user"].n_unique() / 2
-    return IngestResult(finish(events), "generic", str(path), skipped, anonymous)
+    event_values = most_frequent(raw[event].cast(pl.Utf8).str.strip_chars()) if event else {}
+    return IngestResult(finish(events), "generic", str(path), skipped, anonymous, event_values)
 
 
 def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, Callable[[int], int], bool]:
@@ -274,7 +278,7 @@ def read_json_lines(
         rows = pl.read_ndjson(data, schema=dtype.to_schema(), row_index_name="_row")
         if rows.height == n_lines:  # no blank lines skipped, so `_row` + 1 is the file line
             return rows
-    except pl.exceptions.PolarsError:
+    except (pl.exceptions.PolarsError, OSError):  # OSError: bytes polars takes for a broken compressed stream
         pass
     return _decode_lines(path, data, dtype, on_bad_rows, skipped)
 
