@@ -56,8 +56,8 @@ def msnbc_head(work: Path, visits: int) -> Path:
     path = work / f"msnbc_{visits}.seq"
     if not path.exists():
         with zipfile.ZipFile(SHARED_DATA / "msnbc" / "msnbc990928.zip") as archive:
-            lines = archive.read("msnbc990928.seq").decode().split("\n")
-        start = lines.index("% Sequences:") + 2
+            lines = archive.read("msnbc990928.seq").decode().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("% Sequences")) + 2
         path.write_text("\n".join(lines[:start] + lines[start:start + visits]) + "\n")
     return path
 
