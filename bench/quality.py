@@ -32,6 +32,7 @@ SET_METRICS = ["HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase"]
 RANKING = ["Recall@10", "NDCG@10", "MRR"]
 OUTCOMES = ["AUC-cart", "AUC-purchase", "Brier-cart", "Brier-purchase"]
 # What the best hetlm row must beat the best baseline on (where the log has outcomes, the last three too).
+MIN_TEST_USERS = 30
 BEATEN_ON = ["IoU", "HR", "F1-Cart/Purchase", "AUC-cart", "AUC-purchase"]
 
 
@@ -140,6 +141,12 @@ def run_log(name: str, spec: dict, work: Path) -> None:
         record("quality", {"log": name, "source": spec["source"], "path": path, "not_measured": str(err)}, [], {})
         return
     data = run["data"]
+    if data["samples"]["test"] < MIN_TEST_USERS or not data["samples"]["val"]:
+        reason = (f"{data['samples']['test']} test and {data['samples']['val']} validation users: too few to compare "
+                  f"models (at least {MIN_TEST_USERS} test users and some validation users needed)")
+        print(f"{name}: not measured: {reason}")
+        record("quality", {"log": name, "source": spec["source"], "path": path, "not_measured": reason}, [], {})
+        return
     rows = rows_of(run)
     has_outcomes = any(_number(r.get("AUC-cart")) or _number(r.get("AUC-purchase")) for r in rows)
     settings = {"log": name, "source": spec["source"], "path": path, "subsample": spec.get("subsample", "all"),

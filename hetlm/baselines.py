@@ -284,23 +284,28 @@ class HistoryOutcomes:
 
 class StackedOutcomes:
     """Per outcome, a logistic regression on [the history model's log-odds, a model's (e.g. an LM's) own
-    outcome log-odds]: two inputs, so a few hundred validation users fit it (see `HistoryOutcomes.stack`)."""
+    log-odds] of that outcome: two inputs, so a few hundred validation users fit it (`HistoryOutcomes.stack`).
+    `logits` has one column per outcome, in the order of the history model's outcomes."""
 
     def __init__(self, history: HistoryOutcomes, C: float = 1.0):
         self.history, self.C = history, C
 
     def fit(self, histories: Sequence[History], logits: np.ndarray, outcomes: dict[str, np.ndarray]) -> StackedOutcomes:
         x = self._x(histories, logits)
-        self.models_ = {name: LogisticRegression(C=self.C, max_iter=2000).fit(x, np.asarray(y, dtype=bool))
+        self.models_ = {name: LogisticRegression(C=self.C, max_iter=2000).fit(x[name], np.asarray(y, dtype=bool))
                         if 0 < np.sum(y) < len(y) else None for name, y in outcomes.items()}
         return self
 
     def predict_proba(self, histories: Sequence[History], logits: np.ndarray) -> dict[str, np.ndarray]:
         x = self._x(histories, logits)
         base = self.history.predict_proba(histories)
-        return {name: m.predict_proba(x)[:, 1] if m is not None else base[name] for name, m in self.models_.items()}
+        return {name: m.predict_proba(x[name])[:, 1] if m is not None else base[name] for name, m in self.models_.items()}
 
-    def _x(self, histories: Sequence[History], logits: np.ndarray) -> np.ndarray:
+    def _x(self, histories: Sequence[History], logits: np.ndarray) -> dict[str, np.ndarray]:
         base = self.history.predict_proba(histories)
-        p = np.clip(np.column_stack(list(base.values())), 1e-4, 1 - 1e-4)
-        return np.column_stack([np.log(p / (1 - p)), np.asarray(logits, dtype=np.float64).reshape(len(p), -1)])
+        logits = np.asarray(logits, dtype=np.float64).reshape(len(histories), -1)
+        out = {}
+        for j, (name, p) in enumerate(base.items()):
+            p = np.clip(p, 1e-4, 1 - 1e-4)
+            out[name] = np.column_stack([np.log(p / (1 - p)), logits[:, j]])
+        return out
