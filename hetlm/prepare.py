@@ -51,6 +51,7 @@ CSV_SOURCES = {"taobao", "rees46", "generic"}  # a newline inside a quoted field
 CHUNK_BYTES = 16 << 20  # raw log read per chunk by a partitioned prepare
 HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
 ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
+SAMPLE_CHUNK_TARGETS = 20_000  # targets whose samples are built and written at once
 
 
 class PrepareConfig(BaseModel):
@@ -356,18 +357,23 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
     tokenizer = build_tokenizer(pages["pages"].to_list())
     vocab = tokenizer.get_vocab()
 
-    stats = []
+    stats, sample_stats = [], []
     with _SplitWriters(out) as writers:
         for p in parts.keys("targets"):
             sessions = parts.get("sessions", p)
-            samples = build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), parts.get("targets", p),
-                                    history_budget)
-            has_history = pl.col("history").list.len() > 0
-            report.add("target with no history that fits max_len (sample dropped)",
-                       samples.height - samples.select(has_history.sum()).item())
-            samples = samples.filter(has_history)
-            writers.write(samples)
-            stats.append(_partition_stats(sessions, samples, vocab))
+            with_ids = session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID)
+            # Targets in chunks, in the order build_samples sorts samples (so the files are as with one
+            # chunk): memory holds one chunk's samples, however many targets one user has.
+            targets = parts.get("targets", p).sort("start", "user")
+            for first in range(0, targets.height, SAMPLE_CHUNK_TARGETS):
+                samples = build_samples(with_ids, targets.slice(first, SAMPLE_CHUNK_TARGETS), history_budget)
+                has_history = pl.col("history").list.len() > 0
+                report.add("target with no history that fits max_len (sample dropped)",
+                           samples.height - samples.select(has_history.sum()).item())
+                samples = samples.filter(has_history)
+                writers.write(samples)
+                sample_stats.append(_sample_stats(samples, vocab))
+            stats.append(_session_stats(sessions))
     clock["samples"] = time.perf_counter()
     SessionCleaning(gap_minutes=cfg.gap_minutes, use_log_sessions=cfg.use_log_sessions,
                     collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
@@ -375,7 +381,7 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
                     long_session_cutoff=long_cutoff).save_to(tokenizer)
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
-    return _summary(cfg, mode, ingested, stats, tokenizer, report, clock)
+    return _summary(cfg, mode, ingested, stats, sample_stats, tokenizer, report, clock)
 
 
 def _copied(df: pl.DataFrame) -> pl.DataFrame:
@@ -414,19 +420,26 @@ class _SplitWriters:
                 pq.write_table(self.schema.empty_table(), self.out / f"{name}.parquet")
 
 
-def _partition_stats(sessions: pl.DataFrame, samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any]:
-    """What the summary needs from one partition: sums, and per-user / per-sample lengths."""
-    test_pages = samples.filter(pl.col("split") == "test").select(pl.col("target").explode()).to_series().drop_nulls()
-    by_split = samples.group_by("split").agg(
-        n=pl.len(), users=pl.col("user").n_unique(), cart=pl.col("cart").sum(), purchase=pl.col("purchase").sum(),
-        cart_or_purchase=(pl.col("cart") | pl.col("purchase")).sum(),
-    )
+def _session_stats(sessions: pl.DataFrame) -> dict[str, Any]:
+    """What the summary needs from one partition's sessions: sums, and per-user session counts."""
     return {
         "events_kept": int(sessions["pages"].list.len().sum()),
         "users": sessions["user"].n_unique(),  # users never span partitions, so these add up
         "sessions": sessions.height,
         "sessions_per_user": sessions.group_by("user").len()["len"],
+    }
+
+
+def _sample_stats(samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any]:
+    """What the summary needs from one chunk of samples: sums, each split's users, per-sample lengths."""
+    test_pages = samples.filter(pl.col("split") == "test").select(pl.col("target").explode()).to_series().drop_nulls()
+    by_split = samples.group_by("split").agg(
+        n=pl.len(), cart=pl.col("cart").sum(), purchase=pl.col("purchase").sum(),
+        cart_or_purchase=(pl.col("cart") | pl.col("purchase")).sum(),
+    )
+    return {
         "by_split": by_split,
+        "split_users": samples.select("split", "user").unique(),  # a user's samples can span chunks
         "tokens": samples["input_ids"].list.len() + samples["target_ids"].list.len(),
         "target_tokens": samples["target_ids"].list.len(),
         "test_pages": test_pages.len(),
@@ -434,15 +447,19 @@ def _partition_stats(sessions: pl.DataFrame, samples: pl.DataFrame, vocab: dict[
     }
 
 
-def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], tokenizer, report, clock):
+def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], sample_stats: list[dict], tokenizer, report, clock):
     def total(key: str) -> int:
-        return sum(s[key] for s in stats)
+        return sum(s.get(key, 0) for s in stats + sample_stats)
 
     def concat(key: str) -> pl.Series:
-        return pl.concat([s[key] for s in stats]) if stats else pl.Series([], dtype=pl.Int64)
+        found = [s[key] for s in stats + sample_stats if key in s]
+        return pl.concat(found) if found else pl.Series([], dtype=pl.Int64)
 
-    by_split = pl.concat([s["by_split"] for s in stats]).group_by("split").sum() if stats else None
-    split_rows = {row["split"]: row for row in by_split.iter_rows(named=True)} if stats else {}
+    split_rows = {}
+    if sample_stats:
+        users = pl.concat([s["split_users"] for s in sample_stats]).unique().group_by("split").agg(users=pl.len())
+        by_split = pl.concat([s["by_split"] for s in sample_stats]).group_by("split").sum().join(users, on="split")
+        split_rows = {row["split"]: row for row in by_split.iter_rows(named=True)}
     split = {s: split_rows.get(s, {"n": 0, "users": 0, "cart": 0, "purchase": 0, "cart_or_purchase": 0})
              for s in SPLITS}
     elapsed = clock["write"] - clock["start"]
