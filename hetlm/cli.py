@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -78,6 +79,20 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _on_interrupt(left: str):
+    """A command that, on Ctrl-C (at any point: its imports take seconds), says what its --out holds."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                console.print(f"[bold red]interrupted:[/] nothing written to {kwargs['out']} ({left}); rerun to finish")
+                raise typer.Exit(130) from None
+        return run
+    return wrap
+
+
 def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
     """out/run.json: the resolved settings, versions, git revision and the prepared data's fingerprints."""
     from .provenance import environment, sha256
@@ -90,6 +105,7 @@ def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
 
 
 @app.command()
+@_on_interrupt("its previous complete output, if any, is unchanged")
 def prepare(
     source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc"),
     path: Path = typer.Argument(..., help="the log file"),
@@ -140,7 +156,7 @@ def prepare(
             on_bad_rows="skip" if skip_bad_rows else "error",
         )
         summary = run_prepare(source, path, out, cfg, **options)
-    except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
+    except (IngestError, ValidationError, ValueError, OSError) as err:
         _fail(err)
     _print_summary(summary, out)
 
@@ -162,6 +178,16 @@ def _print_summary(summary: dict, out: Path) -> None:
         value = summary[key]
         t.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(t)
+
+
+def _check_prepared(prepared: Path) -> None:
+    """Stop unless `prepared` is a complete, unchanged output of `hetlm prepare` (`outputs.check_prepared`)."""
+    from .outputs import IncompleteOutput, check_prepared
+
+    try:
+        check_prepared(prepared)
+    except IncompleteOutput as err:
+        _fail(err)
 
 
 def _split_path(prepared: Path, split: str) -> Path:
@@ -209,6 +235,7 @@ def train(
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, close_distributed, init_distributed, train_lm
 
+    _check_prepared(prepared)
     main = init_distributed().is_main
     train_samples = _split_path(prepared, "train") if stream else _load_split(prepared, "train")
     tokenizer = load_tokenizer(prepared / "tokenizer")
@@ -292,13 +319,19 @@ def generate(
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached)."""
     from .evaluate import GenerationSettings, load_any_model, predict, save_generations
+    from .score import check_vocabulary
     from .tokenizer import load_tokenizer
 
+    _check_prepared(prepared)
     df = _load_split(prepared, split)
     tokenizer = load_tokenizer(prepared / "tokenizer")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,
                                   num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    model, z = load_any_model(model_dir, df)
+    try:
+        model, z = load_any_model(model_dir, df)
+        check_vocabulary(model, tokenizer, model_dir, prepared / "tokenizer")
+    except (ValueError, OSError) as err:
+        _fail(err)
     pred = predict(model, df, tokenizer, settings, z, routing)
     save_generations(out, df, pred.pages, pred.clusters)
     console.print(f"{len(pred.pages)} next sessions in {pred.seconds['generation']:.1f} s -> {out}")
@@ -318,6 +351,7 @@ def evaluate(
     from .metrics import format_table
     from .tokenizer import load_tokenizer, page_vocabulary
 
+    _check_prepared(prepared)
     df = pl.read_parquet(generations)
     vocabulary = set(page_vocabulary(load_tokenizer(prepared / "tokenizer")))
     encoder = None
@@ -391,6 +425,7 @@ def report(
 
 
 @app.command()
+@_on_interrupt("the previous file, if any, is unchanged")
 def score(
     model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
     events: Path = typer.Argument(..., help="the click log to score (every user in it)"),
@@ -441,7 +476,7 @@ def score(
                            long_session_cutoff=long_session_cutoff)
         summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
                             batch_users, partitions=partitions, **options)
-    except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
+    except (IngestError, ValidationError, ValueError, OSError) as err:
         _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
 

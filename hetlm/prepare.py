@@ -1,6 +1,7 @@
 """`hetlm prepare`: a raw click log in, tokenized next-session samples out.
 
-Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizerFast), summary.json.
+Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizerFast), summary.json (last,
+with the fingerprints of the others: see `outputs`).
 
 Logs larger than memory: with `partitions=P` the log is read in chunks of lines, each chunk goes
 through the source's adapter and its events are hashed by user into P partition files. Every later
@@ -13,9 +14,7 @@ after partition, so in another row order) while peak memory is that of one parti
 from __future__ import annotations
 
 import gzip
-import json
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from .sessions import (
     split_within_sessions,
     time_split_quantiles,
 )
+from .outputs import publish_prepared, work_dir, writable_folder
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -99,21 +99,25 @@ def _percentiles(lengths: pl.Series) -> dict[str, float]:
 
 def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfig | None = None,
             **source_options: Any) -> dict[str, Any]:
-    """Run the data stage end to end; returns (and writes) the summary."""
+    """Run the data stage end to end; returns (and writes) the summary.
+
+    Everything is written in a scratch folder inside `out` and moved into place on success, summary.json
+    (with the files' fingerprints) last: a failed or killed run leaves the previous complete output, or a
+    folder that `outputs.check_prepared` reports as incomplete, never a mix.
+    """
     cfg = config or PrepareConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(out))
     clock = {"start": time.perf_counter()}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".partitions-") as scratch:
-        parts = _Partitions(Path(scratch) if cfg.partitions > 1 else None)
+    with work_dir(out, ".prepare-") as work:
+        parts = _Partitions(work if cfg.partitions > 1 else None)
         if cfg.partitions > 1:
             ingested = _ingest_in_chunks(source, path, cfg, parts, source_options)
         else:
             ingested = _ingest_whole(source, path, cfg, parts, source_options)
         clock["ingest"] = time.perf_counter()
-        summary = _prepare_partitions(parts, ingested, cfg, out, clock)
-    summary = {"source": source, "path": str(path)} | summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (work / "new").mkdir()
+        summary = {"source": source, "path": str(path)} | _prepare_partitions(parts, ingested, cfg, work / "new", clock)
+        publish_prepared(work / "new", out, summary)
     return summary
 
 

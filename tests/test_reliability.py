@@ -3,16 +3,34 @@ sinks its batch. Each case asserts the clear error or the counted handling."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 import hetlm.prepare
+from hetlm.cli import app
+from hetlm.models import Preset, build_model
+from hetlm.outputs import IncompleteOutput, check_prepared
 from hetlm.prepare import PrepareConfig, prepare
+from hetlm.tokenizer import load_tokenizer
+
+from .conftest import SHIPPED
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -41,3 +59,221 @@ def test_samples_built_in_chunks_equal_samples_built_at_once(tmp_path, monkeypat
     for split in ("train", "val", "test"):
         once, chunks = (pl.read_parquet(tmp_path / d / f"{split}.parquet") for d in ("once", "chunks"))
         assert once.height and once.equals(chunks), split
+
+
+# --- shared: a micro LM (random weights: these tests are about files and errors, not quality) ---------------
+
+MICRO = Preset(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+runner = CliRunner()
+
+
+def flat(text: str) -> str:
+    """A command's output on one line (the console wraps long messages)."""
+    return " ".join(text.split())
+
+
+def micro_model(prepared: Path, folder: Path) -> Path:
+    """A random micro LM over `prepared`'s vocabulary, saved with its tokenizer as `hetlm train` saves best/."""
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    torch.manual_seed(0)
+    build_model(MICRO, len(tokenizer), max_positions=128).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    """Two prepared logs with different page vocabularies (the shipped sample's first 6,000 and 3,000 lines),
+    a micro model over the first."""
+    root = tmp_path_factory.mktemp("two")
+    logs = {}
+    for name, rows in (("a", 6000), ("b", 3000)):
+        with gzip.open(SHIPPED, "rt") as f:
+            (root / f"{name}.csv").write_text("".join(itertools.islice(f, rows)))
+        prepare("taobao", root / f"{name}.csv", root / name, PrepareConfig(max_len=128))
+        logs[name] = root / f"{name}.csv"
+    return root / "a", root / "b", micro_model(root / "a", root / "model"), logs
+
+
+# --- 2. a tokenizer from another dataset ------------------------------------------------------------------
+
+
+def test_score_refuses_another_datasets_tokenizer(two_datasets, tmp_path):
+    a, b, model, logs = two_datasets
+    out = tmp_path / "scores.parquet"
+    args = ["score", str(model), str(logs["a"]), "--source", "taobao", "--out", str(out), "--n-samples", "0"]
+    result = runner.invoke(app, [*args, "--tokenizer", str(b / "tokenizer")])
+    assert result.exit_code == 2 and "not the one" in flat(result.output) and "Traceback" not in flat(result.output)
+    assert not out.exists()
+    assert runner.invoke(app, [*args, "--tokenizer", str(a / "tokenizer")]).exit_code == 0  # its own: fine
+    # No tokenizer beside the model to compare with: the model's vocabulary size still must match.
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(model).save_pretrained(bare)
+    result = runner.invoke(app, [*args[:1], str(bare), *args[2:], "--tokenizer", str(b / "tokenizer")])
+    assert result.exit_code == 2 and "another vocabulary" in flat(result.output)
+
+
+def test_generate_refuses_another_datasets_prepared_folder(two_datasets, tmp_path):
+    _, b, model, _ = two_datasets
+    result = runner.invoke(app, ["generate", str(model), str(b), "--out", str(tmp_path / "gen.parquet")])
+    assert result.exit_code == 2 and "not the one" in flat(result.output) and "Traceback" not in flat(result.output)
+
+
+# --- 5, 6. killed prepare and score: the previous complete output or a clear "incomplete", never a mix -----
+
+ZYGOTE = """
+import json, os, sys, time
+import hetlm.score  # the libraries once; each command runs in a fork of this process
+from hetlm.cli import app
+print("ready", flush=True)
+for line in sys.stdin:
+    args, log = json.loads(line)
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        try:
+            app(args)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), time.perf_counter() - started, flush=True)
+"""
+
+
+class Commands:
+    """hetlm commands run in forks of one process that imported the libraries (seconds each, not per run),
+    so that kills land in the commands' own work."""
+
+    def __init__(self, folder: Path):
+        self.log = folder / "command.log"
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, args: list[str], kill_after: float | None = None, sig: int = signal.SIGKILL) -> tuple[int, float, str]:
+        """(exit code, or minus the signal that ended it; seconds; output)."""
+        self.proc.stdin.write(json.dumps([args, str(self.log)]) + "\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline())
+        if kill_after is not None:
+            time.sleep(kill_after)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        code, seconds = self.proc.stdout.readline().split()
+        return int(code), float(seconds), self.log.read_text()
+
+    def kill_at_random_points(self, args: list[str], seconds: float, check, repeats: int, seed: int = 0) -> None:
+        """Run `args` `repeats` times, each killed (SIGKILL, or SIGINT every third time) at a random point of a
+        run's `seconds`, then `check(signal, exit code, output)`."""
+        rng = random.Random(seed)
+        for i in range(repeats):
+            sig = signal.SIGINT if i % 3 == 2 else signal.SIGKILL
+            code, _, output = self.run(args, rng.uniform(0, 1.1 * seconds), sig)
+            check(sig, code, output)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory):
+    commands = Commands(tmp_path_factory.mktemp("commands"))
+    yield commands
+    commands.close()
+
+
+def test_killed_prepare_leaves_the_previous_output_or_says_incomplete(two_datasets, commands, tmp_path):
+    _, _, _, logs = two_datasets
+    out = tmp_path / "prepared"
+    args = ["prepare", "taobao", str(logs["a"]), "--out", str(out), "--max-len", "128"]
+    code, seconds, output = commands.run([*args[:4], str(tmp_path / "timing"), *args[5:]])
+    assert code == 0, output
+    previous = lambda: prepare("taobao", logs["b"], out, PrepareConfig(max_len=128))  # noqa: E731
+    previous()
+    seen = []
+
+    def check(sig, code, output):
+        assert code != 0 or "prepared taobao" in flat(output)  # a run can finish before the signal
+        if sig == signal.SIGINT and code != 0:
+            assert code == 130 and "interrupted" in flat(output) and "Traceback" not in flat(output)
+        try:
+            summary = check_prepared(out)
+        except IncompleteOutput as err:
+            assert "rerun" in str(err)
+            seen.append("incomplete")
+            result = runner.invoke(app, ["train", str(out), "--out", str(tmp_path / "run"), "--max-steps", "1"])
+            assert result.exit_code == 2 and "incomplete" in flat(result.output) and "Traceback" not in flat(result.output)
+        else:
+            seen.append(Path(summary["path"]).name)  # the previous run's (b) or, finished, the new one's (a)
+            # Its files are that run's: ids within its tokenizer, as many samples as its summary says.
+            vocab = len(load_tokenizer(out / "tokenizer"))
+            for split in ("train", "val", "test"):
+                df = pl.read_parquet(out / f"{split}.parquet")
+                assert df.height == summary["samples"][split]
+                assert df["input_ids"].list.max().max() < vocab
+        previous()
+
+    commands.kill_at_random_points(args, seconds, check, repeats=6)
+    assert set(seen) <= {"a.csv", "b.csv", "incomplete"} and len(seen) == 6
+    assert not list(out.glob(".prepare-*")), "scratch folders of killed runs are removed by the next run"
+
+
+def test_killed_score_leaves_the_previous_file(two_datasets, commands, tmp_path):
+    _, _, model, logs = two_datasets
+    out = tmp_path / "scores.parquet"
+    args = ["score", str(model), str(logs["b"]), "--source", "taobao", "--out", str(out), "--n-samples", "1",
+            "--batch-users", "16", "--max-new-tokens", "3"]
+
+    def check(sig, returncode, output):
+        if sig == signal.SIGINT and returncode != 0:
+            assert returncode == 130 and "interrupted" in flat(output) and "Traceback" not in flat(output)
+        scores = pl.read_parquet(out)  # always readable: the old file, or the new one whole
+        assert out.read_bytes() == previous or (scores.height == users and (scores["top_pages"].list.len() == 5).all())
+
+    code, seconds, output = commands.run([*args, "--k", "3"])
+    assert code == 0, output
+    previous = out.read_bytes()
+    users = pl.read_parquet(out).height
+    commands.kill_at_random_points([*args, "--k", "5"], seconds, check, repeats=6)
+    assert runner.invoke(app, [*args, "--k", "5"]).exit_code == 0
+    assert (pl.read_parquet(out)["top_pages"].list.len() == 5).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.parquet"], "no partial file or scratch folder is left"
+
+
+def test_a_prepared_folder_half_replaced_or_changed_is_reported_incomplete(two_datasets, tmp_path, monkeypatch):
+    _, _, _, logs = two_datasets
+    out = tmp_path / "prepared"
+    prepare("taobao", logs["b"], out, PrepareConfig(max_len=128))
+    real_replace = os.replace
+
+    def dies_at_the_tokenizer(src, dst):  # a kill after the new Parquet files are in, before the tokenizer
+        if Path(dst).name == "tokenizer":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_at_the_tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("taobao", logs["a"], out, PrepareConfig(max_len=128))
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(IncompleteOutput, match="no summary.json: prepare was interrupted or failed.*rerun"):
+        check_prepared(out)
+    for command in (["train", str(out), "--out", str(tmp_path / "run")],
+                    ["generate", str(two_datasets[2]), str(out), "--out", str(tmp_path / "gen.parquet")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "incomplete" in flat(result.output) and "Traceback" not in flat(result.output)
+    prepare("taobao", logs["a"], out, PrepareConfig(max_len=128))
+    assert check_prepared(out)["path"] == str(logs["a"])
+    (out / "val.parquet").write_bytes((out / "test.parquet").read_bytes())  # changed after prepare
+    with pytest.raises(IncompleteOutput, match="val.parquet does not match summary.json"):
+        check_prepared(out)
+    with pytest.raises(IncompleteOutput, match="not a folder written by `hetlm prepare`"):
+        check_prepared(tmp_path / "nothing")

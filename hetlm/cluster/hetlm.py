@@ -524,7 +524,10 @@ def fit_saved(prepared: str | Path, base: str | Path, embeddings: str | Path, co
 
     from ..tokenizer import load_tokenizer
 
+    from ..outputs import check_prepared
+
     prepared = Path(prepared)
+    check_prepared(prepared)
     train, val = (pl.read_parquet(prepared / f"{split}.parquet") for split in ("train", "val"))
     z = np.load(embeddings)
     base_model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
