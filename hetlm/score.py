@@ -67,12 +67,15 @@ class ScoreOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=1000, description="number of most likely next pages returned")
+    # Strict numbers: JSON `true` is not k = 1; NaN and infinities are not temperatures.
+    k: int = Field(10, ge=1, le=1000, strict=True, description="number of most likely next pages returned")
     strategy: Literal["greedy", "sample"] = Field("greedy", description="how the next session is decoded")
-    temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of the next session")
-    seed: int = Field(0, ge=0, description="seed of the sampled next session and of the outcome estimate")
-    n_samples: int = Field(32, ge=0, le=1024, description="sessions drawn to estimate P(Cart), P(Purchase); "
-                           "0 skips the estimate")
+    temperature: float = Field(1.0, ge=0.01, le=100, allow_inf_nan=False,
+                               description="sampling temperature of the next session (below 0.01 logits overflow)")
+    seed: int = Field(0, ge=0, lt=2**63, strict=True,
+                      description="seed of the sampled next session and of the outcome estimate")
+    n_samples: int = Field(32, ge=0, le=1024, strict=True, description="sessions drawn to estimate P(Cart), "
+                           "P(Purchase); 0 skips the estimate")
 
 
 @dataclass

@@ -24,6 +24,7 @@ model's context gets 422.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 from contextlib import asynccontextmanager
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, Field, StrictStr
 from starlette.responses import JSONResponse
 
@@ -40,6 +43,10 @@ from .score import ScoreOptions, Scorer, UserScore
 
 def _page_name(page: str) -> str:
     """A page name as the ingest adapters normalise it (`ingest.base.normalize_pages`)."""
+    try:
+        page.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a page name must be valid Unicode text (this one holds a lone surrogate)") from None
     name = re.sub(r"\s+", "_", page.strip())
     if not name:
         raise ValueError("a page name must hold a non-space character")
@@ -113,6 +120,7 @@ class Batcher:
         self.scorer, self.max_batch, self.max_wait = scorer, max_batch, max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests = self.batches = 0
+        self.failed = self.isolated = 0  # requests that failed; requests re-run alone after their batch failed
 
     async def predict(self, request: PredictRequest) -> UserScore:
         future = asyncio.get_running_loop().create_future()
@@ -129,18 +137,45 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0)))
                 except asyncio.TimeoutError:
                     break
-            requests = [r for r, _ in batch]
-            try:
-                scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests)
-            except Exception as err:  # noqa: BLE001 (the batch fails together; each caller gets the error)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            self.requests, self.batches = self.requests + len(batch), self.batches + 1
-            for (_, future), score in zip(batch, scores):
-                if not future.done():  # a client that went away cancelled its future
-                    future.set_result(score)
+            await self._score(batch)
+
+    async def _score(self, batch: list) -> None:
+        """Score a batch together; if that fails, each request alone, so only the one at fault fails."""
+        requests = [r for r, _ in batch]
+        try:
+            scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests)
+        except Exception as err:  # noqa: BLE001 (the caller gets the error; the service keeps running)
+            if len(batch) > 1:
+                self.isolated += len(batch)
+                for one in batch:
+                    await self._score([one])
+                return
+            self.failed += 1
+            if not batch[0][1].done():
+                batch[0][1].set_exception(err)
+            return
+        self.requests, self.batches = self.requests + len(batch), self.batches + 1
+        for (_, future), score in zip(batch, scores):
+            if not future.done():  # a client that went away cancelled its future
+                future.set_result(score)
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that any request's error can be written in: non-ASCII escaped (a lone surrogate a client sent
+    cannot be UTF-8 encoded), NaN and infinities (which JSON lacks) as text."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(_finite(jsonable_encoder(content)), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 class BodyLimit:
@@ -197,6 +232,11 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
     app = FastAPI(title="hetlm", summary="next-session predictions from page-level LMs", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler fails (500) on inputs JSON cannot hold: NaN, Infinity, lone surrogates.
+        return SafeJSONResponse({"detail": err.errors()}, status_code=422)
+
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest, request: Request) -> PredictResponse:
         if len(body.sessions) > limits.max_sessions:
@@ -214,12 +254,17 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
         if len(body.sessions[-1]) + 2 > scorer.history_budget:
             raise HTTPException(422, f"the last session has {len(body.sessions[-1])} pages; the model's context "
                                      f"holds {scorer.history_budget - 2}")
-        return prediction_response(await request.app.state.batcher.predict(body), body.n_samples, removed)
+        try:
+            score = await request.app.state.batcher.predict(body)
+        except Exception as err:  # noqa: BLE001 (this request only: its batch was re-run without it)
+            return SafeJSONResponse({"detail": f"scoring this request failed ({type(err).__name__}: {err})"}, 500)
+        return prediction_response(score, body.n_samples, removed)
 
     @app.get("/health")
     async def health(request: Request) -> dict:
         batcher = request.app.state.batcher
-        return {"status": "ok", "requests": batcher.requests, "batches": batcher.batches}
+        return {"status": "ok", "requests": batcher.requests, "batches": batcher.batches, "failed": batcher.failed,
+                "rerun_alone": batcher.isolated}
 
     @app.get("/model")
     async def describe() -> dict:

@@ -18,7 +18,7 @@ from hetlm.cli import app as cli
 from hetlm.cluster.kmeans import fit_kmeans_clusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
-from hetlm.score import log_sessions
+from hetlm.score import Scorer, log_sessions
 from hetlm.serve import Limits, create_app
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig
@@ -160,6 +160,10 @@ def test_long_sessions_are_cut_at_the_training_logs_cutoff(server, taobao_prepar
     ({"sessions": [["Cart"]], "n_samples": -1}, "n_samples"),
     ({"sessions": [["Cart"]], "colour": "red"}, "colour"),
     ({"pages": [["Cart"]]}, "sessions"),
+    ({"sessions": [["Cart"]], "k": True}, "k"),  # JSON true is not 1
+    ({"sessions": [["Cart"]], "n_samples": 2.0}, "n_samples"),
+    ({"sessions": [["Cart"]], "seed": 10**100}, "seed"),
+    ({"sessions": [["Cart"]], "temperature": 1e-40}, "temperature"),  # logits would overflow: an empty session
 ])
 def test_malformed_requests_get_422(server, body, where):
     got = server.post("/predict", json=body)
@@ -203,3 +207,48 @@ def test_concurrent_requests_are_batched(server, taobao_prepared):
 def test_serve_command_reports_a_bad_model_folder(tmp_path):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "no page tokenizer found" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("content, where", [
+    (b'{"sessions": [["Cart", "home"]], "temperature": NaN}', "temperature"),
+    (b'{"sessions": [["Cart", "home"]], "temperature": Infinity}', "temperature"),
+    (b'{"sessions": [["Cart", "\\ud800"]]}', "sessions.0.1"),  # a lone surrogate
+    (b'{"sessions": [["Cart", "home"]], "\\udfff": 1}', "\udfff"),
+])
+def test_inputs_json_cannot_hold_get_422_not_500(server, content, where):
+    got = server.post("/predict", content=content, headers={"content-type": "application/json"})
+    assert got.status_code == 422, got.text
+    assert any(".".join(str(x) for x in d["loc"][1:]) == where for d in got.json()["detail"]), got.text
+
+
+def poisoned(scorer: Scorer) -> Scorer:
+    """`scorer` failing on any batch that holds a page named "poison" (a request that breaks the model code)."""
+    real = scorer.score
+
+    def score(histories, options):
+        if any(page == "poison" for history in histories for session in history for page in session):
+            raise RuntimeError("poisoned request")
+        return real(histories, options)
+
+    scorer.score = score
+    return scorer
+
+
+def test_poisoned_requests_fail_alone_and_every_valid_request_in_their_batches_succeeds(clusterwise, taobao_prepared):
+    histories = pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"].to_list()[:16]
+    valid = [{"sessions": h, **OPTIONS} for h in histories]
+    bad = [{"sessions": [*h, ["poison", "home"]], **OPTIONS} for h in histories[:4]]
+    invalid = [{"sessions": histories[0], "seed": 10**100}, {"sessions": histories[1], "k": True}]
+    bodies = [b for group in zip(valid[:4], bad, valid[4:8], valid[8:12]) for b in group] + valid[12:] + invalid
+    scorer = poisoned(Scorer.from_pretrained(clusterwise, max_new_tokens=10))
+    with running(create_app(scorer, limits=LIMITS)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        alone = client.post("/predict", json=valid[0]).json()
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            got = dict(zip(map(id, bodies), pool.map(lambda b: client.post("/predict", json=b), bodies)))
+        health = client.get("/health").json()
+    assert all(got[id(b)].status_code == 200 for b in valid)
+    assert all(got[id(b)].status_code == 500 and "poisoned request" in got[id(b)].json()["detail"] for b in bad)
+    assert all(got[id(b)].status_code == 422 for b in invalid)
+    assert health["failed"] == 4 and health["rerun_alone"] > 4  # the poisoned ones shared batches with valid ones
+    together = got[id(valid[0])].json()
+    assert together["next_session"] == alone["next_session"] and together["p_cart"] == alone["p_cart"]

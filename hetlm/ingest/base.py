@@ -21,6 +21,9 @@ CART = "Cart"
 PURCHASE = "Purchase"
 OUTCOME_PAGES = (CART, PURCHASE)
 
+# A viewed page named like an outcome would count as one (a log without a cart event got a cart rate of 0.57).
+OUTCOME_NAMED_VIEW = f"viewed page named like an outcome ({', '.join(OUTCOME_PAGES)}), not a cart/purchase event"
+
 EVENT_SCHEMA = {"user": pl.Utf8, "session": pl.Utf8, "ts": pl.Int64, "page": pl.Utf8}
 # Latest accepted clock, 9999-12-31T23:59:59 UTC: later values are corrupt, and x1000 would overflow Int64.
 MAX_SECONDS = 253_402_300_799

@@ -22,7 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from .base import (
-    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
+    CART, NOT_UTF8, NOT_UTF8_HINT, OUTCOME_NAMED_VIEW, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
     normalize_pages, not_utf8,
 )
 
@@ -30,6 +30,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
 MISSING_USER = ("", "NA")
 UNIT_MS = {"s": 1000, "ms": 1}
+YEAR_MS = 365 * 86_400_000
+END_MS = 4_102_444_800_000  # 2100-01-01, in ms
 
 
 def read_generic(
@@ -80,6 +82,11 @@ def read_generic(
     )
     raw = raw.with_columns(_page=_pages(page, event, page_prefix, cart_events, purchase_events))
     raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, line_of)
+    view_named_like_outcome = pl.col("_page").is_in(OUTCOME_PAGES) & _outcomes(event, cart_events, purchase_events).is_null()
+    raw = bad_rows(
+        raw, raw.select(view_named_like_outcome).to_series(), path, OUTCOME_NAMED_VIEW, on_bad_rows, skipped, line_of,
+        hint="give the pages a --page-prefix, or pass --skip-bad-rows to drop such rows and count them",
+    )
     try:
         raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
     except pl.exceptions.ComputeError as e:  # no value of the column looks like a date
@@ -92,6 +99,14 @@ def read_generic(
         on_bad_rows, skipped, line_of,
         hint="give time_format / time_unit, fix the file, or pass --skip-bad-rows",
     )
+    if time is not None:
+        raw = bad_rows(
+            raw, implausible_times(raw["_ts"]), path,
+            "time out of range after unit conversion (before 1970 or after 2099, or in 1970 among later times)",
+            on_bad_rows, skipped, line_of,
+            hint=f"the column was read as {'dates' if time_format else f'unix {time_unit} if numeric'}: check "
+                 "--time-unit (s or ms; are seconds mixed with milliseconds?), or pass --skip-bad-rows",
+        )
     events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
     fallback_users = raw.filter(pl.col("_anonymous"))["_user"].n_unique()
     anonymous = fallback_users > events["user"].n_unique() / 2
@@ -211,15 +226,18 @@ def _pages(
 ) -> pl.Expr:
     """The page name of each row: outcome events by their event, any other row by its page column."""
     viewed = _blank_to_null(pl.col(page))
-    name = normalize_pages(pl.lit(prefix) + viewed)
-    if event is not None:
-        kind = pl.col(event).cast(pl.Utf8).str.strip_chars().str.to_lowercase()
-        name = (
-            pl.when(kind.is_in([e.lower() for e in cart_events])).then(pl.lit(CART))
-            .when(kind.is_in([e.lower() for e in purchase_events])).then(pl.lit(PURCHASE))
-            .otherwise(name)
-        )
-    return name
+    return pl.coalesce(_outcomes(event, cart_events, purchase_events), normalize_pages(pl.lit(prefix) + viewed))
+
+
+def _outcomes(event: str | None, cart_events: tuple[str, ...], purchase_events: tuple[str, ...]) -> pl.Expr:
+    """CART / PURCHASE on outcome events, null on any other row."""
+    if event is None:
+        return pl.lit(None, pl.Utf8)
+    kind = pl.col(event).cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+    return (
+        pl.when(kind.is_in([e.lower() for e in cart_events])).then(pl.lit(CART))
+        .when(kind.is_in([e.lower() for e in purchase_events])).then(pl.lit(PURCHASE))
+    )
 
 
 def _clock(
@@ -230,6 +248,15 @@ def _clock(
         return raw["_row"].cast(pl.Int64)
     ts = to_millis(raw[time], time_format, time_unit) if time is not None else 0
     return ts + to_millis(raw[order], None, "ms") if order is not None else ts
+
+
+def implausible_times(ts: pl.Series) -> pl.Series:
+    """Clocks (ms) no click log holds: before 1970 or from 2100 on (milliseconds read as seconds give years up to
+    ~300,000), or in 1970's first year within a log that has times after 1990 (seconds read as milliseconds)."""
+    bad = (ts < 0) | (ts >= END_MS)
+    if (ts >= 20 * YEAR_MS).any():
+        bad = bad | (ts < YEAR_MS)
+    return bad.fill_null(False)
 
 
 def to_millis(values: pl.Series, time_format: str | None = None, time_unit: str = "s") -> pl.Series:
