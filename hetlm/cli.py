@@ -250,8 +250,11 @@ def train(
             console.print(f"loaded {len(report.loaded)} tensors from {init_from}, skipped {len(report.skipped)}")
     if main:
         console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
-    config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-                         bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
+    try:
+        config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+                             bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
+    except ValueError as err:
+        _fail(err)
     if main:
         _write_run_record(out, {"preset": preset, "family": family, "init_from": init_from and str(init_from),
                                 "train": dataclasses.asdict(config)}, prepared)

@@ -117,6 +117,9 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
         clock["ingest"] = time.perf_counter()
         (work / "new").mkdir()
         summary = {"source": source, "path": str(path)} | _prepare_partitions(parts, ingested, cfg, work / "new", clock)
+        if summary["samples"]["train"] == 0:  # a run that trains nothing must not start
+            raise DataError(f"no training sample is left (samples {summary['samples']}; rows dropped by reason: "
+                            f"{summary['dropped_rows']}); raise max_len or use a longer log")
         publish_prepared(work / "new", out, summary)
     return summary
 

@@ -20,15 +20,19 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import hetlm.prepare
 from hetlm.cli import app
+from hetlm.experiment import ExperimentConfig, run_experiment
 from hetlm.models import Preset, build_model
 from hetlm.outputs import IncompleteOutput, check_prepared
 from hetlm.prepare import PrepareConfig, prepare
+from hetlm.sessions import DataError
 from hetlm.tokenizer import load_tokenizer
+from hetlm.train import TrainConfig, train_lm
 
 from .conftest import SHIPPED
 
@@ -277,3 +281,59 @@ def test_a_prepared_folder_half_replaced_or_changed_is_reported_incomplete(two_d
         check_prepared(out)
     with pytest.raises(IncompleteOutput, match="not a folder written by `hetlm prepare`"):
         check_prepared(tmp_path / "nothing")
+
+
+# --- 7, 8. runs that would train nothing, settings that would fail late ---------------------------------
+
+BAD = REPO / "tests" / "data" / "bad"
+
+
+def test_a_prepare_that_leaves_no_training_sample_stops(tmp_path):
+    # 3-page sessions cost 5 tokens; max_len 8 leaves 3 tokens of history beside them: no sample has one.
+    with pytest.raises(DataError, match="no training sample is left .*target with no history that fits max_len"):
+        prepare("taobao", BAD / "taobao/good.csv", tmp_path, PrepareConfig(max_len=8))
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "train.parquet").exists()
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"epochs": 0}, "epochs"), ({"lr": 0}, "lr"), ({"lr": float("nan")}, "lr"), ({"batch_size": 0}, "batch_size"),
+    ({"max_steps": 0}, "max_steps"), ({"eval_every": 0}, "eval_every"), ({"grad_accum": 0}, "grad_accum"),
+])
+def test_train_settings_that_would_train_nothing_are_refused(settings, field):
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+        TrainConfig(**settings)
+
+
+def test_fewer_steps_than_eval_every_still_leave_a_validated_best_model(two_datasets, tmp_path):
+    a = two_datasets[0]
+    tokenizer = load_tokenizer(a / "tokenizer")
+    model = build_model(MICRO, len(tokenizer), max_positions=128)
+    config = TrainConfig(max_steps=2, eval_every=200, batch_size=16, max_len=128, save_every=10**6)
+    result = train_lm(model, pl.read_parquet(a / "train.parquet"), pl.read_parquet(a / "val.parquet"), config,
+                      tmp_path, progress=False)
+    assert result.steps == 2 and result.best_step == 2 and (tmp_path / "best" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="no training samples"):
+        train_lm(model, pl.read_parquet(a / "train.parquet").head(0), None, config, tmp_path / "empty", progress=False)
+    result = runner.invoke(app, ["train", str(a), "--out", str(tmp_path / "cli"), "--epochs", "0"])
+    assert result.exit_code == 2 and "epochs must be" in flat(result.output) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"hetlm": {"config": {"alpha": float("nan")}}}, "alpha must be a finite number"),
+    ({"hetlm": {"runs": [{"predictor_lr": -1}]}}, "predictor_lr must be a finite number above 0"),
+    ({"hetlm": {"config": {"batch_size": 0}}}, "batch_size must be"),
+    ({"pretrain": {"lr": 0}}, "lr must be a finite number above 0"),
+    ({"kmeans": {"finetune": {"batch_size": 0}}}, "batch_size must be"),
+    ({"encoder": {"model_name_or_path": "/no/such/sbert"}}, "neither a SentenceTransformer folder"),
+])
+def test_experiment_settings_are_checked_before_anything_runs(settings, problem):
+    with pytest.raises(ValidationError, match=problem):
+        ExperimentConfig(**settings)
+
+
+def test_more_clusters_than_training_users_stop_before_pretraining(tmp_path):
+    config = ExperimentConfig(source="taobao", path=str(BAD / "taobao/good.csv"), kmeans={"n_clusters": 9},
+                              encoder={"name": "pagebag"})
+    with pytest.raises(DataError, match=r"kmeans.n_clusters = 9 clusters, but the prepared log has \d training users"):
+        run_experiment(config, tmp_path, progress=False)
+    assert not (tmp_path / "train").exists()

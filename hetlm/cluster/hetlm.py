@@ -71,6 +71,7 @@ from transformers import PreTrainedModel
 from ..train import (
     SequenceDataset,
     TrainConfig,
+    check_limits,
     _autocast,
     _barrier,
     _gather_objects,
@@ -146,12 +147,17 @@ class HeTLMConfig:
     def __post_init__(self):
         if self.l1 not in ("paper", "centered"):
             raise ValueError(f"l1 must be 'paper' or 'centered', not {self.l1!r}")
-        if self.l2_balance < 0:
-            raise ValueError(f"l2_balance must be >= 0, not {self.l2_balance}")
         if self.nll_pass not in ("batched", "sequential"):
             raise ValueError(f"nll_pass must be 'batched' or 'sequential', not {self.nll_pass!r}")
         if self.actor_rows is not None and self.actor_rows < 1:
             raise ValueError(f"actor_rows must be a positive number of rows or None, not {self.actor_rows}")
+        check_limits(self, positive=("selector_lr", "predictor_lr", "selector_pretrain_lr", "l3_tau"),
+                     non_negative=("alpha", "beta", "l2_balance", "selector_weight_decay", "predictor_weight_decay",
+                                   "selector_pretrain_epochs", "selector_label_smoothing", "critic_warmup_epochs"),
+                     at_least_one=("n_clusters", "epochs", "batch_size", "selector_hidden", "eval_every",
+                                   "save_every", "max_len"))
+        if self.selector_label_smoothing >= 1:
+            raise ValueError(f"selector_label_smoothing must be below 1, not {self.selector_label_smoothing}")
 
 
 @dataclass
