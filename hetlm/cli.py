@@ -180,6 +180,18 @@ def _print_summary(summary: dict, out: Path) -> None:
     console.print(t)
 
 
+def _writable(out: Path, file: bool = False) -> None:
+    """Stop unless --out can be written: a folder (or, `file`, a file in one) that exists or can be made."""
+    from .outputs import IncompleteOutput, writable_folder
+
+    try:
+        if file and out.is_dir():
+            raise IncompleteOutput(f"--out {out} is a folder; give a file path")
+        writable_folder(out.parent if file else out, "the folder of --out" if file else "--out")
+    except IncompleteOutput as err:
+        _fail(err)
+
+
 def _check_prepared(prepared: Path) -> None:
     """Stop unless `prepared` is a complete, unchanged output of `hetlm prepare` (`outputs.check_prepared`)."""
     from .outputs import IncompleteOutput, check_prepared
@@ -236,6 +248,7 @@ def train(
     from .train import TrainConfig, close_distributed, init_distributed, train_lm
 
     _check_prepared(prepared)
+    _writable(out)
     main = init_distributed().is_main
     train_samples = _split_path(prepared, "train") if stream else _load_split(prepared, "train")
     tokenizer = load_tokenizer(prepared / "tokenizer")
@@ -326,6 +339,7 @@ def generate(
     from .tokenizer import load_tokenizer
 
     _check_prepared(prepared)
+    _writable(out, file=True)
     df = _load_split(prepared, split)
     tokenizer = load_tokenizer(prepared / "tokenizer")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,

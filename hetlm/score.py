@@ -38,10 +38,9 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
-from .cluster.base import ClusterwiseLM
+from .cluster.base import ClusterwiseLM, load_model
 from .encoders import encoder_from_settings
 from .ingest import read_events
 from .outputs import IncompleteOutput, work_dir, writable_folder
@@ -135,16 +134,6 @@ def check_vocabulary(model: PreTrainedModel | ClusterwiseLM, tokenizer, model_di
         raise ValueError(f"the model {model_dir} has {' / '.join(map(str, sizes))} tokens, the tokenizer {tokenizer_dir} "
                          f"{len(tokenizer)}: the model was trained on another vocabulary; use the tokenizer of "
                          f"the model's prepared data")
-
-
-def load_model(model_dir: str | Path, device: str = "cpu") -> PreTrainedModel | ClusterwiseLM:
-    """A clusterwise folder (clusterwise.json) or a single save_pretrained LM folder."""
-    model_dir = Path(model_dir)
-    if (model_dir / CLUSTERWISE_FILE).is_file():
-        return ClusterwiseLM.from_pretrained(model_dir, device)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir} is neither a save_pretrained LM folder nor a clusterwise model folder")
-    return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
 
 
 def route_users(model: ClusterwiseLM, z: np.ndarray, routing: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -26,6 +28,7 @@ from typer.testing import CliRunner
 
 import hetlm.prepare
 from hetlm.cli import app
+from hetlm.cluster.base import ClusterwiseLM
 from hetlm.experiment import ExperimentConfig, run_experiment
 from hetlm.models import Preset, build_model
 from hetlm.outputs import IncompleteOutput, check_prepared
@@ -337,3 +340,58 @@ def test_more_clusters_than_training_users_stop_before_pretraining(tmp_path):
     with pytest.raises(DataError, match=r"kmeans.n_clusters = 9 clusters, but the prepared log has \d training users"):
         run_experiment(config, tmp_path, progress=False)
     assert not (tmp_path / "train").exists()
+
+
+# --- 11. user errors: a clear message, no traceback -----------------------------------------------------
+
+
+def damaged_models(model: Path, root: Path) -> dict[str, Path]:
+    """Copies of a micro model folder, each damaged in one way."""
+    folders = {}
+    for name in ("truncated", "missing", "vocab_changed"):
+        folders[name] = root / name
+        shutil.copytree(model, folders[name])
+    weights = folders["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    (folders["missing"] / "model.safetensors").unlink()
+    config = json.loads((model / "config.json").read_text())
+    (folders["vocab_changed"] / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 7}))
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    tokenizer = load_tokenizer(model)
+    clusterwise = ClusterwiseLM(kind="kmeans", models={0: lm, 1: lm}, centroids=np.eye(2, 4, dtype=np.float32),
+                                routing="centroid", encoder={"name": "pagebag"}, sizes={0: 1, 1: 1})
+    clusterwise.save_pretrained(root / "no_cluster_1", tokenizer)
+    shutil.rmtree(root / "no_cluster_1" / "cluster_1")
+    folders["no_cluster_1"] = root / "no_cluster_1"
+    return folders
+
+
+def test_damaged_model_folders_are_named_not_tracebacks(two_datasets, tmp_path):
+    _, _, model, logs = two_datasets
+    for name, folder in damaged_models(model, tmp_path).items():
+        result = runner.invoke(app, ["score", str(folder), str(logs["b"]), "--source", "taobao", "--out",
+                                     str(tmp_path / "s.parquet"), "--n-samples", "0"])
+        said = flat(result.output)
+        assert result.exit_code == 2 and "Traceback" not in said, (name, said)
+        assert f"{folder} cannot be loaded" in said or "another vocabulary" in said, (name, said)
+
+
+def test_paths_that_are_not_what_they_should_be(two_datasets, tmp_path):
+    a, _, model, logs = two_datasets
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["prepare", "taobao", str(logs["b"]), "--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["prepare", "taobao", str(logs["b"]), "--out", str(tmp_path / "a_file" / "out")], "cannot be created"),
+        (["train", str(a), "--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["generate", str(model), str(a), "--out", str(tmp_path / "folder")], "is a folder; give a file path"),
+        (["score", str(model), str(logs["b"]), "--source", "taobao", "--out", str(tmp_path / "folder")], "is a folder"),
+        (["prepare", "taobao", str(tmp_path / "folder"), "--out", str(tmp_path / "o")], "a folder, not a log file"),
+        (["prepare", "taobao", str(tmp_path / "loop1"), "--out", str(tmp_path / "o")], "a loop of links"),
+    ]
+    for args, problem in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and problem in flat(result.output) and "Traceback" not in result.output, \
+            (args, result.output)

@@ -42,7 +42,7 @@ def read_events(source: str, path: str | Path, **options) -> IngestResult:
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
     if not Path(path).is_file():
-        raise IngestError(path, "no such file", hint=f"check the path given for the {source} log")
+        raise IngestError(path, _not_a_file(Path(path)), hint=f"check the path given for the {source} log")
     result = SOURCES[source](path, **options)
     reserved = result.events["page"].is_in(SPECIALS)
     if reserved.any():
@@ -58,3 +58,13 @@ def read_events(source: str, path: str | Path, **options) -> IngestResult:
         dropped = f"; bad rows dropped: {result.skipped}" if result.skipped else ""
         raise IngestError(path, f"no events in the file{dropped}", hint=f"check that it is a {source} log")
     return result
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "a folder, not a log file"
+    if path.is_symlink():
+        return "a symbolic link to nothing (or a loop of links)"
+    if path.exists():
+        return "not a regular file"
+    return "no such file"

@@ -165,6 +165,9 @@ def read_csv_text(path: str | Path, **options) -> tuple[pl.DataFrame, bool]:
 def csv_error(path: str | Path, error: Exception, separator: str, expected: str) -> IngestError:
     """The IngestError for a CSV that polars could not read, naming the line when one has too many fields."""
     problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    gzip_problem = _gzip_problem(path)
+    if gzip_problem:  # not the delimiter's fault
+        return IngestError(path, f"truncated or corrupt gzip file ({gzip_problem})", hint="download or copy the file again")
     if "is not properly escaped" in str(error):
         start = problem.partition("`")[2][:60]
         return IngestError(
@@ -179,6 +182,20 @@ def csv_error(path: str | Path, error: Exception, separator: str, expected: str)
                 "quote fields that hold the delimiter, or fix the line",
             )
     return IngestError(path, f"not {expected}: {problem}", hint="check the file's format and delimiter")
+
+
+def _gzip_problem(path: str | Path) -> str | None:
+    """What is wrong with a gzip file that does not decompress to its end (None: fine, or not gzip)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return None
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def first_long_line(path: str | Path, separator: str) -> int | None:
