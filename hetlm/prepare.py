@@ -17,7 +17,7 @@ import gzip
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -141,6 +141,7 @@ class _Ingested:
     events: int       # events the adapter returned
     skipped: dict[str, int]
     anonymous: bool
+    notes: dict[str, int] = field(default_factory=dict)  # summed over chunks (an upper bound when partitioned)
 
 
 class _Partitions:
@@ -176,7 +177,7 @@ def _ingest_whole(source: str, path, cfg: PrepareConfig, parts: _Partitions, opt
     ingested = read_events(source, path, on_bad_rows=cfg.on_bad_rows, **options)
     parts.put("events", 0, ingested.events)
     return _Ingested(ingested.events.height + sum(ingested.skipped.values()), ingested.events.height,
-                     dict(ingested.skipped), ingested.anonymous)
+                     dict(ingested.skipped), ingested.anonymous, dict(ingested.notes))
 
 
 def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
@@ -202,8 +203,9 @@ def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions,
             parts.put("events", p, events.drop("_part"))
         total.events += got.events.height
         total.events_read += got.events.height + sum(got.skipped.values())
-        for reason, n in got.skipped.items():
-            total.skipped[reason] = total.skipped.get(reason, 0) + n
+        for counts, more in ((total.skipped, got.skipped), (total.notes, got.notes)):
+            for reason, n in more.items():
+                counts[reason] = counts.get(reason, 0) + n
         anonymous_events += got.events.height if got.anonymous else 0
     if total.events_read == 0:
         return _ingest_whole(source, path, cfg, parts, options)  # an empty log: the adapter's own error
@@ -491,6 +493,7 @@ def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], sample_stats: li
         "target_tokens": _percentiles(concat("target_tokens")),
         "long_session_cutoff": report.long_session_cutoff,
         "dropped_rows": report.dropped,
+        "ingest_notes": ingested.notes,
         "seconds": {
             stage: round(clock[stage] - clock[prev], 3)
             for prev, stage in zip(["start", "ingest", "sessions", "samples"], ["ingest", "sessions", "samples", "write"])

@@ -30,6 +30,7 @@ import hetlm.prepare
 from hetlm.cli import app
 from hetlm.cluster.base import ClusterwiseLM
 from hetlm.experiment import ExperimentConfig, run_experiment
+from hetlm.ingest.base import MERGED_PAGES, NUMERIC_TWIN_USERS
 from hetlm.models import Preset, build_model
 from hetlm.outputs import IncompleteOutput, check_prepared
 from hetlm.prepare import PrepareConfig, prepare
@@ -395,3 +396,15 @@ def test_paths_that_are_not_what_they_should_be(two_datasets, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and problem in flat(result.output) and "Traceback" not in result.output, \
             (args, result.output)
+
+
+# --- 12. look-alike names are counted, not silent ----------------------------------------------------------
+
+
+def test_look_alike_page_names_and_user_ids_are_counted(tmp_path):
+    summary = prepare("generic", BAD / "generic/look_alike_names.csv", tmp_path,
+                      user="user", session="session", page="page", event="event", time="time")
+    assert summary["ingest_notes"] == {MERGED_PAGES: 2, NUMERIC_TWIN_USERS: 2}
+    clean = prepare("generic", BAD / "generic/good.csv", tmp_path / "good",
+                    user="user", session="session", page="page", event="event", time="time")
+    assert clean["ingest_notes"] == {}

@@ -52,6 +52,8 @@ class IngestResult:
     skipped: dict[str, int] = field(default_factory=dict)
     # True when the log has no user ids: each user is one anonymous visit.
     anonymous: bool = False
+    # Values kept but worth knowing (reason -> count), e.g. distinct page names that normalisation merged.
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 def normalize_pages(expr: pl.Expr) -> pl.Expr:
@@ -59,6 +61,21 @@ def normalize_pages(expr: pl.Expr) -> pl.Expr:
     # \x1c-\x1f (information separators) are whitespace to Python's str.split, though not to \s.
     cleaned = expr.cast(pl.Utf8).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
     return pl.when(cleaned.str.len_chars() > 0).then(cleaned).otherwise(None)
+
+
+MERGED_PAGES = "distinct page names merged into one by normalisation (e.g. 'a b' and 'a_b')"
+NUMERIC_TWIN_USERS = "distinct user ids equal as numbers but written differently (e.g. '1' and '1.0'; kept apart)"
+
+
+def name_notes(raw_pages: pl.Series, pages: pl.Series, users: pl.Series) -> dict[str, int]:
+    """Counts of the two silent look-alikes of a log: raw page names that became one page, and user ids that
+    differ as text but not as numbers (two users, as the log writes them; said so it can be fixed)."""
+    names = pl.DataFrame({"raw": raw_pages, "page": pages}).drop_nulls().unique()
+    merged = names.group_by("page").len().filter(pl.col("len") > 1)["len"].sum()
+    ids = users.unique().to_frame("user").with_columns(
+        number=pl.col("user").str.replace(r"^([+-]?)0*(\d+?)(\.0*)?$", "${1}${2}"))
+    twins = ids.group_by("number").len().filter(pl.col("len") > 1)["len"].sum()
+    return {name: int(n) for name, n in ((MERGED_PAGES, merged), (NUMERIC_TWIN_USERS, twins)) if n}
 
 
 def finish(events: pl.DataFrame) -> pl.DataFrame:

@@ -22,8 +22,8 @@ from pathlib import Path
 import polars as pl
 
 from .base import (
-    CART, NOT_UTF8, NOT_UTF8_HINT, OUTCOME_NAMED_VIEW, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
-    normalize_pages, not_utf8,
+    CART, NOT_UTF8, NOT_UTF8_HINT, OUTCOME_NAMED_VIEW, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, bad_rows,
+    check_columns, finish, name_notes, normalize_pages, not_utf8,
 )
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -110,7 +110,10 @@ def read_generic(
     events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
     fallback_users = raw.filter(pl.col("_anonymous"))["_user"].n_unique()
     anonymous = fallback_users > events["user"].n_unique() / 2
-    return IngestResult(finish(events), "generic", str(path), skipped, anonymous)
+    viewed = pl.lit(page_prefix) + _blank_to_null(pl.col(page))
+    names = raw.select(raw=viewed, page=normalize_pages(viewed))
+    notes = name_notes(names["raw"], names["page"], events["user"])
+    return IngestResult(finish(events), "generic", str(path), skipped, anonymous, notes)
 
 
 def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, Callable[[int], int], bool]:
