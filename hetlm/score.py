@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel
 
 from .cluster.base import ClusterwiseLM, load_model
@@ -45,6 +45,7 @@ from .encoders import encoder_from_settings
 from .ingest import read_events
 from .outputs import IncompleteOutput, work_dir, writable_folder
 from .prepare import partition_events
+from .progress import progress_bar
 from .outcomes import (
     OUTCOMES,
     Decoding,
@@ -369,7 +370,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
     writer, users_in_log, scored = None, 0, 0
     # Written inside a scratch folder and renamed onto `out` when complete: an interrupted run leaves the
     # previous file (or none), never a partial one that reads as whole.
-    with work_dir(out.parent, f".{out.name}.score-") as work, Progress(*columns, disable=not progress) as bar:
+    with work_dir(out.parent, f".{out.name}.score-") as work, progress_bar(*columns, disable=not progress) as bar:
         partial = work / "partial.parquet"
         if partitions > 1:
             parts = partition_events(source, path, partitions, work, on_bad_rows, **source_options)

@@ -35,13 +35,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from hetlm.progress import progress_bar
 from hetlm.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -642,7 +643,7 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
         if info.is_main:
             (out_dir / "history.json").write_text(json.dumps(history))
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    bar = progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and info.is_main))
     with bar:
         task = bar.add_task("train", total=total_steps, completed=state["step"], info="")

@@ -408,3 +408,16 @@ def test_look_alike_page_names_and_user_ids_are_counted(tmp_path):
     clean = prepare("generic", BAD / "generic/good.csv", tmp_path / "good",
                     user="user", session="session", page="page", event="event", time="time")
     assert clean["ingest_notes"] == {}
+
+
+# --- 13. progress where stdout is not a terminal --------------------------------------------------------
+
+
+def test_progress_is_printed_as_lines_when_stdout_is_not_a_terminal(two_datasets, tmp_path, monkeypatch, capsys):
+    a = two_datasets[0]
+    monkeypatch.setenv("HETLM_PROGRESS_SECONDS", "0")  # a line per update (default: every 30 s)
+    model = build_model(MICRO, len(load_tokenizer(a / "tokenizer")), max_positions=128)
+    config = TrainConfig(max_steps=6, eval_every=3, batch_size=8, max_len=128, save_every=10**6)
+    train_lm(model, pl.read_parquet(a / "train.parquet"), pl.read_parquet(a / "val.parquet"), config, tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train: ")]
+    assert len(lines) == 6 and lines[-1].startswith("train: 6/6 (100%) loss") and "elapsed" in lines[-1], lines

@@ -59,7 +59,6 @@ import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -68,6 +67,7 @@ from safetensors.torch import save_model as save_weights
 from torch.func import functional_call, stack_module_state
 from transformers import PreTrainedModel
 
+from ..progress import progress_bar
 from ..train import (
     SequenceDataset,
     TrainConfig,
@@ -296,7 +296,7 @@ class HeTLM:
         n_batches = math.ceil(len(train_set) / c.batch_size)
         total_epochs = c.critic_warmup_epochs + c.epochs
         started = time.perf_counter() - s["seconds"]
-        bar = Progress(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        bar = progress_bar(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), disable=not (progress and self.dist.is_main))
         with bar:
             task = bar.add_task("hetlm", total=total_epochs * n_batches, info="",
