@@ -96,6 +96,7 @@ class Limits:
     max_pages: int = 20_000           # pages over all sessions of a request
     max_batch: int = 32               # requests scored together
     max_wait_ms: float = 5.0          # how long the first request of a batch waits for others
+    header_timeout_s: float = 10.0    # a connection whose request headers take longer is closed (`serve`)
 
 
 def _number(x: float) -> float | None:
@@ -273,8 +274,53 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
     return app
 
 
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete `seconds` after it
+    opened or after its last response: uvicorn times out idle keep-alive connections only, so clients that
+    stall mid-headers would hold connections (and file descriptors) forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        _timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are complete
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
+
+
 def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Run the service with uvicorn until interrupted (options go to `create_app`)."""
     import uvicorn
 
-    uvicorn.run(create_app(model, **options), host=host, port=port)
+    limits = options.get("limits") or Limits()
+    uvicorn.run(create_app(model, **options), host=host, port=port,
+                http=header_timeout_protocol(limits.header_timeout_s))

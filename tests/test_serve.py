@@ -1,6 +1,7 @@
 """The HTTP service, started for real with uvicorn on loopback and called with httpx, on a micro k-means
 clusterwise model: predictions equal `hetlm score`'s, validation (422), limits (413), dynamic batching."""
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from hetlm.cluster.kmeans import fit_kmeans_clusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
 from hetlm.score import Scorer, log_sessions
-from hetlm.serve import Limits, create_app
+from hetlm.serve import Limits, create_app, header_timeout_protocol
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig
 
@@ -31,9 +32,9 @@ CALIBRATOR = OutcomeCalibrator({"cart": (0.5, -1.0), "purchase": (0.8, -2.0)}, n
 
 
 @contextmanager
-def running(app):
+def running(app, **config):
     """The app served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -253,3 +254,22 @@ def test_poisoned_requests_fail_alone_and_every_valid_request_in_their_batches_s
     assert health["failed"] == 4 and health["rerun_alone"] > 4  # the poisoned ones shared batches with valid ones
     together = got[id(valid[0])].json()
     assert together["next_session"] == alone["next_session"] and together["p_cart"] == alone["p_cart"]
+
+
+def test_connections_stalled_mid_headers_are_closed(clusterwise, taobao_prepared):
+    app = create_app(Scorer.from_pretrained(clusterwise, max_new_tokens=10), limits=LIMITS)
+    with running(app, http=header_timeout_protocol(0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+        for conn in stalled:
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-")  # and nothing more
+        time.sleep(1.5)
+        assert all(conn.recv(1024) == b"" for conn in stalled)  # closed by the server
+        body = {"sessions": pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"][0].to_list()[-3:],
+                "n_samples": 0}
+        with httpx.Client(base_url=url, timeout=60) as client:  # slow requests are fine once their headers are in
+            assert client.post("/predict", json=body).status_code == 200
+            time.sleep(1)  # a kept-alive connection that sends its next request later is fine too
+            assert client.post("/predict", json=body).status_code == 200
+        for conn in stalled:
+            conn.close()
