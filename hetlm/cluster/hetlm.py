@@ -153,11 +153,13 @@ class HeTLMConfig:
             raise ValueError(f"actor_rows must be a positive number of rows or None, not {self.actor_rows}")
         check_limits(self, positive=("selector_lr", "predictor_lr", "selector_pretrain_lr", "l3_tau"),
                      non_negative=("alpha", "beta", "l2_balance", "selector_weight_decay", "predictor_weight_decay",
-                                   "selector_pretrain_epochs", "selector_label_smoothing", "critic_warmup_epochs"),
-                     at_least_one=("n_clusters", "epochs", "batch_size", "selector_hidden", "eval_every",
-                                   "save_every", "max_len"))
+                                   "selector_pretrain_epochs", "selector_label_smoothing", "critic_warmup_epochs",
+                                   "epochs"),
+                     at_least_one=("n_clusters", "batch_size", "selector_hidden", "eval_every", "save_every", "max_len"))
         if self.selector_label_smoothing >= 1:
             raise ValueError(f"selector_label_smoothing must be below 1, not {self.selector_label_smoothing}")
+        if self.epochs + self.critic_warmup_epochs < 1:
+            raise ValueError("epochs + critic_warmup_epochs must be 1 or more: nothing would be trained")
 
 
 @dataclass
