@@ -174,7 +174,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
     t = Table(title=f"prepared {summary['source']} -> {out}", show_header=False)
     for key in ("users", "sessions", "pages", "samples", "sample_mode", "outcome_rates",
-                "tokens_per_sample", "dropped_rows", "seconds", "events_per_second"):
+                "tokens_per_sample", "dropped_rows", "ingest_notes", "seconds", "events_per_second"):
         value = summary[key]
         t.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(t)
@@ -182,13 +182,13 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def _writable(out: Path, file: bool = False) -> None:
     """Stop unless --out can be written: a folder (or, `file`, a file in one) that exists or can be made."""
-    from .outputs import IncompleteOutput, writable_folder
+    from .outputs import writable_folder
 
     try:
         if file and out.is_dir():
-            raise IncompleteOutput(f"--out {out} is a folder; give a file path")
+            raise ValueError(f"--out {out} is a folder; give a file path")
         writable_folder(out.parent if file else out, "the folder of --out" if file else "--out")
-    except IncompleteOutput as err:
+    except ValueError as err:
         _fail(err)
 
 

@@ -57,13 +57,13 @@ def _running(pid: int) -> bool:
 def writable_folder(folder: Path, what: str = "--out") -> Path:
     """`folder`, created if needed; a clear error when it is a file or cannot be written."""
     if folder.exists() and not folder.is_dir():
-        raise IncompleteOutput(f"{what} {folder} is a file, not a folder")
+        raise ValueError(f"{what} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise IncompleteOutput(f"{what} {folder} cannot be created ({err.strerror})") from None
+        raise ValueError(f"{what} {folder} cannot be created ({err.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise IncompleteOutput(f"{what} {folder} is not writable")
+        raise ValueError(f"{what} {folder} is not writable")
     return folder
 
 
@@ -100,7 +100,8 @@ def check_prepared(folder: str | Path) -> dict:
     except FileNotFoundError:
         if any((folder / name).exists() for name in ("train.parquet", "tokenizer")):
             raise IncompleteOutput(f"{folder} is incomplete (no {SUMMARY}: prepare was interrupted or failed); "
-                                   f"{rerun}") from None
+                                   f"{rerun} (a folder made by hand needs a {SUMMARY}; {{}} is checked for nothing)"
+                                   ) from None
         raise IncompleteOutput(f"{folder} is not a folder written by `hetlm prepare` (no {SUMMARY}): run "
                                f"`hetlm prepare ... --out {folder}` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError):

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 from .cluster.base import ClusterwiseLM, load_model
 from .encoders import encoder_from_settings
 from .ingest import read_events
-from .outputs import IncompleteOutput, work_dir, writable_folder
+from .outputs import work_dir, writable_folder
 from .prepare import partition_events
 from .progress import progress_bar
 from .outcomes import (
@@ -364,7 +364,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
     """
     out = Path(out)
     if out.is_dir():
-        raise IncompleteOutput(f"--out {out} is a folder; give the path of a Parquet file")
+        raise ValueError(f"--out {out} is a folder; give the path of a Parquet file")
     writable_folder(out.parent, "the folder of --out")
     columns = [TextColumn("scoring users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     writer, users_in_log, scored = None, 0, 0
