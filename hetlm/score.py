@@ -19,7 +19,7 @@ random streams), so a batch scored together gives what each user scored alone gi
 `score_log` reads a raw click log with any ingest adapter, cleans sessions as `hetlm prepare` cleaned the
 model's training log (`SessionCleaning`, stored with the tokenizer: repeats collapsed, short sessions
 dropped, long ones cut at the training log's cutoff; users need one session, not two) and writes one row
-per user to Parquet, batch by batch; with `partitions` > 1 it reads the log in chunks and scores its users one
+per user to Parquet, batch by batch, into a scratch file renamed onto the output when complete; with `partitions` > 1 it reads the log in chunks and scores its users one
 hashed part at a time (as `prepare --partitions`), so memory does not grow with the log.
 """
 

@@ -10,7 +10,8 @@
 Dynamic batching: each /predict puts its request on an asyncio queue; one worker takes the first waiting
 request, waits up to `max_wait_ms` for more (up to `max_batch`), and scores them all in one batched
 pass (`Scorer.score`) in a thread, so the event loop keeps accepting requests meanwhile. A user's
-result does not depend on the batch it shares (see `hetlm.score`), so batching changes only throughput.
+result does not depend on the batch it shares (see `hetlm.score`), so batching changes only throughput;
+a batch that fails is scored again request by request, so only the request at fault gets its 500.
 
 Malformed requests get 422 with pydantic's message; requests over the limits of `create_app` (body
 bytes, sessions, pages) get 413. Page names are normalised as the ingest adapters do (whitespace -> "_").
