@@ -1,19 +1,22 @@
 """Load test of `hetlm serve`: a fixed number of /predict requests from C concurrent clients on loopback.
 
     .venv/bin/python bench/bench_serve.py [--model DIR] [--requests 400] [--concurrency 1 4 16] [--n-samples 8]
+                                          [--poison-every N]
 
 Starts its own server (`hetlm serve`, a separate process) on the demo run's small LM (runs/demo/models/small,
 histories from runs/demo/prepared/test.parquet) or, without a demo run, on a tiny LM it trains for
 --train-steps steps on the shipped Taobao sample. Each request is one test user's history with
 greedy decoding and an n_samples-draw outcome estimate. Per concurrency: requests/s, p50/p99 latency,
 failed requests and the mean number of requests the server scored per batch (dynamic batching). Stops
-by itself; the server is stopped at the end.
+by itself; the server is stopped at the end. With --poison-every N every Nth request is one of POISONED
+(malformed, NaN, a lone surrogate, over a limit): each must get a 4xx and every valid request still succeed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -73,19 +76,41 @@ def start_server(model: Path, port: int, max_batch: int) -> subprocess.Popen:
     raise RuntimeError("the server did not answer /health within 180 s")
 
 
-async def load(url: str, bodies: list[dict], n_requests: int, concurrency: int) -> tuple[list[float], int, float]:
-    """Latencies (s) of the successful requests, failures, and wall seconds for n_requests requests."""
-    latencies, failed, next_request = [], 0, iter(range(n_requests))
+# Requests no valid user sends, mixed into the valid ones (--poison-every): each must get its own 4xx, and the
+# valid requests batched with them must all succeed.
+POISONED = [
+    b'{"sessions": [["a", "b"]], "temperature": NaN}',
+    b'{"sessions": [["a", "\\ud800"]]}',                      # a lone surrogate
+    b'{"sessions": [["a", "b"]], "k": true}',
+    b'{"sessions": [["a", "b"]], "seed": ' + str(10**100).encode() + b'}',
+    b'{"sessions": [["a", "b"]], "temperature": 1e-40}',
+    b'{"sessions": [["a", "b"]], "clean": false, "n_samples": 0, "k": 1, "sessions": [["p"' + b', "p"' * 5000 + b']]}',
+    b'{"sessions": [["a", "b"]]',                               # cut short
+    b'{"sessions": []}',
+]
+
+
+async def load(url: str, bodies: list[bytes], n_requests: int, concurrency: int,
+               poison_every: int = 0) -> tuple[list[float], int, int, int, float]:
+    """Latencies (s) of the successful valid requests, failed valid requests, poisoned requests answered 4xx,
+    poisoned requests answered otherwise (5xx, or 200), and wall seconds for n_requests requests."""
+    latencies, failed, rejected, mishandled, next_request = [], 0, 0, 0, iter(range(n_requests))
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal failed
+        nonlocal failed, rejected, mishandled
         for i in next_request:  # the clients share one iterator: n_requests in all
+            poisoned = poison_every and i % poison_every == poison_every - 1
+            content = POISONED[i // poison_every % len(POISONED)] if poisoned else bodies[i % len(bodies)]
             started = time.perf_counter()
             try:
-                ok = (await http.post("/predict", json=bodies[i % len(bodies)])).status_code == 200
+                status = (await http.post("/predict", content=content,
+                                          headers={"content-type": "application/json"})).status_code
             except httpx.HTTPError:
-                ok = False
-            if ok:
+                status = None
+            if poisoned:
+                rejected += status is not None and 400 <= status < 500
+                mishandled += not (status is not None and 400 <= status < 500)
+            elif status == 200:
                 latencies.append(time.perf_counter() - started)
             else:
                 failed += 1
@@ -94,7 +119,7 @@ async def load(url: str, bodies: list[dict], n_requests: int, concurrency: int) 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return latencies, failed, time.perf_counter() - started
+        return latencies, failed, rejected, mishandled, time.perf_counter() - started
 
 
 def main() -> None:
@@ -106,6 +131,8 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=8, help="outcome draws per request")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--poison-every", type=int, default=0,
+                        help="every Nth request is malformed or over a limit (0: none); valid ones must all succeed")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +144,7 @@ def main() -> None:
         if prepared is None:
             parser.error("--prepared is needed with --model")
         histories = pl.read_parquet(prepared / "test.parquet")["history"].to_list()
-        bodies = [{"sessions": h, "n_samples": args.n_samples, "k": 10} for h in histories]
+        bodies = [json.dumps({"sessions": h, "n_samples": args.n_samples, "k": 10}).encode() for h in histories]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(model, port, args.max_batch)
@@ -126,10 +153,12 @@ def main() -> None:
             asyncio.run(load(url, bodies, 8, 4))  # warm-up
             for concurrency in args.concurrency:
                 before = httpx.get(f"{url}/health").json()
-                latencies, failed, seconds = asyncio.run(load(url, bodies, args.requests, concurrency))
+                latencies, failed, rejected, mishandled, seconds = asyncio.run(
+                    load(url, bodies, args.requests, concurrency, args.poison_every))
                 after = httpx.get(f"{url}/health").json()
                 ms = 1000 * np.array(latencies) if latencies else np.array([np.nan])
                 rows.append({"concurrency": concurrency, "requests": args.requests, "failed": failed,
+                             "poisoned_4xx": rejected, "poisoned_mishandled": mishandled,
                              "seconds": seconds, "req_per_s": len(latencies) / seconds,
                              "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
                              "mean_batch": (after["requests"] - before["requests"]) /
@@ -138,8 +167,10 @@ def main() -> None:
             server.terminate()
             server.wait(30)
     settings = {"model": str(model), "requests": args.requests, "concurrency": args.concurrency,
-                "n_samples": args.n_samples, "max_batch": args.max_batch, "users": len(bodies)}
+                "n_samples": args.n_samples, "max_batch": args.max_batch, "users": len(bodies),
+                "poison_every": args.poison_every}
     summary = {"all_requests_ok": all(r["failed"] == 0 for r in rows),
+               "poisoned_requests_all_4xx": all(r["poisoned_mishandled"] == 0 for r in rows),
                "throughput_x_vs_first": rows[-1]["req_per_s"] / rows[0]["req_per_s"]}
     record("bench_serve", settings, rows, summary)
 

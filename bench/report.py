@@ -22,6 +22,8 @@ TARGETS = [
     ("hetlm_epoch", "HeTLM epoch <= 1.5x a single-LM epoch (exact, faster of the two NLL passes)", "exact_x_single", "max", 1.5),
     ("hetlm_epoch", "HeTLM epoch <= 1.5x a single-LM epoch (actor_rows approximation)", "approx_x_single", "max", 1.5),
     ("bench_serve", "load test: no request failed", "all_requests_ok", "min", True),
+    ("bench_serve", "load test with poisoned requests mixed in (--poison-every): each answered 4xx", "poisoned_requests_all_4xx", "min", True),
+    ("bench_heavy_user", "one heavy user (10k -> 1M events): prepare peak memory grows no faster than the events", "memory_growth_over_events_growth", "max", 1.0),
     ("bench_generate", "batched constrained decoder faster than one user at a time", "speedup_over_one_at_a_time", "min", 1.0),
     ("bench_generate", "page constraint costs nothing vs unconstrained batched generate", "speedup_over_batched_unconstrained", "min", 1.0),
     ("bench_prepare", "hetlm prepare faster than pandas", "speedup_hetlm_over_pandas", "min", 1.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -86,6 +87,20 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _on_interrupt(left: str):
+    """A command that, on Ctrl-C (at any point: its imports take seconds), says what its --out holds."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                console.print(f"[bold red]interrupted:[/] nothing written to {kwargs['out']} ({left}); rerun to finish")
+                raise typer.Exit(130) from None
+        return run
+    return wrap
+
+
 def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
     """out/run.json: the resolved settings, versions, git revision and the prepared data's fingerprints."""
     from .provenance import environment, sha256
@@ -98,6 +113,7 @@ def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
 
 
 @app.command()
+@_on_interrupt("its previous complete output, if any, is unchanged")
 def prepare(
     source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
     path: Path = typer.Argument(..., help="the log file (ga4, adobe: or a folder, or a quoted glob)"),
@@ -157,7 +173,7 @@ def prepare(
         )
         with _warnings_shown():
             summary = run_prepare(source, path, out, cfg, **options)
-    except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
+    except (IngestError, ValidationError, ValueError, OSError) as err:
         _fail(err)
     _print_summary(summary, out)
 
@@ -201,10 +217,32 @@ def _print_summary(summary: dict, out: Path) -> None:
 
     t = Table(title=f"prepared {summary['source']} -> {out}", show_header=False)
     for key in ("users", "sessions", "pages", "samples", "sample_mode", "outcome_rates",
-                "tokens_per_sample", "dropped_rows", "seconds", "events_per_second"):
+                "tokens_per_sample", "dropped_rows", "ingest_notes", "seconds", "events_per_second"):
         value = summary[key]
         t.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     console.print(t)
+
+
+def _writable(out: Path, file: bool = False) -> None:
+    """Stop unless --out can be written: a folder (or, `file`, a file in one) that exists or can be made."""
+    from .outputs import writable_folder
+
+    try:
+        if file and out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give a file path")
+        writable_folder(out.parent if file else out, "the folder of --out" if file else "--out")
+    except ValueError as err:
+        _fail(err)
+
+
+def _check_prepared(prepared: Path) -> None:
+    """Stop unless `prepared` is a complete, unchanged output of `hetlm prepare` (`outputs.check_prepared`)."""
+    from .outputs import IncompleteOutput, check_prepared
+
+    try:
+        check_prepared(prepared)
+    except IncompleteOutput as err:
+        _fail(err)
 
 
 def _split_path(prepared: Path, split: str) -> Path:
@@ -252,6 +290,8 @@ def train(
     from .tokenizer import load_tokenizer
     from .train import TrainConfig, close_distributed, init_distributed, train_lm
 
+    _check_prepared(prepared)
+    _writable(out)
     main = init_distributed().is_main
     train_samples = _split_path(prepared, "train") if stream else _load_split(prepared, "train")
     tokenizer = load_tokenizer(prepared / "tokenizer")
@@ -266,8 +306,11 @@ def train(
             console.print(f"loaded {len(report.loaded)} tensors from {init_from}, skipped {len(report.skipped)}")
     if main:
         console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
-    config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-                         bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
+    try:
+        config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+                             bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
+    except ValueError as err:
+        _fail(err)
     if main:
         _write_run_record(out, {"preset": preset, "family": family, "init_from": init_from and str(init_from),
                                 "train": dataclasses.asdict(config)}, prepared)
@@ -352,13 +395,20 @@ def generate(
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached)."""
     from .evaluate import GenerationSettings, load_any_model, predict, save_generations
+    from .score import check_vocabulary
     from .tokenizer import load_tokenizer
 
+    _check_prepared(prepared)
+    _writable(out, file=True)
     df = _load_split(prepared, split)
     tokenizer = load_tokenizer(prepared / "tokenizer")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,
                                   num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    model, z = load_any_model(model_dir, df)
+    try:
+        model, z = load_any_model(model_dir, df)
+        check_vocabulary(model, tokenizer, model_dir, prepared / "tokenizer")
+    except (ValueError, OSError) as err:
+        _fail(err)
     pred = predict(model, df, tokenizer, settings, z, routing)
     save_generations(out, df, pred.pages, pred.clusters)
     console.print(f"{len(pred.pages)} next sessions in {pred.seconds['generation']:.1f} s -> {out}")
@@ -378,6 +428,7 @@ def evaluate(
     from .metrics import format_table
     from .tokenizer import load_tokenizer, page_vocabulary
 
+    _check_prepared(prepared)
     df = pl.read_parquet(generations)
     vocabulary = set(page_vocabulary(load_tokenizer(prepared / "tokenizer")))
     encoder = None
@@ -451,6 +502,7 @@ def report(
 
 
 @app.command()
+@_on_interrupt("the previous file, if any, is unchanged")
 def score(
     model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
     events: Path = typer.Argument(..., help="the click log to score (every user in it)"),
@@ -507,7 +559,7 @@ def score(
         with _warnings_shown():
             summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
                                 batch_users, partitions=partitions, **options)
-    except (IngestError, ValidationError, ValueError, FileNotFoundError) as err:
+    except (IngestError, ValidationError, ValueError, OSError) as err:
         _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from . import metrics as M
-from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
-from .cluster.base import ClusterwiseLM
+from .cluster.base import ClusterwiseLM, load_model
 from .encoders import encoder_from_settings
 from .generate import generate_next_sessions
 from .ingest.base import CART, PURCHASE
@@ -118,12 +117,10 @@ def save_generations(path: str | Path, samples: pl.DataFrame, pages: list[list[s
 def load_any_model(path: str | Path, samples: pl.DataFrame) -> tuple[PreTrainedModel | ClusterwiseLM, np.ndarray | None]:
     """A single LM folder (plain transformers) or a clusterwise folder; for the latter also the
     embeddings of `samples`' histories with the encoder it was trained with (for routing)."""
-    path = Path(path)
-    if (path / CLUSTERWISE_FILE).exists():
-        model = ClusterwiseLM.from_pretrained(path)
-        z = encoder_from_settings(model.encoder).transform(samples["history"].to_list())
-        return model, z
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval(), None
+    model = load_model(path)
+    if isinstance(model, ClusterwiseLM):
+        return model, encoder_from_settings(model.encoder).transform(samples["history"].to_list())
+    return model, None
 
 
 def _flat(history: list[list[str]]) -> list[str]:

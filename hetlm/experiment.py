@@ -54,6 +54,7 @@ from .models import (
 from .outcomes import OUTCOMES, OutcomeCalibrator, calibration, outcome_calibration, outcome_table
 from .prepare import PrepareConfig, prepare
 from .provenance import environment, sha256
+from .sessions import DataError
 from .set_decoder import SetDecoder
 from .tokenizer import load_tokenizer, page_vocabulary
 from .train import TrainConfig, resolve_device, train_lm
@@ -134,6 +135,22 @@ class EncoderSettings(BaseModel):
     pooling: Literal["mean", "recency"] = "mean"
     model_name_or_path: str | None = None
     cache_dir: str | None = None    # None: <run>/embedding_cache
+
+    @field_validator("model_name_or_path")
+    @classmethod
+    def _model_on_disk(cls, name: str | None) -> str | None:
+        """Checked here, not when the encoder first runs (after pre-training): a folder, or a cached model."""
+        from huggingface_hub import try_to_load_from_cache
+
+        if name is None or Path(name).is_dir():
+            return name
+        try:
+            if isinstance(try_to_load_from_cache(name, "modules.json"), str):
+                return name
+        except ValueError:  # not a valid hub name either
+            pass
+        raise ValueError(f"{name!r} is neither a SentenceTransformer folder on disk nor a model in the local "
+                         "Hugging Face cache (hetlm runs offline)")
 
 
 class SetDecoderSettings(BaseModel):
@@ -233,6 +250,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     tokenizer = load_tokenizer(out / "prepared" / "tokenizer")
     vocabulary = set(page_vocabulary(tokenizer))
     console.print(f"{summary['users']} users, {len(vocabulary)} pages; samples {summary['samples']}")
+    _check_clusters_fit(config, summary["users_per_split"]["train"])
 
     models: dict[str, Any] = {}
     params: dict[str, int] = {}
@@ -412,6 +430,17 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     console.print(f"stage times (s): {clock.seconds}")
     console.print(f"run folder: {out}  (tables.md, results.json, {report.html.name})")
     return run
+
+
+def _check_clusters_fit(config: ExperimentConfig, train_users: int) -> None:
+    """Before any training: every clustering needs at least as many training users as clusters."""
+    asked = [("kmeans.n_clusters", config.kmeans.n_clusters)] if config.kmeans.enabled else []
+    if config.hetlm.enabled:
+        asked += [(f"hetlm run {label}: n_clusters", cfg.n_clusters) for label, cfg in config.hetlm.variants()]
+    for what, k in asked:
+        if k > train_users:
+            raise DataError(f"{what} = {k} clusters, but the prepared log has {train_users} training users; "
+                            f"lower it or use a larger log")
 
 
 def _json_default(o):

@@ -15,9 +15,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from hetlm.progress import progress_bar
 from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID
 from hetlm.train import pad_sequences, sorted_batches
 
@@ -73,7 +73,7 @@ def generate_next_sessions(
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []), \
-            Progress(disable=not progress) as bar:
+            progress_bar(disable=not progress) as bar:
         torch.manual_seed(seed)  # sampling is reproducible and leaves the caller's RNG as it was
         task = bar.add_task("generate", total=len(prompts))
         for batch, (ids, mask) in _batches(prompts, batch_size):

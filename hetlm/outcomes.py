@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from rich.progress import Progress
 from sklearn.metrics import brier_score_loss
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .generate import NEVER_EMITTED, NoImmediateRepeat, session_prompts
 from .ingest.base import CART, PURCHASE
+from .progress import progress_bar
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID
 from .train import pad_sequences, sorted_batches
 
@@ -114,7 +114,7 @@ def decode(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[D
     wanted, first_pages = set(first_pages_of), {}
     was_training = model.training
     model.eval()
-    with Progress(disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         task = bar.add_task("sample sessions", total=len(prompts))
         for batch in sorted_batches(np.array([len(p) for p in prompts]), batch_size):
             ids, mask = (t.to(model.device) for t in pad_sequences([prompts[i] for i in batch], side="left"))

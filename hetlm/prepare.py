@@ -1,6 +1,7 @@
 """`hetlm prepare`: a raw click log in, tokenized next-session samples out.
 
-Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizerFast), summary.json.
+Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizerFast), summary.json (last,
+with the fingerprints of the others: see `outputs`).
 
 Logs larger than memory: with `partitions=P` the log is read in chunks of lines, each chunk goes
 through the source's adapter and its events are hashed by user into P partition files. Every later
@@ -13,12 +14,10 @@ after partition, so in another row order) while peak memory is that of one parti
 from __future__ import annotations
 
 import gzip
-import json
 import math
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -43,6 +42,7 @@ from .sessions import (
     split_within_sessions,
     time_split_quantiles,
 )
+from .outputs import publish_prepared, work_dir, writable_folder
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -53,6 +53,7 @@ ESCAPED_SOURCES = {"adobe"}  # a newline after a backslash does not end a record
 CHUNK_BYTES = 16 << 20  # raw log read per chunk by a partitioned prepare
 HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
 ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
+SAMPLE_CHUNK_TARGETS = 20_000  # targets whose samples are built and written at once
 
 
 class PrepareConfig(BaseModel):
@@ -102,21 +103,28 @@ def _percentiles(lengths: pl.Series) -> dict[str, float]:
 
 def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfig | None = None,
             **source_options: Any) -> dict[str, Any]:
-    """Run the data stage end to end; returns (and writes) the summary."""
+    """Run the data stage end to end; returns (and writes) the summary.
+
+    Everything is written in a scratch folder inside `out` and moved into place on success, summary.json
+    (with the files' fingerprints) last: a failed or killed run leaves the previous complete output, or a
+    folder that `outputs.check_prepared` reports as incomplete, never a mix.
+    """
     cfg = config or PrepareConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(out))
     clock = {"start": time.perf_counter()}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".partitions-") as scratch:
-        parts = _Partitions(Path(scratch) if cfg.partitions > 1 else None)
+    with work_dir(out, ".prepare-") as work:
+        parts = _Partitions(work if cfg.partitions > 1 else None)
         if cfg.partitions > 1:
             ingested = _ingest_in_chunks(source, path, cfg, parts, source_options)
         else:
             ingested = _ingest_whole(source, path, cfg, parts, source_options)
         clock["ingest"] = time.perf_counter()
-        summary = _prepare_partitions(parts, ingested, cfg, out, clock)
-    summary = {"source": source, "path": str(path)} | summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (work / "new").mkdir()
+        summary = {"source": source, "path": str(path)} | _prepare_partitions(parts, ingested, cfg, work / "new", clock)
+        if summary["samples"]["train"] == 0:  # a run that trains nothing must not start
+            raise DataError(f"no training sample is left (samples {summary['samples']}; rows dropped by reason: "
+                            f"{summary['dropped_rows']}); raise max_len or use a longer log")
+        publish_prepared(work / "new", out, summary)
     return summary
 
 
@@ -138,6 +146,7 @@ class _Ingested:
     skipped: dict[str, int]
     anonymous: bool
     event_values: dict[str, int]  # the event types seen (IngestResult.event_values)
+    notes: dict[str, int] = field(default_factory=dict)  # summed over chunks (an upper bound when partitioned)
 
 
 def _read(source: str, path, cfg: PrepareConfig, options: dict, warn_outcomes: bool = True):
@@ -178,7 +187,7 @@ def _ingest_whole(source: str, path, cfg: PrepareConfig, parts: _Partitions, opt
     ingested = _read(source, path, cfg, options)
     parts.put("events", 0, ingested.events)
     return _Ingested(ingested.events.height + sum(ingested.skipped.values()), ingested.events.height,
-                     dict(ingested.skipped), ingested.anonymous, ingested.event_values)
+                     dict(ingested.skipped), ingested.anonymous, ingested.event_values, dict(ingested.notes))
 
 
 def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
@@ -209,6 +218,7 @@ def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions,
             total.events_read += got.events.height + sum(got.skipped.values())
             merge_counts(total.skipped, got.skipped)
             merge_counts(total.event_values, got.event_values)
+            merge_counts(total.notes, got.notes)
             outcome_events += outcomes(got.events)
             anonymous_events += got.events.height if got.anonymous else 0
     if total.events_read == 0:
@@ -384,18 +394,23 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
     tokenizer = build_tokenizer(pages["pages"].to_list())
     vocab = tokenizer.get_vocab()
 
-    stats = []
+    stats, sample_stats = [], []
     with _SplitWriters(out) as writers:
         for p in parts.keys("targets"):
             sessions = parts.get("sessions", p)
-            samples = build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), parts.get("targets", p),
-                                    history_budget)
-            has_history = pl.col("history").list.len() > 0
-            report.add("target with no history that fits max_len (sample dropped)",
-                       samples.height - samples.select(has_history.sum()).item())
-            samples = samples.filter(has_history)
-            writers.write(samples)
-            stats.append(_partition_stats(sessions, samples, vocab))
+            with_ids = session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID)
+            # Targets in chunks, in the order build_samples sorts samples (so the files are as with one
+            # chunk): memory holds one chunk's samples, however many targets one user has.
+            targets = parts.get("targets", p).sort("start", "user")
+            for first in range(0, targets.height, SAMPLE_CHUNK_TARGETS):
+                samples = build_samples(with_ids, targets.slice(first, SAMPLE_CHUNK_TARGETS), history_budget)
+                has_history = pl.col("history").list.len() > 0
+                report.add("target with no history that fits max_len (sample dropped)",
+                           samples.height - samples.select(has_history.sum()).item())
+                samples = samples.filter(has_history)
+                writers.write(samples)
+                sample_stats.append(_sample_stats(samples, vocab))
+            stats.append(_session_stats(sessions))
     clock["samples"] = time.perf_counter()
     SessionCleaning(gap_minutes=cfg.gap_minutes, use_log_sessions=cfg.use_log_sessions,
                     collapse_repeats=cfg.collapse_repeats, min_session_len=cfg.min_session_len,
@@ -403,7 +418,7 @@ def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareCon
                     long_session_cutoff=long_cutoff).save_to(tokenizer)
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
-    return _summary(cfg, mode, ingested, stats, tokenizer, report, clock)
+    return _summary(cfg, mode, ingested, stats, sample_stats, tokenizer, report, clock)
 
 
 def _copied(df: pl.DataFrame) -> pl.DataFrame:
@@ -442,19 +457,26 @@ class _SplitWriters:
                 pq.write_table(self.schema.empty_table(), self.out / f"{name}.parquet")
 
 
-def _partition_stats(sessions: pl.DataFrame, samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any]:
-    """What the summary needs from one partition: sums, and per-user / per-sample lengths."""
-    test_pages = samples.filter(pl.col("split") == "test").select(pl.col("target").explode()).to_series().drop_nulls()
-    by_split = samples.group_by("split").agg(
-        n=pl.len(), users=pl.col("user").n_unique(), cart=pl.col("cart").sum(), purchase=pl.col("purchase").sum(),
-        cart_or_purchase=(pl.col("cart") | pl.col("purchase")).sum(),
-    )
+def _session_stats(sessions: pl.DataFrame) -> dict[str, Any]:
+    """What the summary needs from one partition's sessions: sums, and per-user session counts."""
     return {
         "events_kept": int(sessions["pages"].list.len().sum()),
         "users": sessions["user"].n_unique(),  # users never span partitions, so these add up
         "sessions": sessions.height,
         "sessions_per_user": sessions.group_by("user").len()["len"],
+    }
+
+
+def _sample_stats(samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any]:
+    """What the summary needs from one chunk of samples: sums, each split's users, per-sample lengths."""
+    test_pages = samples.filter(pl.col("split") == "test").select(pl.col("target").explode()).to_series().drop_nulls()
+    by_split = samples.group_by("split").agg(
+        n=pl.len(), cart=pl.col("cart").sum(), purchase=pl.col("purchase").sum(),
+        cart_or_purchase=(pl.col("cart") | pl.col("purchase")).sum(),
+    )
+    return {
         "by_split": by_split,
+        "split_users": samples.select("split", "user").unique(),  # a user's samples can span chunks
         "tokens": samples["input_ids"].list.len() + samples["target_ids"].list.len(),
         "target_tokens": samples["target_ids"].list.len(),
         "test_pages": test_pages.len(),
@@ -462,15 +484,19 @@ def _partition_stats(sessions: pl.DataFrame, samples: pl.DataFrame, vocab: dict[
     }
 
 
-def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], tokenizer, report, clock):
+def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], sample_stats: list[dict], tokenizer, report, clock):
     def total(key: str) -> int:
-        return sum(s[key] for s in stats)
+        return sum(s.get(key, 0) for s in stats + sample_stats)
 
     def concat(key: str) -> pl.Series:
-        return pl.concat([s[key] for s in stats]) if stats else pl.Series([], dtype=pl.Int64)
+        found = [s[key] for s in stats + sample_stats if key in s]
+        return pl.concat(found) if found else pl.Series([], dtype=pl.Int64)
 
-    by_split = pl.concat([s["by_split"] for s in stats]).group_by("split").sum() if stats else None
-    split_rows = {row["split"]: row for row in by_split.iter_rows(named=True)} if stats else {}
+    split_rows = {}
+    if sample_stats:
+        users = pl.concat([s["split_users"] for s in sample_stats]).unique().group_by("split").agg(users=pl.len())
+        by_split = pl.concat([s["by_split"] for s in sample_stats]).group_by("split").sum().join(users, on="split")
+        split_rows = {row["split"]: row for row in by_split.iter_rows(named=True)}
     split = {s: split_rows.get(s, {"n": 0, "users": 0, "cart": 0, "purchase": 0, "cart_or_purchase": 0})
              for s in SPLITS}
     elapsed = clock["write"] - clock["start"]
@@ -495,6 +521,7 @@ def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], tokenizer, repor
         "target_tokens": _percentiles(concat("target_tokens")),
         "long_session_cutoff": report.long_session_cutoff,
         "dropped_rows": report.dropped,
+        "ingest_notes": ingested.notes,
         "seconds": {
             stage: round(clock[stage] - clock[prev], 3)
             for prev, stage in zip(["start", "ingest", "sessions", "samples"], ["ingest", "sessions", "samples", "write"])

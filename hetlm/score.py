@@ -21,13 +21,13 @@ random streams), so a batch scored together gives what each user scored alone gi
 `score_log` reads a raw click log with any ingest adapter, cleans sessions as `hetlm prepare` cleaned the
 model's training log (`SessionCleaning`, stored with the tokenizer: repeats collapsed, short sessions
 dropped, long ones cut at the training log's cutoff; users need one session, not two) and writes one row
-per user to Parquet, batch by batch; with `partitions` > 1 it reads the log in chunks and scores its users one
+per user to Parquet, batch by batch, into a scratch file renamed onto the output when complete; with `partitions` > 1 it reads the log in chunks and scores its users one
 hashed part at a time (as `prepare --partitions`), so memory does not grow with the log.
 """
 
 from __future__ import annotations
 
-import tempfile
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,14 +39,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from transformers import PreTrainedModel
 
-from .cluster.base import CONFIG_FILE as CLUSTERWISE_FILE
-from .cluster.base import ClusterwiseLM
+from .cluster.base import ClusterwiseLM, load_model
 from .encoders import encoder_from_settings
 from .ingest import read_events
+from .outputs import work_dir, writable_folder
 from .prepare import partition_events
+from .progress import progress_bar
 from .outcomes import (
     OUTCOMES,
     Decoding,
@@ -69,14 +70,17 @@ class ScoreOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=1000, description="number of most likely next pages returned")
+    # Strict numbers: JSON `true` is not k = 1; NaN and infinities are not temperatures.
+    k: int = Field(10, ge=1, le=1000, strict=True, description="number of most likely next pages returned")
     strategy: Literal["set", "greedy", "sample"] | None = Field(
         None, description="how the next session is decoded: set (the expected-IoU set decoder), greedy or sample; "
                           "default: set where the model folder has a fitted set decoder, else greedy")
-    temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of the next session")
-    seed: int = Field(0, ge=0, description="seed of the sampled next session and of the outcome estimate")
-    n_samples: int = Field(32, ge=0, le=1024, description="sessions drawn to estimate P(Cart), P(Purchase); "
-                           "0 skips the estimate")
+    temperature: float = Field(1.0, ge=0.01, le=100, allow_inf_nan=False,
+                               description="sampling temperature of the next session (below 0.01 logits overflow)")
+    seed: int = Field(0, ge=0, lt=2**63, strict=True,
+                      description="seed of the sampled next session and of the outcome estimate")
+    n_samples: int = Field(32, ge=0, le=1024, strict=True, description="sessions drawn to estimate P(Cart), "
+                           "P(Purchase); 0 skips the estimate")
 
 
 @dataclass
@@ -106,25 +110,38 @@ SCORE_SCHEMA = {
 }
 
 
-def find_tokenizer(model_dir: str | Path) -> Path:
+def find_tokenizer(model_dir: str | Path, required: bool = True) -> Path | None:
     """The page tokenizer of a model folder: MODEL/tokenizer (clusterwise models), MODEL itself
     (`hetlm train`'s best/), or RUN/prepared/tokenizer for an experiment's RUN/models/<name>."""
     model_dir = Path(model_dir)
     for candidate in (model_dir / "tokenizer", model_dir, model_dir.parent.parent / "prepared" / "tokenizer"):
         if (candidate / "tokenizer.json").is_file():
             return candidate
+    if not required:
+        return None
     raise ValueError(f"no page tokenizer found for {model_dir} (looked in {model_dir}/tokenizer, {model_dir} and "
                      f"{model_dir.parent.parent}/prepared/tokenizer); give the tokenizer folder explicitly")
 
 
-def load_model(model_dir: str | Path, device: str = "cpu") -> PreTrainedModel | ClusterwiseLM:
-    """A clusterwise folder (clusterwise.json) or a single save_pretrained LM folder."""
-    model_dir = Path(model_dir)
-    if (model_dir / CLUSTERWISE_FILE).is_file():
-        return ClusterwiseLM.from_pretrained(model_dir, device)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir} is neither a save_pretrained LM folder nor a clusterwise model folder")
-    return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
+def check_vocabulary(model: PreTrainedModel | ClusterwiseLM, tokenizer, model_dir: str | Path,
+                     tokenizer_dir: str | Path) -> None:
+    """A ValueError unless `tokenizer` is the vocabulary `model` was trained with: the same pages, in the same
+    order, as the tokenizer found beside the model (when there is one), and as many tokens as the model's
+    embeddings. Another dataset's tokenizer would give wrong pages and probabilities without any error."""
+    own = find_tokenizer(model_dir, required=False)
+    if own is not None and own.resolve() != Path(tokenizer_dir).resolve():
+        expected = load_tokenizer(own)
+        if expected.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer {tokenizer_dir} ({len(tokenizer) - len(SPECIALS)} pages) is not the one "
+                             f"the model {model_dir} was trained with ({own}, {len(expected) - len(SPECIALS)} pages"
+                             f"{', the same count but other pages or ids' if len(expected) == len(tokenizer) else ''})"
+                             f"; use the tokenizer of the model's prepared data")
+    lms = model.models.values() if isinstance(model, ClusterwiseLM) else [model]
+    sizes = sorted({lm.config.vocab_size for lm in lms})
+    if sizes != [len(tokenizer)]:
+        raise ValueError(f"the model {model_dir} has {' / '.join(map(str, sizes))} tokens, the tokenizer {tokenizer_dir} "
+                         f"{len(tokenizer)}: the model was trained on another vocabulary; use the tokenizer of "
+                         f"the model's prepared data")
 
 
 def route_users(model: ClusterwiseLM, z: np.ndarray, routing: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -203,10 +220,12 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
                         **kwargs) -> Scorer:
-        tokenizer = load_tokenizer(tokenizer_dir or find_tokenizer(model_dir))
+        tokenizer_dir = tokenizer_dir or find_tokenizer(model_dir)
+        tokenizer, model = load_tokenizer(tokenizer_dir), load_model(model_dir, device)
+        check_vocabulary(model, tokenizer, model_dir, tokenizer_dir)
         decoder = SetDecoder.from_pretrained(model_dir) if SetDecoder.exists(model_dir) else None
-        return cls(load_model(model_dir, device), tokenizer, calibrator=OutcomeCalibrator.from_pretrained(model_dir),
-                   set_decoder=decoder, **kwargs)
+        return cls(model, tokenizer, calibrator=OutcomeCalibrator.from_pretrained(model_dir), set_decoder=decoder,
+                   **kwargs)
 
     @property
     def clusterwise(self) -> bool:
@@ -375,13 +394,17 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
     session does not fit the model's context, get no row (users_in_log - users_scored of them).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of a Parquet file")
+    writable_folder(out.parent, "the folder of --out")
     columns = [TextColumn("scoring users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     writer, users_in_log, scored = None, 0, 0
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".score-partitions-") as scratch, \
-            Progress(*columns, disable=not progress) as bar:
+    # Written inside a scratch folder and renamed onto `out` when complete: an interrupted run leaves the
+    # previous file (or none), never a partial one that reads as whole.
+    with work_dir(out.parent, f".{out.name}.score-") as work, progress_bar(*columns, disable=not progress) as bar:
+        partial = work / "partial.parquet"
         if partitions > 1:
-            parts = partition_events(source, path, partitions, scratch, on_bad_rows, **source_options)
+            parts = partition_events(source, path, partitions, work, on_bad_rows, **source_options)
         else:
             parts = [read_events(source, path, on_bad_rows=on_bad_rows, **source_options).events.lazy()]
         users = [part.drop_nulls("page").select(pl.col("user").n_unique()).collect().item() for part in parts]
@@ -392,7 +415,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
                 fitted = fit_histories(user_sessions(part.collect(), scorer.cleaning), scorer.vocab,
                                        scorer.history_budget)
                 for table in iter_scores(scorer, fitted, options, batch_users):
-                    writer = writer or pq.ParquetWriter(out, table.schema)
+                    writer = writer or pq.ParquetWriter(partial, table.schema)
                     writer.write_table(table)
                     bar.advance(task, table.num_rows)
                 bar.advance(task, n_users - fitted.height)  # users with no row
@@ -400,6 +423,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
         finally:
             if writer is not None:
                 writer.close()
-    if writer is None:  # no user to score: still an empty file with the schema
-        pl.DataFrame(schema=SCORE_SCHEMA).write_parquet(out)
+        if writer is None:  # no user to score: still an empty file with the schema
+            pl.DataFrame(schema=SCORE_SCHEMA).write_parquet(partial)
+        os.replace(partial, out)
     return ScoreSummary(users_in_log, scored, str(out))

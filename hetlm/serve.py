@@ -10,7 +10,8 @@
 Dynamic batching: each /predict puts its request on an asyncio queue; one worker takes the first waiting
 request, waits up to `max_wait_ms` for more (up to `max_batch`), and scores them all in one batched
 pass (`Scorer.score`) in a thread, so the event loop keeps accepting requests meanwhile. A user's
-result does not depend on the batch it shares (see `hetlm.score`), so batching changes only throughput.
+result does not depend on the batch it shares (see `hetlm.score`), so batching changes only throughput;
+a batch that fails is scored again request by request, so only the request at fault gets its 500.
 
 Malformed requests get 422 with pydantic's message; requests over the limits of `create_app` (body
 bytes, sessions, pages) get 413. Page names are normalised as the ingest adapters do (whitespace -> "_").
@@ -24,6 +25,7 @@ model's context gets 422.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 from contextlib import asynccontextmanager
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, Field, StrictStr
 from starlette.responses import JSONResponse
 
@@ -40,6 +44,10 @@ from .score import ScoreOptions, Scorer, UserScore
 
 def _page_name(page: str) -> str:
     """A page name as the ingest adapters normalise it (`ingest.base.normalize_pages`)."""
+    try:
+        page.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a page name must be valid Unicode text (this one holds a lone surrogate)") from None
     name = re.sub(r"\s+", "_", page.strip())
     if not name:
         raise ValueError("a page name must hold a non-space character")
@@ -89,6 +97,7 @@ class Limits:
     max_pages: int = 20_000           # pages over all sessions of a request
     max_batch: int = 32               # requests scored together
     max_wait_ms: float = 5.0          # how long the first request of a batch waits for others
+    header_timeout_s: float = 10.0    # a connection whose request headers take longer is closed (`serve`)
 
 
 def _number(x: float) -> float | None:
@@ -113,6 +122,7 @@ class Batcher:
         self.scorer, self.max_batch, self.max_wait = scorer, max_batch, max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests = self.batches = 0
+        self.failed = self.isolated = 0  # requests that failed; requests re-run alone after their batch failed
 
     async def predict(self, request: PredictRequest) -> UserScore:
         future = asyncio.get_running_loop().create_future()
@@ -129,18 +139,45 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0)))
                 except asyncio.TimeoutError:
                     break
-            requests = [r for r, _ in batch]
-            try:
-                scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests)
-            except Exception as err:  # noqa: BLE001 (the batch fails together; each caller gets the error)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            self.requests, self.batches = self.requests + len(batch), self.batches + 1
-            for (_, future), score in zip(batch, scores):
-                if not future.done():  # a client that went away cancelled its future
-                    future.set_result(score)
+            await self._score(batch)
+
+    async def _score(self, batch: list) -> None:
+        """Score a batch together; if that fails, each request alone, so only the one at fault fails."""
+        requests = [r for r, _ in batch]
+        try:
+            scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests)
+        except Exception as err:  # noqa: BLE001 (the caller gets the error; the service keeps running)
+            if len(batch) > 1:
+                self.isolated += len(batch)
+                for one in batch:
+                    await self._score([one])
+                return
+            self.failed += 1
+            if not batch[0][1].done():
+                batch[0][1].set_exception(err)
+            return
+        self.requests, self.batches = self.requests + len(batch), self.batches + 1
+        for (_, future), score in zip(batch, scores):
+            if not future.done():  # a client that went away cancelled its future
+                future.set_result(score)
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that any request's error can be written in: non-ASCII escaped (a lone surrogate a client sent
+    cannot be UTF-8 encoded), NaN and infinities (which JSON lacks) as text."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(_finite(jsonable_encoder(content)), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 class BodyLimit:
@@ -197,6 +234,11 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
     app = FastAPI(title="hetlm", summary="next-session predictions from page-level LMs", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler fails (500) on inputs JSON cannot hold: NaN, Infinity, lone surrogates.
+        return SafeJSONResponse({"detail": err.errors()}, status_code=422)
+
     @app.post("/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest, request: Request) -> PredictResponse:
         if len(body.sessions) > limits.max_sessions:
@@ -214,12 +256,17 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
         if len(body.sessions[-1]) + 2 > scorer.history_budget:
             raise HTTPException(422, f"the last session has {len(body.sessions[-1])} pages; the model's context "
                                      f"holds {scorer.history_budget - 2}")
-        return prediction_response(await request.app.state.batcher.predict(body), body.n_samples, removed)
+        try:
+            score = await request.app.state.batcher.predict(body)
+        except Exception as err:  # noqa: BLE001 (this request only: its batch was re-run without it)
+            return SafeJSONResponse({"detail": f"scoring this request failed ({type(err).__name__}: {err})"}, 500)
+        return prediction_response(score, body.n_samples, removed)
 
     @app.get("/health")
     async def health(request: Request) -> dict:
         batcher = request.app.state.batcher
-        return {"status": "ok", "requests": batcher.requests, "batches": batcher.batches}
+        return {"status": "ok", "requests": batcher.requests, "batches": batcher.batches, "failed": batcher.failed,
+                "rerun_alone": batcher.isolated}
 
     @app.get("/model")
     async def describe() -> dict:
@@ -228,8 +275,53 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
     return app
 
 
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete `seconds` after it
+    opened or after its last response: uvicorn times out idle keep-alive connections only, so clients that
+    stall mid-headers would hold connections (and file descriptors) forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        _timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request's headers are complete
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
+
+
 def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Run the service with uvicorn until interrupted (options go to `create_app`)."""
     import uvicorn
 
-    uvicorn.run(create_app(model, **options), host=host, port=port)
+    limits = options.get("limits") or Limits()
+    uvicorn.run(create_app(model, **options), host=host, port=port,
+                http=header_timeout_protocol(limits.header_timeout_s))

@@ -299,7 +299,10 @@ def build_samples(sessions: pl.DataFrame, targets: pl.DataFrame, history_budget:
     """Pair each target with the most recent whole past sessions whose tokens fit `history_budget`.
 
     A session costs len(pages) + 2 tokens ([BOS] ... [EOS]). For target j the history starts at the
-    first session k with cost(k..j-1) <= budget, found by an as-of join on cumulative cost.
+    first session k with cost(k..j-1) <= budget, found by an as-of join on cumulative cost. Each target
+    then gets its own past sessions k..j-1 only (one row per (target, past session), grouped back), so
+    the work per target is bounded by the budget: memory is linear in a user's sessions, not quadratic
+    (joining every target with its user's whole session list was, for users with thousands of sessions).
     """
     cost = pl.col("pages").list.len().cast(pl.Int64) + 2
     sess = sessions.sort("user", "session").with_columns(cum_before=_cumsum_within_user(cost) - cost)
@@ -309,17 +312,20 @@ def build_samples(sessions: pl.DataFrame, targets: pl.DataFrame, history_budget:
         .sort("need")
     )
     starts = sess.select("user", k="session", need="cum_before").sort("need")
-    tgt = tgt.join_asof(starts, on="need", by="user", strategy="forward", check_sortedness=False)
-    per_user = sess.group_by("user").agg(
-        all_pages=pl.col("pages").sort_by("session"), all_ids=pl.col("ids").sort_by("session")
+    tgt = tgt.join_asof(starts, on="need", by="user", strategy="forward", check_sortedness=False).with_row_index("_target")
+    past = (
+        tgt.select("_target", "user", session=pl.int_ranges("k", "session")).explode("session")
+        .join(sess.select("user", "session", "pages", "ids"), on=["user", "session"])
+        .sort("_target", "session")
+        .group_by("_target", maintain_order=True)
+        .agg(history=pl.col("pages"), input_ids=pl.col("ids").explode())
     )
-    past = lambda col: pl.col(col).list.slice(pl.col("k"), pl.col("session") - pl.col("k"))
     return (
-        tgt.join(per_user, on="user")
+        tgt.join(past, on="_target", how="left")
         .select(
             "user", "split", target_start="start",
-            history=past("all_pages"), target="pages",
-            input_ids=past("all_ids").list.eval(pl.element().explode()), target_ids="ids",
+            history=pl.col("history").fill_null(pl.lit([], pl.List(pl.List(pl.Utf8)))), target="pages",
+            input_ids=pl.col("input_ids").fill_null(pl.lit([], pl.List(pl.Int32))), target_ids="ids",
         )
         .with_columns(
             cart=pl.col("target").list.contains(CART), purchase=pl.col("target").list.contains(PURCHASE)

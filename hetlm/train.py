@@ -35,13 +35,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from hetlm.progress import progress_bar
 from hetlm.tokenizer import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,23 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, not {self.schedule!r}")
+        check_limits(self, positive=("lr", "grad_clip"), non_negative=("weight_decay", "warmup_ratio"),
+                     at_least_one=("batch_size", "grad_accum", "epochs", "max_steps", "eval_every",
+                                   "early_stopping_patience", "bucket_batches", "stream_buffer", "save_every"))
+        if self.warmup_ratio >= 1 or self.max_len < 2:
+            raise ValueError(f"warmup_ratio must be below 1 ({self.warmup_ratio}) and max_len at least 2 ({self.max_len})")
+
+
+def check_limits(config, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                 at_least_one: Sequence[str] = ()) -> None:
+    """A ValueError naming the first field of `config` out of its range (found before any training starts,
+    not as NaN tables after it); NaN and infinities are out of every range, None (unset) is in."""
+    for names, ok, what in ((positive, lambda v: v > 0, "above 0"), (non_negative, lambda v: v >= 0, "0 or more"),
+                            (at_least_one, lambda v: v >= 1, "1 or more")):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name} must be a finite number {what}, not {value!r}")
 
 
 @dataclass
@@ -599,6 +617,8 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
         log.warning("bf16 on a CPU without native bfloat16 matmuls (AVX512-BF16 / AMX) is several times slower than float32")
     model.to(device).train()
     train_set = as_dataset(train_samples, config.max_len, config.stream_buffer if stream else None)
+    if len(train_set) == 0:
+        raise ValueError("no training samples: nothing to train (see the prepared summary's dropped_rows)")
     val_set = as_dataset(val_samples, config.max_len) if val_samples is not None else None
     val_set = val_set if val_set is not None and len(val_set) else None
     optimizer = make_optimizer(model, config)
@@ -644,7 +664,7 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
         if info.is_main:
             (out_dir / "history.json").write_text(json.dumps(history))
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    bar = progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and info.is_main))
     with bar:
         task = bar.add_task("train", total=total_steps, completed=state["step"], info="")
@@ -691,7 +711,9 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
                 if epoch_end:
                     state["epoch"] += 1
                     state["position"] = 0
-                if val_set is not None and (state["step"] % config.eval_every == 0 or epoch_end):
+                # The last step is validated too, so best/ holds a model however few steps run.
+                last = state["step"] >= total_steps
+                if val_set is not None and (state["step"] % config.eval_every == 0 or epoch_end or last):
                     validate()
                 finished = state["step"] >= total_steps or state["stopped_early"]
                 if state["step"] % config.save_every == 0 or finished:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from hetlm.cli import app
 from hetlm.experiment import ExperimentConfig
 from hetlm.ingest import IngestError, read_events
-from hetlm.ingest.base import NOT_UTF8
+from hetlm.ingest.base import NOT_UTF8, OUTCOME_NAMED_VIEW
 from hetlm.prepare import PrepareConfig, prepare
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
@@ -103,6 +103,13 @@ ERRORS = {
     "generic/reserved_page.csv": (
         "['[BOS]', '[UNK]'] are reserved for the tokenizer", None,
         {"page named like a special token ([PAD] [UNK] [BOS] [EOS])": 2, SHORT: 1}),
+    "generic/page_named_cart.csv": ("viewed page named like an outcome", 4, {OUTCOME_NAMED_VIEW: 2}),
+    "generic/ms_read_as_seconds.csv": ("time out of range after unit conversion", 2, None),  # every row: none left
+    "generic/ms_among_seconds.csv": ("time out of range after unit conversion", 6, {
+        "time out of range after unit conversion (before 1970 or after 2099, or in 1970 among later times)": 2,
+        SHORT: 1}),
+    "rees46/category_named_cart.csv": ("viewed page named like an outcome", 3, {OUTCOME_NAMED_VIEW: 1}),
+    "generic/truncated.csv.gz": ("truncated or corrupt gzip", None, None),  # not the delimiter's fault
     "generic/empty.parquet": ("not a readable Parquet file", None, None),
     "generic/truncated.parquet": ("not a readable Parquet file", None, None),
     "generic/panics_reader.parquet": ("not a readable Parquet file", None, None),  # found by the fuzzer
@@ -171,6 +178,7 @@ HANDLED = {
     "generic/duplicates.csv": (30, {REPEAT: 3}, "generic/good.csv"),
     "generic/one_session_user.csv": (30, {ONE_SESSION: 3}, "generic/good.csv"),
     "generic/tricky_pages.csv": (27, {}, None),
+    "generic/look_alike_names.csv": (27, {ONE_SESSION: 3}, None),  # user 2.0 is not user 2: counted in ingest_notes
     "generic/id_overflow.csv": (27, {}, None),
     "generic/uint64_users.parquet": (27, {}, None),
     "ga4/good.jsonl": (28, {}, None),

@@ -40,6 +40,7 @@ def sliced(taobao_prepared, tmp_path_factory):
     pl.read_parquet(prepared / "train.parquet").head(200).write_parquet(out / "train.parquet")
     pl.read_parquet(prepared / "val.parquet").head(40).write_parquet(out / "val.parquet")
     shutil.copytree(prepared / "tokenizer", out / "tokenizer")
+    (out / "summary.json").write_text("{}")  # made by hand: a summary without fingerprints, so nothing to check
     return out
 
 
@@ -197,6 +198,7 @@ def test_experiment_fits_hetlm_in_two_processes_like_one(sliced, hetlm_one_proce
     train.write_parquet(run / "prepared" / "train.parquet")
     val.write_parquet(run / "prepared" / "val.parquet")
     shutil.copytree(sliced / "tokenizer", run / "prepared" / "tokenizer")
+    shutil.copy(sliced / "summary.json", run / "prepared" / "summary.json")
     vocab = len(load_tokenizer(sliced / "tokenizer"))
     projection = np.random.default_rng(0).normal(size=(vocab, 16))
 

@@ -15,7 +15,7 @@ from hetlm.train import ParquetSequences
 
 from .conftest import SHIPPED
 
-RUN_SPECIFIC = ("config", "seconds", "events_per_second")
+RUN_SPECIFIC = ("config", "seconds", "events_per_second", "fingerprints")  # files: same rows, other order
 DIGINETICA = {"sep": ";", "user": "user_id", "session": "session_id", "page": "item_id", "page_prefix": "item ",
               "time": "eventdate", "order": "timeframe"}
 
@@ -43,7 +43,7 @@ def test_partitioned_equals_in_memory_on_shipped_taobao(taobao_prepared, small_c
     summary = prepare("taobao", SHIPPED, tmp_path, PrepareConfig(partitions=5))
     assert summary["config"]["partitions"] == 5
     assert_same_prepared(in_memory, tmp_path)
-    assert not list(tmp_path.glob(".partitions-*")), "scratch partitions are removed"
+    assert not list(tmp_path.glob(".prepare-*")), "scratch partitions are removed"
 
 
 def test_partitioned_equals_in_memory_with_bad_rows(shared_data, small_chunks, tmp_path):

@@ -1,6 +1,7 @@
 """The HTTP service, started for real with uvicorn on loopback and called with httpx, on a micro k-means
 clusterwise model: predictions equal `hetlm score`'s, validation (422), limits (413), dynamic batching."""
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,8 @@ from hetlm.cli import app as cli
 from hetlm.cluster.kmeans import fit_kmeans_clusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
-from hetlm.score import log_sessions
-from hetlm.serve import Limits, create_app
+from hetlm.score import Scorer, log_sessions
+from hetlm.serve import Limits, create_app, header_timeout_protocol
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig
 
@@ -31,9 +32,9 @@ CALIBRATOR = OutcomeCalibrator({"cart": (0.5, -1.0), "purchase": (0.8, -2.0)}, n
 
 
 @contextmanager
-def running(app):
+def running(app, **config):
     """The app served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -160,6 +161,10 @@ def test_long_sessions_are_cut_at_the_training_logs_cutoff(server, taobao_prepar
     ({"sessions": [["Cart"]], "n_samples": -1}, "n_samples"),
     ({"sessions": [["Cart"]], "colour": "red"}, "colour"),
     ({"pages": [["Cart"]]}, "sessions"),
+    ({"sessions": [["Cart"]], "k": True}, "k"),  # JSON true is not 1
+    ({"sessions": [["Cart"]], "n_samples": 2.0}, "n_samples"),
+    ({"sessions": [["Cart"]], "seed": 10**100}, "seed"),
+    ({"sessions": [["Cart"]], "temperature": 1e-40}, "temperature"),  # logits would overflow: an empty session
 ])
 def test_malformed_requests_get_422(server, body, where):
     got = server.post("/predict", json=body)
@@ -203,3 +208,68 @@ def test_concurrent_requests_are_batched(server, taobao_prepared):
 def test_serve_command_reports_a_bad_model_folder(tmp_path):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "no page tokenizer found" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("content, where", [
+    (b'{"sessions": [["Cart", "home"]], "temperature": NaN}', "temperature"),
+    (b'{"sessions": [["Cart", "home"]], "temperature": Infinity}', "temperature"),
+    (b'{"sessions": [["Cart", "\\ud800"]]}', "sessions.0.1"),  # a lone surrogate
+    (b'{"sessions": [["Cart", "home"]], "\\udfff": 1}', ""),  # in a key: the body is not valid text
+])
+def test_inputs_json_cannot_hold_get_422_not_500(server, content, where):
+    got = server.post("/predict", content=content, headers={"content-type": "application/json"})
+    assert got.status_code == 422, got.text
+    assert any(".".join(str(x) for x in d["loc"][1:]) == where for d in got.json()["detail"]), got.text
+
+
+def poisoned(scorer: Scorer) -> Scorer:
+    """`scorer` failing on any batch that holds a page named "poison" (a request that breaks the model code)."""
+    real = scorer.score
+
+    def score(histories, options):
+        if any(page == "poison" for history in histories for session in history for page in session):
+            raise RuntimeError("poisoned request")
+        return real(histories, options)
+
+    scorer.score = score
+    return scorer
+
+
+def test_poisoned_requests_fail_alone_and_every_valid_request_in_their_batches_succeeds(clusterwise, taobao_prepared):
+    histories = [h for h in pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"].to_list()
+                 if len(h) < LIMITS.max_sessions and sum(map(len, h)) < LIMITS.max_pages - 2][:16]
+    valid = [{"sessions": h, **OPTIONS} for h in histories]
+    bad = [{"sessions": [*h, ["poison", "home"]], **OPTIONS} for h in histories[:4]]
+    invalid = [{"sessions": histories[0], "seed": 10**100}, {"sessions": histories[1], "k": True}]
+    bodies = [b for group in zip(valid[:4], bad, valid[4:8], valid[8:12]) for b in group] + valid[12:] + invalid
+    scorer = poisoned(Scorer.from_pretrained(clusterwise, max_new_tokens=10))
+    with running(create_app(scorer, limits=LIMITS)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        alone = client.post("/predict", json=valid[0]).json()
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            got = dict(zip(map(id, bodies), pool.map(lambda b: client.post("/predict", json=b), bodies)))
+        health = client.get("/health").json()
+    assert [got[id(b)].status_code for b in valid] == [200] * len(valid)
+    assert all(got[id(b)].status_code == 500 and "poisoned request" in got[id(b)].json()["detail"] for b in bad)
+    assert all(got[id(b)].status_code == 422 for b in invalid)
+    assert health["failed"] == 4 and health["rerun_alone"] > 4  # the poisoned ones shared batches with valid ones
+    together = got[id(valid[0])].json()
+    assert together["next_session"] == alone["next_session"] and together["p_cart"] == alone["p_cart"]
+
+
+def test_connections_stalled_mid_headers_are_closed(clusterwise, taobao_prepared):
+    app = create_app(Scorer.from_pretrained(clusterwise, max_new_tokens=10), limits=LIMITS)
+    with running(app, http=header_timeout_protocol(0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+        for conn in stalled:
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-")  # and nothing more
+        time.sleep(1.5)
+        assert all(conn.recv(1024) == b"" for conn in stalled)  # closed by the server
+        body = {"sessions": pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"][0].to_list()[-3:],
+                "n_samples": 0}
+        with httpx.Client(base_url=url, timeout=60) as client:  # slow requests are fine once their headers are in
+            assert client.post("/predict", json=body).status_code == 200
+            time.sleep(1)  # a kept-alive connection that sends its next request later is fine too
+            assert client.post("/predict", json=body).status_code == 200
+        for conn in stalled:
+            conn.close()

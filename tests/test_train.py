@@ -138,9 +138,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_early_stopping_after_patience_evaluations(tmp_path):
-    config = TrainConfig(lr=0.0, batch_size=4, epochs=50, eval_every=2, early_stopping_patience=2, device="cpu")
+    config = TrainConfig(lr=1e-30, weight_decay=0.0, batch_size=4, epochs=50, eval_every=2, early_stopping_patience=2,
+                         device="cpu")
     result = train_lm(micro_model(), toy_samples(40, seed=0), toy_samples(8, seed=1), config, tmp_path, progress=False)
-    # lr 0: the first evaluation is the best, the next two do not improve on it.
+    # lr 1e-30 (0 is refused) moves no float32 weight: the first evaluation is the best, the next two do not improve on it.
     assert result.stopped_early and result.steps == 6 and result.best_step == 2
     assert train_lm(micro_model(), toy_samples(40, seed=0), toy_samples(8, seed=1), config, tmp_path, resume=True,
                     progress=False).steps == 6  # a finished run resumes to itself

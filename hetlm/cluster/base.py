@@ -90,3 +90,21 @@ class ClusterwiseLM:
         return cls(kind=config["kind"], models=models, centroids=np.load(path / "centroids.npy"),
                    selector=selector, routing=config["routing"], encoder=config["encoder"],
                    sizes={int(k): v for k, v in config["sizes"].items()}, info=config.get("info", {}))
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> PreTrainedModel | ClusterwiseLM:
+    """A clusterwise folder (clusterwise.json) or a single save_pretrained LM folder; a ValueError naming the
+    folder when it is neither, or is incomplete or damaged (a missing cluster, truncated weights, a changed
+    config)."""
+    model_dir = Path(model_dir)
+    clusterwise = (model_dir / CONFIG_FILE).is_file()
+    if not clusterwise and not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} is neither a save_pretrained LM folder nor a clusterwise model folder")
+    try:
+        if clusterwise:
+            return ClusterwiseLM.from_pretrained(model_dir, device)
+        return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
+    except Exception as err:  # noqa: BLE001 (whatever the loaders raise, the user needs the folder and the cause)
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(f"the model folder {model_dir} cannot be loaded ({type(err).__name__}: {cause}); it is "
+                         "incomplete or was changed: save or copy it again") from err

@@ -59,7 +59,6 @@ import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -68,9 +67,11 @@ from safetensors.torch import save_model as save_weights
 from torch.func import functional_call, stack_module_state
 from transformers import PreTrainedModel
 
+from ..progress import progress_bar
 from ..train import (
     SequenceDataset,
     TrainConfig,
+    check_limits,
     _autocast,
     _barrier,
     _gather_objects,
@@ -146,12 +147,19 @@ class HeTLMConfig:
     def __post_init__(self):
         if self.l1 not in ("paper", "centered"):
             raise ValueError(f"l1 must be 'paper' or 'centered', not {self.l1!r}")
-        if self.l2_balance < 0:
-            raise ValueError(f"l2_balance must be >= 0, not {self.l2_balance}")
         if self.nll_pass not in ("batched", "sequential"):
             raise ValueError(f"nll_pass must be 'batched' or 'sequential', not {self.nll_pass!r}")
         if self.actor_rows is not None and self.actor_rows < 1:
             raise ValueError(f"actor_rows must be a positive number of rows or None, not {self.actor_rows}")
+        check_limits(self, positive=("selector_lr", "predictor_lr", "selector_pretrain_lr", "l3_tau"),
+                     non_negative=("alpha", "beta", "l2_balance", "selector_weight_decay", "predictor_weight_decay",
+                                   "selector_pretrain_epochs", "selector_label_smoothing", "critic_warmup_epochs",
+                                   "epochs"),
+                     at_least_one=("n_clusters", "batch_size", "selector_hidden", "eval_every", "save_every", "max_len"))
+        if self.selector_label_smoothing >= 1:
+            raise ValueError(f"selector_label_smoothing must be below 1, not {self.selector_label_smoothing}")
+        if self.epochs + self.critic_warmup_epochs < 1:
+            raise ValueError("epochs + critic_warmup_epochs must be 1 or more: nothing would be trained")
 
 
 @dataclass
@@ -290,7 +298,7 @@ class HeTLM:
         n_batches = math.ceil(len(train_set) / c.batch_size)
         total_epochs = c.critic_warmup_epochs + c.epochs
         started = time.perf_counter() - s["seconds"]
-        bar = Progress(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        bar = progress_bar(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), disable=not (progress and self.dist.is_main))
         with bar:
             task = bar.add_task("hetlm", total=total_epochs * n_batches, info="",
@@ -524,7 +532,10 @@ def fit_saved(prepared: str | Path, base: str | Path, embeddings: str | Path, co
 
     from ..tokenizer import load_tokenizer
 
+    from ..outputs import check_prepared
+
     prepared = Path(prepared)
+    check_prepared(prepared)
     train, val = (pl.read_parquet(prepared / f"{split}.parquet") for split in ("train", "val"))
     z = np.load(embeddings)
     base_model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)

@@ -54,7 +54,7 @@ def read_events(source: str, path: str | Path, *, sample: float | None = None, s
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
     if source not in MULTI_FILE and not Path(path).is_file():
-        raise IngestError(path, "no such file", hint=f"check the path given for the {source} log")
+        raise IngestError(path, _not_a_file(Path(path)), hint=f"check the path given for the {source} log")
     result = SOURCES[source](path, **options)
     reserved = result.events["page"].is_in(SPECIALS)
     if reserved.any():
@@ -90,3 +90,11 @@ def input_files(source: str, path: str | Path, **options) -> list[tuple[Path, di
     if source == "adobe":
         return [(file, {"lookups": str(folder)}) for file, folder in feed_files(path, options.get("lookups"))]
     return [(Path(path), {})]
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "a folder, not a log file"
+    if path.is_symlink():
+        return "a symbolic link to nothing (or a loop of links)"
+    if path.exists():
+        return "not a regular file"
+    return "no such file"

@@ -22,6 +22,9 @@ CART = "Cart"
 PURCHASE = "Purchase"
 OUTCOME_PAGES = (CART, PURCHASE)
 
+# A viewed page named like an outcome would count as one (a log without a cart event got a cart rate of 0.57).
+OUTCOME_NAMED_VIEW = f"viewed page named like an outcome ({', '.join(OUTCOME_PAGES)}), not a cart/purchase event"
+
 EVENT_SCHEMA = {"user": pl.Utf8, "session": pl.Utf8, "ts": pl.Int64, "page": pl.Utf8}
 # Latest accepted clock, 9999-12-31T23:59:59 UTC: later values are corrupt, and x1000 would overflow Int64.
 MAX_SECONDS = 253_402_300_799
@@ -58,6 +61,8 @@ class IngestResult:
     # How often each event type occurred (the most frequent EVENT_VALUES_KEPT), from adapters whose log
     # names event types: what to show when none of them became an outcome.
     event_values: dict[str, int] = field(default_factory=dict)
+    # Values kept but worth knowing (reason -> count), e.g. distinct page names that normalisation merged.
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 def event_codes(codes: str | Iterable[str]) -> tuple[str, ...]:
@@ -108,6 +113,21 @@ def normalize_pages(expr: pl.Expr) -> pl.Expr:
     # \x1c-\x1f (information separators) are whitespace to Python's str.split, though not to \s.
     cleaned = expr.cast(pl.Utf8).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
     return pl.when(cleaned.str.len_chars() > 0).then(cleaned).otherwise(None)
+
+
+MERGED_PAGES = "distinct page names merged into one by normalisation (e.g. 'a b' and 'a_b')"
+NUMERIC_TWIN_USERS = "distinct user ids equal as numbers but written differently (e.g. '1' and '1.0'; kept apart)"
+
+
+def name_notes(raw_pages: pl.Series, pages: pl.Series, users: pl.Series) -> dict[str, int]:
+    """Counts of the two silent look-alikes of a log: raw page names that became one page, and user ids that
+    differ as text but not as numbers (two users, as the log writes them; said so it can be fixed)."""
+    names = pl.DataFrame({"raw": raw_pages, "page": pages}).drop_nulls().unique()
+    merged = names.group_by("page").len().filter(pl.col("len") > 1)["len"].sum()
+    ids = users.unique().to_frame("user").with_columns(
+        number=pl.col("user").str.replace(r"^([+-]?)0*(\d+?)(\.0*)?$", "${1}${2}"))
+    twins = ids.group_by("number").len().filter(pl.col("len") > 1)["len"].sum()
+    return {name: int(n) for name, n in ((MERGED_PAGES, merged), (NUMERIC_TWIN_USERS, twins)) if n}
 
 
 def finish(events: pl.DataFrame) -> pl.DataFrame:

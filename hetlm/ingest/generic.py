@@ -23,14 +23,16 @@ from pathlib import Path
 import polars as pl
 
 from .base import (
-    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, event_codes,
-    finish, most_frequent, normalize_pages, not_utf8,
+    CART, NOT_UTF8, NOT_UTF8_HINT, OUTCOME_NAMED_VIEW, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, bad_rows,
+    check_columns, event_codes, finish, most_frequent, name_notes, normalize_pages, not_utf8,
 )
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
 MISSING_USER = ("", "NA")
 UNIT_MS = {"s": 1000, "ms": 1}
+YEAR_MS = 365 * 86_400_000
+END_MS = 4_102_444_800_000  # 2100-01-01, in ms
 
 
 def read_generic(
@@ -83,6 +85,11 @@ def read_generic(
         _page=_pages(page, event, page_prefix, event_codes(cart_events), event_codes(purchase_events))
     )
     raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, line_of)
+    view_named_like_outcome = pl.col("_page").is_in(OUTCOME_PAGES) & _outcomes(event, cart_events, purchase_events).is_null()
+    raw = bad_rows(
+        raw, raw.select(view_named_like_outcome).to_series(), path, OUTCOME_NAMED_VIEW, on_bad_rows, skipped, line_of,
+        hint="give the pages a --page-prefix, or pass --skip-bad-rows to drop such rows and count them",
+    )
     try:
         raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
     except pl.exceptions.ComputeError as e:  # no value of the column looks like a date
@@ -95,11 +102,22 @@ def read_generic(
         on_bad_rows, skipped, line_of,
         hint="give time_format / time_unit, fix the file, or pass --skip-bad-rows",
     )
+    if time is not None:
+        raw = bad_rows(
+            raw, implausible_times(raw["_ts"]), path,
+            "time out of range after unit conversion (before 1970 or after 2099, or in 1970 among later times)",
+            on_bad_rows, skipped, line_of,
+            hint=f"the column was read as {'dates' if time_format else f'unix {time_unit} if numeric'}: check "
+                 "--time-unit (s or ms; are seconds mixed with milliseconds?), or pass --skip-bad-rows",
+        )
     events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
     fallback_users = raw.filter(pl.col("_anonymous"))["_user"].n_unique()
     anonymous = fallback_users > events["user"].n_unique() / 2
     event_values = most_frequent(raw[event].cast(pl.Utf8).str.strip_chars()) if event else {}
-    return IngestResult(finish(events), "generic", str(path), skipped, anonymous, event_values)
+    viewed = pl.lit(page_prefix) + _blank_to_null(pl.col(page))
+    names = raw.select(raw=viewed, page=normalize_pages(viewed))
+    notes = name_notes(names["raw"], names["page"], events["user"])
+    return IngestResult(finish(events), "generic", str(path), skipped, anonymous, event_values=event_values, notes=notes)
 
 
 def read_table(path: str | Path, sep: str | None) -> tuple[pl.DataFrame, Callable[[int], int], bool]:
@@ -154,6 +172,9 @@ def read_csv_text(path: str | Path, **options) -> tuple[pl.DataFrame, bool]:
 def csv_error(path: str | Path, error: Exception, separator: str, expected: str) -> IngestError:
     """The IngestError for a CSV that polars could not read, naming the line when one has too many fields."""
     problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    gzip_problem = _gzip_problem(path)
+    if gzip_problem:  # not the delimiter's fault
+        return IngestError(path, f"truncated or corrupt gzip file ({gzip_problem})", hint="download or copy the file again")
     if "is not properly escaped" in str(error):
         start = problem.partition("`")[2][:60]
         return IngestError(
@@ -168,6 +189,20 @@ def csv_error(path: str | Path, error: Exception, separator: str, expected: str)
                 "quote fields that hold the delimiter, or fix the line",
             )
     return IngestError(path, f"not {expected}: {problem}", hint="check the file's format and delimiter")
+
+
+def _gzip_problem(path: str | Path) -> str | None:
+    """What is wrong with a gzip file that does not decompress to its end (None: fine, or not gzip)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return None
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def first_long_line(path: str | Path, separator: str) -> int | None:
@@ -215,15 +250,18 @@ def _pages(
 ) -> pl.Expr:
     """The page name of each row: outcome events by their event, any other row by its page column."""
     viewed = _blank_to_null(pl.col(page))
-    name = normalize_pages(pl.lit(prefix) + viewed)
-    if event is not None:
-        kind = pl.col(event).cast(pl.Utf8).str.strip_chars().str.to_lowercase()
-        name = (
-            pl.when(kind.is_in([e.lower() for e in cart_events])).then(pl.lit(CART))
-            .when(kind.is_in([e.lower() for e in purchase_events])).then(pl.lit(PURCHASE))
-            .otherwise(name)
-        )
-    return name
+    return pl.coalesce(_outcomes(event, cart_events, purchase_events), normalize_pages(pl.lit(prefix) + viewed))
+
+
+def _outcomes(event: str | None, cart_events: tuple[str, ...], purchase_events: tuple[str, ...]) -> pl.Expr:
+    """CART / PURCHASE on outcome events, null on any other row."""
+    if event is None:
+        return pl.lit(None, pl.Utf8)
+    kind = pl.col(event).cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+    return (
+        pl.when(kind.is_in([e.lower() for e in cart_events])).then(pl.lit(CART))
+        .when(kind.is_in([e.lower() for e in purchase_events])).then(pl.lit(PURCHASE))
+    )
 
 
 def _clock(
@@ -234,6 +272,15 @@ def _clock(
         return raw["_row"].cast(pl.Int64)
     ts = to_millis(raw[time], time_format, time_unit) if time is not None else 0
     return ts + to_millis(raw[order], None, "ms") if order is not None else ts
+
+
+def implausible_times(ts: pl.Series) -> pl.Series:
+    """Clocks (ms) no click log holds: before 1970 or from 2100 on (milliseconds read as seconds give years up to
+    ~300,000), or in 1970's first year within a log that has times after 1990 (seconds read as milliseconds)."""
+    bad = (ts < 0) | (ts >= END_MS)
+    if (ts >= 20 * YEAR_MS).any():
+        bad = bad | (ts < YEAR_MS)
+    return bad.fill_null(False)
 
 
 def to_millis(values: pl.Series, time_format: str | None = None, time_unit: str = "s") -> pl.Series:

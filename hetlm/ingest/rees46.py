@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from .base import (
-    CART, NOT_UTF8, NOT_UTF8_HINT, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
+    CART, NOT_UTF8, NOT_UTF8_HINT, OUTCOME_NAMED_VIEW, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, bad_rows, check_columns, finish,
     normalize_pages, not_utf8,
 )
 from .generic import csv_error, read_csv_text
@@ -55,5 +55,7 @@ def read_rees46(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
     raw = bad_rows(
         raw, raw["page"].is_null(), path, "view without category_code or category_id", on_bad_rows, skipped, 2
     )
+    named_like_outcome = raw.select((pl.col("event_type") == "view") & pl.col("page").is_in(OUTCOME_PAGES)).to_series()
+    raw = bad_rows(raw, named_like_outcome, path, OUTCOME_NAMED_VIEW, on_bad_rows, skipped, 2)
     events = raw.select(user="user_id", session="user_session", ts="ts", page="page")
     return IngestResult(finish(events), "rees46", str(path), skipped)
