@@ -34,6 +34,13 @@ TARGETS = [
 ]
 
 
+# The PEERS section: RecBole peers (bench_peers -> peers.jsonl) beside hetlm's rows on the same logs
+# (bench/quality.py -> quality.jsonl: rows with "log", "model" and hetlm.metrics names; rows marked
+# "baseline": true are shown but are not "hetlm" for the targets).
+PEERS_COLUMNS = ["Recall@1", "Recall@10", "NDCG@10", "MRR", "HR", "IoU"]
+PEERS_TARGETS = ["Recall@10", "NDCG@10", "IoU"]
+
+
 def latest() -> dict[str, dict]:
     found = {}
     for path in sorted(RESULTS.glob("*.jsonl")):
@@ -61,7 +68,11 @@ def figures(results: dict[str, dict]) -> str:
         value = summary[key]
         met = value >= limit if bound == "min" else value <= limit
         out.append(f"| {what} | {fmt(value)} ({bench}) | {'met' if met else '**not met**'} |")
+    if "peers" in results:
+        out.append(peers_section(results["peers"], quality_rows()))
     for name, result in results.items():
+        if name == "peers":
+            continue
         m = result["machine"]
         out += [f"\n### {name}\n", (f"{result['time']}, {m['cpu']}, {m['cores']} cores, torch threads "
                                      f"{m['torch_threads']}, load {fmt(m['load_avg_1m'])}, git {m['git']}; "
@@ -71,6 +82,64 @@ def figures(results: dict[str, dict]) -> str:
             out += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
             out += ["| " + " | ".join(fmt(v) for v in row.values()) + " |" for row in rows]
         out += [""] + [f"- {key}: {fmt(value)}" for key, value in result["summary"].items()]
+    return "\n".join(out)
+
+
+def quality_rows() -> dict[str, list[dict]]:
+    """Per log, the rows of the latest quality.jsonl line that has rows of that log."""
+    path = RESULTS / "quality.jsonl"
+    found: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.strip():
+            rows = json.loads(line).get("rows", [])
+            for log in {row.get("log") for row in rows}:
+                found[log] = [row for row in rows if row.get("log") == log]
+    return found
+
+
+def _cell(row: dict, key: str) -> str:
+    return fmt(row[key]) if key in row else "-"
+
+
+def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
+    m, settings = peers["machine"], peers["settings"]
+    out = ["\n### PEERS: RecBole sequential recommenders beside hetlm\n",
+           f"{peers['time']}, {m['cpu']}, {m['cores']} cores (shared), git {m['git']}. Each peer: RecBole "
+           f"{settings['peers'][next(iter(settings['peers']))]['versions']['recbole']}, trained on the log's training "
+           f"samples (each user's latest sample flattened, every prefix -> its next page, last 50 pages), "
+           f"{settings['torch_threads']} torch thread, at most {fmt(settings['max_cpu_seconds'])} CPU seconds of "
+           "training (a CPU cap, as the cores are shared: wall seconds beside it), early stopping on the val samples' first-page NDCG@10, the best validation state tested. "
+           "Ranking: the test samples' first next page, full ranking over the page vocabulary, [UNK] first pages "
+           f"left out (hetlm.metrics.ranking_metrics). Sets: the peer's top-m pages, m (1..{settings['max_m']}) "
+           "with the best val IoU, scored with the paper's set metrics. hetlm rows: bench/results/quality.jsonl.\n"]
+    out += [f"- {name}: {fmt({k: v for k, v in s.items() if k != 'versions'})}" for name, s in settings["peers"].items()]
+    targets = []
+    for log, description in settings["logs"].items():
+        peer_rows = [r for r in peers["rows"] if r["log"] == log]
+        ours = hetlm_rows.get(log, [])
+        out += [f"\n#### {log}: {description}\n",
+                "| model | " + " | ".join(PEERS_COLUMNS) + " | top-m | train CPU s | train wall s | epochs (best) | stopped |",
+                "|---|" + "---:|" * (len(PEERS_COLUMNS) + 5)]
+        out += [f"| hetlm: {row.get('model', '?')} | " + " | ".join(_cell(row, c) for c in PEERS_COLUMNS)
+                + " | - | - | - | - | - |" for row in ours]
+        if not ours:
+            out.append("| hetlm | pending (no rows of this log in bench/results/quality.jsonl) |" + " |" * (len(PEERS_COLUMNS) + 4))
+        out += [f"| RecBole {r['peer']} | " + " | ".join(_cell(r, c) for c in PEERS_COLUMNS)
+                + f" | {r['m']} | {r['train_cpu_s']:.0f} | {r['train_s']:.0f} | {r['epochs']} ({r['best_epoch'] + 1}) | {r['stopped']} |"
+                for r in peer_rows]
+        for metric in PEERS_TARGETS:
+            best_peer = max(peer_rows, key=lambda r: r[metric])
+            lms = [row for row in ours if metric in row and not row.get("baseline")]
+            if not lms:
+                targets.append(f"| {log} | {metric} | pending | {fmt(best_peer[metric])} ({best_peer['peer']}) | pending |")
+                continue
+            best = max(lms, key=lambda row: row[metric])
+            gap = best[metric] - best_peer[metric]
+            targets.append(f"| {log} | {metric} | {fmt(best[metric])} ({best.get('model', '?')}) | "
+                           f"{fmt(best_peer[metric])} ({best_peer['peer']}) | "
+                           f"{'met' if gap >= 0 else f'**not met** (gap {fmt(-gap)})'} |")
+    out += ["\n#### Target: the best hetlm model at least matches the best peer\n",
+            "| log | metric | best hetlm | best peer | met |", "|---|---|---|---|---|", *targets]
     return "\n".join(out)
 
 
