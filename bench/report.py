@@ -39,6 +39,7 @@ TARGETS = [
 # "baseline": true are shown but are not "hetlm" for the targets).
 PEERS_COLUMNS = ["Recall@1", "Recall@10", "NDCG@10", "MRR", "HR", "IoU"]
 PEERS_TARGETS = ["Recall@10", "NDCG@10", "IoU"]
+PEERS_BEAT = {"IoU"}  # strictly better; the others at least equal
 
 
 def latest() -> dict[str, dict]:
@@ -97,6 +98,10 @@ def quality_rows() -> dict[str, list[dict]]:
     return found
 
 
+def _quality_label(row: dict) -> str:
+    return f"{row.get('model', '?')} (baseline)" if row.get("baseline") else f"hetlm {row.get('model', '?')}"
+
+
 def _cell(row: dict, key: str) -> str:
     return fmt(row[key]) if key in row else "-"
 
@@ -120,7 +125,7 @@ def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
         out += [f"\n#### {log}: {description}\n",
                 "| model | " + " | ".join(PEERS_COLUMNS) + " | top-m | train CPU s | train wall s | epochs (best) | stopped |",
                 "|---|" + "---:|" * (len(PEERS_COLUMNS) + 5)]
-        out += [f"| hetlm: {row.get('model', '?')} | " + " | ".join(_cell(row, c) for c in PEERS_COLUMNS)
+        out += [f"| {_quality_label(row)} | " + " | ".join(_cell(row, c) for c in PEERS_COLUMNS)
                 + " | - | - | - | - | - |" for row in ours]
         if not ours:
             out.append("| hetlm | pending (no rows of this log in bench/results/quality.jsonl) |" + " |" * (len(PEERS_COLUMNS) + 4))
@@ -135,10 +140,12 @@ def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
                 continue
             best = max(lms, key=lambda row: row[metric])
             gap = best[metric] - best_peer[metric]
+            met = gap > 0 if metric in PEERS_BEAT else gap >= 0
             targets.append(f"| {log} | {metric} | {fmt(best[metric])} ({best.get('model', '?')}) | "
                            f"{fmt(best_peer[metric])} ({best_peer['peer']}) | "
-                           f"{'met' if gap >= 0 else f'**not met** (gap {fmt(-gap)})'} |")
-    out += ["\n#### Target: the best hetlm model at least matches the best peer\n",
+                           f"{'met' if met else f'**not met** (gap {fmt(-gap)})'} |")
+    out += ["\n#### Target: the best hetlm model matches the best peer on the first page's ranking, and beats "
+            "every peer's top-m set on IoU\n",
             "| log | metric | best hetlm | best peer | met |", "|---|---|---|---|---|", *targets]
     return "\n".join(out)
 
