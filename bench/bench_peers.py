@@ -112,7 +112,8 @@ def main() -> None:
             peers[model] = result["settings"] | {"versions": result["versions"]}
             metrics = evaluate_peer(folder, prepared, args.max_m)
             rows.append({"log": log, "peer": model} | metrics | {
-                "train_s": result["train_seconds"], "train_cpu_s": result["train_cpu_seconds"], "epochs": result["epochs"], "best_epoch": result["best_epoch"],
+                "train_s": result["train_seconds"], "train_cpu_s": result["train_cpu_seconds"],
+                "epochs": result["epochs"], "best_epoch": result["best_epoch"],
                 "stopped": result["stopped"], "val NDCG@10": result["best_valid_ndcg10"],
                 "RecBole test NDCG@10": result["recbole_test"]["ndcg@10"], "train rows": result["train_rows"],
             })

@@ -113,7 +113,9 @@ def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
            f"{settings['peers'][next(iter(settings['peers']))]['versions']['recbole']}, trained on the log's training "
            f"samples (each user's latest sample flattened, every prefix -> its next page, last 50 pages), "
            f"{settings['torch_threads']} torch thread, at most {fmt(settings['max_cpu_seconds'])} CPU seconds of "
-           "training (a CPU cap, as the cores are shared: wall seconds beside it), early stopping on the val samples' first-page NDCG@10, the best validation state tested. "
+           "training (a CPU cap, as the cores are shared: wall seconds beside it), early stopping on the val "
+           "samples' first-page NDCG@10, the best validation state tested; epochs: started (the last one cut "
+           "by the cap) and the best. "
            "Ranking: the test samples' first next page, full ranking over the page vocabulary, [UNK] first pages "
            f"left out (hetlm.metrics.ranking_metrics). Sets: the peer's top-m pages, m (1..{settings['max_m']}) "
            "with the best val IoU, scored with the paper's set metrics. hetlm rows: bench/results/quality.jsonl.\n"]

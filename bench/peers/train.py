@@ -167,7 +167,8 @@ def main() -> None:
     result = {
         "model": args.model, "settings": settings | {"max_cpu_seconds": args.max_cpu_seconds,
                                                      "torch_threads": args.threads},
-        "train_seconds": train_seconds, "train_cpu_seconds": trainer.cpu_seconds, "stopped": stopped, "epochs": trainer.epochs_run,
+        "train_seconds": train_seconds, "train_cpu_seconds": trainer.cpu_seconds, "stopped": stopped,
+        "epochs": trainer.epochs_run,
         "best_epoch": trainer.best_epoch, "best_valid_ndcg10": float(trainer.best_valid_score),
         "recbole_test": {k: float(v) for k, v in recbole_test.items()},
         "train_rows": len(train_data._dataset), "parameters": sum(p.numel() for p in model.parameters()),
@@ -175,8 +176,8 @@ def main() -> None:
                                                       "torch": torch.__version__, "numpy": np.__version__},
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("model", "train_seconds", "train_cpu_seconds", "stopped", "epochs", "best_epoch",
-                                              "best_valid_ndcg10", "recbole_test")}))
+    print(json.dumps({k: result[k] for k in ("model", "train_seconds", "train_cpu_seconds", "stopped", "epochs",
+                                              "best_epoch", "best_valid_ndcg10", "recbole_test")}))
 
 
 if __name__ == "__main__":
