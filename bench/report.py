@@ -35,8 +35,8 @@ TARGETS = [
 
 
 # The PEERS section: RecBole peers (bench_peers -> peers.jsonl) beside hetlm's rows on the same logs
-# (bench/quality.py -> quality.jsonl: rows with "log", "model" and hetlm.metrics names; rows marked
-# "baseline": true are shown but are not "hetlm" for the targets).
+# (bench/quality.py -> quality.jsonl, one line per log named by settings["log"]: rows with "model", "kind"
+# and hetlm.metrics names; "baseline" rows are shown but are not hetlm's for the targets).
 PEERS_COLUMNS = ["Recall@1", "Recall@10", "NDCG@10", "MRR", "HR", "IoU"]
 PEERS_TARGETS = ["Recall@10", "NDCG@10", "IoU"]
 PEERS_BEAT = {"IoU"}  # strictly better; the others at least equal
@@ -87,23 +87,32 @@ def figures(results: dict[str, dict]) -> str:
 
 
 def quality_rows() -> dict[str, list[dict]]:
-    """Per log, the rows of the latest quality.jsonl line that has rows of that log."""
+    """Per log, the rows with a ranking or set figure of the latest quality.jsonl line of that log."""
     path = RESULTS / "quality.jsonl"
     found: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines() if path.exists() else []:
         if line.strip():
-            rows = json.loads(line).get("rows", [])
-            for log in {row.get("log") for row in rows}:
-                found[log] = [row for row in rows if row.get("log") == log]
+            result = json.loads(line)
+            rows = [row for row in result.get("rows", []) if any(_number(row.get(c)) for c in PEERS_COLUMNS)]
+            if rows:
+                found[result["settings"].get("log")] = rows
     return found
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value  # not None, not NaN
+
+
+def _is_hetlm(row: dict) -> bool:
+    return row.get("kind") != "baseline"
+
+
 def _quality_label(row: dict) -> str:
-    return f"{row.get('model', '?')} (baseline)" if row.get("baseline") else f"hetlm {row.get('model', '?')}"
+    return f"hetlm {row.get('model', '?')}" if _is_hetlm(row) else str(row.get("model", "?"))
 
 
 def _cell(row: dict, key: str) -> str:
-    return fmt(row[key]) if key in row else "-"
+    return fmt(row[key]) if _number(row.get(key)) else "-"
 
 
 def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
@@ -136,7 +145,7 @@ def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
                 for r in peer_rows]
         for metric in PEERS_TARGETS:
             best_peer = max(peer_rows, key=lambda r: r[metric])
-            lms = [row for row in ours if metric in row and not row.get("baseline")]
+            lms = [row for row in ours if _number(row.get(metric)) and _is_hetlm(row)]
             if not lms:
                 targets.append(f"| {log} | {metric} | pending | {fmt(best_peer[metric])} ({best_peer['peer']}) | pending |")
                 continue
