@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # The RecBole peers (bench/bench_peers.py) in an environment of their own: RecBole 1.2.1 needs numpy < 2.
 PEERS_VENV := bench/peers/.venv
 PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_CPU_SECONDS ?= 60  # each peer's training cap: `make peers PEERS_CPU_SECONDS=300` trains longer
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -32,7 +33,7 @@ $(PEERS_STAMP): bench/peers/requirements.txt
 
 # RecBole SASRec, GRU4Rec, NARM on the benchmark logs -> bench/results/peers.jsonl -> BENCHMARKS.md.
 peers: $(STAMP) $(PEERS_STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_peers.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_peers.py --max-cpu-seconds $(PEERS_CPU_SECONDS)
 	$(BIN)/python bench/report.py
 
 demo: $(STAMP)
