@@ -15,15 +15,14 @@ Large logs are subsampled deterministically by a hash of the user id (the fracti
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, SHIPPED, record  # noqa: E402
+from logs import GLOBO_FRACTION, GLOBO_OPTIONS, MSNBC_VISITS, globo_subset, msnbc_head  # noqa: E402
 
-import polars as pl  # noqa: E402
 
 from hetlm.experiment import ExperimentConfig, run_experiment  # noqa: E402
 
@@ -36,35 +35,14 @@ MIN_TEST_USERS = 30
 BEATEN_ON = ["IoU", "HR", "F1-Cart/Purchase", "AUC-cart", "AUC-purchase"]
 
 
-def keep_user(user: str, fraction: float) -> bool:
-    """A deterministic hash sample of users (the same users on every machine and run)."""
-    return int.from_bytes(hashlib.blake2b(str(user).encode(), digest_size=8).digest(), "little") / 2**64 < fraction
-
-
-def globo_subset(work: Path, fraction: float) -> Path:
+def globo_path(work: Path, fraction: float) -> Path:
     path = work / f"globo_{fraction:g}.parquet"
-    if not path.exists():
-        clicks = pl.read_parquet(SHARED_DATA / "globo-news" / "clicks_even_users.parquet")
-        users = clicks["user_id"].unique()
-        kept = users.filter(users.map_elements(lambda u: keep_user(u, fraction), return_dtype=pl.Boolean))
-        clicks.filter(pl.col("user_id").is_in(kept.implode())).write_parquet(path)
-    return path
+    return path if path.exists() else globo_subset(path, fraction)
 
 
-def msnbc_head(work: Path, visits: int) -> Path:
-    import zipfile
-
+def msnbc_path(work: Path, visits: int) -> Path:
     path = work / f"msnbc_{visits}.seq"
-    if not path.exists():
-        with zipfile.ZipFile(SHARED_DATA / "msnbc" / "msnbc990928.zip") as archive:
-            lines = archive.read("msnbc990928.seq").decode().splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith("% Sequences")) + 2
-        path.write_text("\n".join(lines[:start] + lines[start:start + visits]) + "\n")
-    return path
-
-
-GLOBO_OPTIONS = {"user": "user_id", "session": "session_id", "page": "click_article_id", "page_prefix": "article_",
-                 "time": "click_timestamp", "time_unit": "ms"}
+    return path if path.exists() else msnbc_head(path, visits)
 
 
 def logs(work: Path, globo_fraction: float, msnbc_visits: int) -> dict[str, dict]:
@@ -74,13 +52,13 @@ def logs(work: Path, globo_fraction: float, msnbc_visits: int) -> dict[str, dict
         "taobao-sample": {"source": "taobao", "path": str(SHIPPED), "prepare": taobao_prepare},
         "taobao-head": {"source": "taobao", "path": str(SHARED_DATA / "taobao-userbehavior" / "UserBehavior_head.csv"),
                         "prepare": taobao_prepare | {"on_bad_rows": "skip"}},
-        "globo-time": {"source": "generic", "path": lambda: str(globo_subset(work, globo_fraction)),
+        "globo-time": {"source": "generic", "path": lambda: str(globo_path(work, globo_fraction)),
                        "source_options": GLOBO_OPTIONS, "prepare": {"split": "time", "max_train_targets_per_user": 3},
                        "subsample": f"users with hash < {globo_fraction:g}"},
-        "globo-user": {"source": "generic", "path": lambda: str(globo_subset(work, globo_fraction)),
+        "globo-user": {"source": "generic", "path": lambda: str(globo_path(work, globo_fraction)),
                        "source_options": GLOBO_OPTIONS, "prepare": {"split": "user"},
                        "subsample": f"users with hash < {globo_fraction:g}"},
-        "msnbc": {"source": "msnbc", "path": lambda: str(msnbc_head(work, msnbc_visits)), "prepare": {},
+        "msnbc": {"source": "msnbc", "path": lambda: str(msnbc_path(work, msnbc_visits)), "prepare": {},
                   "subsample": f"first {msnbc_visits} visits"},
         "rees46": {"source": "rees46", "path": str(next((SHARED_DATA / "rees46-sample").glob("*.csv*"), "")), "prepare": {}},
         "ga360": {"source": "ga360", "path": str(next((SHARED_DATA / "ga360-merchandise-store").glob("*.json*"), "")),
@@ -160,8 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", nargs="*", default=None, help="which logs (default: all)")
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--globo-fraction", type=float, default=0.03)
-    parser.add_argument("--msnbc-visits", type=int, default=30_000)
+    parser.add_argument("--globo-fraction", type=float, default=GLOBO_FRACTION)
+    parser.add_argument("--msnbc-visits", type=int, default=MSNBC_VISITS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     specs = logs(args.work, args.globo_fraction, args.msnbc_visits)

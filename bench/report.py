@@ -97,6 +97,14 @@ def quality_section(per_log: dict[str, dict]) -> str:
 PER_LOG = {"quality": quality_section}  # benchmarks with one line per log, rendered by their own section
 
 
+# The PEERS section: RecBole peers (bench_peers -> peers.jsonl) beside hetlm's rows on the same logs
+# (bench/quality.py -> quality.jsonl, one line per log named by settings["log"]: rows with "model", "kind"
+# and hetlm.metrics names; "baseline" rows are shown but are not hetlm's for the targets).
+PEERS_COLUMNS = ["Recall@1", "Recall@10", "NDCG@10", "MRR", "HR", "IoU"]
+PEERS_TARGETS = ["Recall@10", "NDCG@10", "IoU"]
+PEERS_BEAT = {"IoU"}  # strictly better; the others at least equal
+
+
 def latest() -> dict[str, dict]:
     found = {}
     for path in sorted(RESULTS.glob("*.jsonl")):
@@ -126,7 +134,11 @@ def figures(results: dict[str, dict]) -> str:
         value = summary[key]
         met = value >= limit if bound == "min" else value <= limit
         out.append(f"| {what} | {fmt(value)} ({bench}) | {'met' if met else '**not met**'} |")
+    if "peers" in results:
+        out.append(peers_section(results["peers"], quality_rows()))
     for name, result in results.items():
+        if name == "peers":
+            continue
         m = result["machine"]
         out += [f"\n### {name}\n", (f"{result['time']}, {m['cpu']}, {m['cores']} cores, torch threads "
                                      f"{m['torch_threads']}, load {fmt(m['load_avg_1m'])}, git {m['git']}; "
@@ -140,6 +152,74 @@ def figures(results: dict[str, dict]) -> str:
         per_log = latest_per_log(name)
         if per_log:
             out += ["", section(per_log)]
+    return "\n".join(out)
+
+
+def quality_rows() -> dict[str, list[dict]]:
+    """Per log, the rows with a ranking or set figure of the latest quality.jsonl line of that log."""
+    return {log: rows for log, result in latest_per_log("quality").items()
+            if (rows := [row for row in result.get("rows", []) if any(_number(row.get(c)) for c in PEERS_COLUMNS)])}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value  # not None, not NaN
+
+
+def _is_hetlm(row: dict) -> bool:
+    return row.get("kind") != "baseline"
+
+
+def _quality_label(row: dict) -> str:
+    return f"hetlm {row.get('model', '?')}" if _is_hetlm(row) else str(row.get("model", "?"))
+
+
+def _cell(row: dict, key: str) -> str:
+    return fmt(row[key]) if _number(row.get(key)) else "-"
+
+
+def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
+    m, settings = peers["machine"], peers["settings"]
+    out = ["\n### PEERS: RecBole sequential recommenders beside hetlm\n",
+           f"{peers['time']}, {m['cpu']}, {m['cores']} cores (shared), git {m['git']}. Each peer: RecBole "
+           f"{settings['peers'][next(iter(settings['peers']))]['versions']['recbole']}, trained on the log's training "
+           f"samples (each user's latest sample flattened, every prefix -> its next page, last 50 pages), "
+           f"{settings['torch_threads']} torch thread, at most {fmt(settings['max_cpu_seconds'])} CPU seconds of "
+           "training (a CPU cap, as the cores are shared: wall seconds beside it), early stopping on the val "
+           "samples' first-page NDCG@10, the best validation state tested; epochs: started (the last one cut "
+           "by the cap) and the best. "
+           "Ranking: the test samples' first next page, full ranking over the page vocabulary, [UNK] first pages "
+           f"left out (hetlm.metrics.ranking_metrics). Sets: the peer's top-m pages, m (1..{settings['max_m']}) "
+           "with the best val IoU, scored with the paper's set metrics. hetlm rows: bench/results/quality.jsonl.\n"]
+    out += [f"- {name}: {fmt({k: v for k, v in s.items() if k != 'versions'})}" for name, s in settings["peers"].items()]
+    targets = []
+    for log, description in settings["logs"].items():
+        peer_rows = [r for r in peers["rows"] if r["log"] == log]
+        ours = hetlm_rows.get(log, [])
+        out += [f"\n#### {log}: {description}\n",
+                "| model | " + " | ".join(PEERS_COLUMNS) + " | top-m | train CPU s | train wall s | epochs (best) | stopped |",
+                "|---|" + "---:|" * (len(PEERS_COLUMNS) + 5)]
+        out += [f"| {_quality_label(row)} | " + " | ".join(_cell(row, c) for c in PEERS_COLUMNS)
+                + " | - | - | - | - | - |" for row in ours]
+        if not ours:
+            out.append("| hetlm | pending (no rows of this log in bench/results/quality.jsonl) |" + " |" * (len(PEERS_COLUMNS) + 4))
+        out += [f"| RecBole {r['peer']} | " + " | ".join(_cell(r, c) for c in PEERS_COLUMNS)
+                + f" | {r['m']} | {r['train_cpu_s']:.0f} | {r['train_s']:.0f} | {r['epochs']} ({r['best_epoch'] + 1}) | {r['stopped']} |"
+                for r in peer_rows]
+        for metric in PEERS_TARGETS:
+            best_peer = max(peer_rows, key=lambda r: r[metric])
+            lms = [row for row in ours if _number(row.get(metric)) and _is_hetlm(row)]
+            if not lms:
+                targets.append(f"| {log} | {metric} | pending | {fmt(best_peer[metric])} ({best_peer['peer']}) | pending |")
+                continue
+            best = max(lms, key=lambda row: row[metric])
+            gap = best[metric] - best_peer[metric]
+            met = gap > 0 if metric in PEERS_BEAT else gap >= 0
+            targets.append(f"| {log} | {metric} | {fmt(best[metric])} ({best.get('model', '?')}) | "
+                           f"{fmt(best_peer[metric])} ({best_peer['peer']}) | "
+                           f"{'met' if met else f'**not met** (gap {fmt(-gap)})'} |")
+    out += ["\n#### Target: the best hetlm model matches the best peer on the first page's ranking, and beats "
+            "every peer's top-m set on IoU\n",
+            "| log | metric | best hetlm | best peer | met |", "|---|---|---|---|---|", *targets]
     return "\n".join(out)
 
 
