@@ -5,14 +5,16 @@ one user at a time, batched `model.generate` (left padding) with the same page c
 All four decode greedily, up to --max-new-tokens, the next session of the shipped Taobao sample's
 test users with the same tiny LM (trained --train-steps steps here: a model for timing, not quality).
 All decode the same --users users (default: all test users), so early [EOS]s weigh alike; the
-table also counts the pages each one generated.
+table also counts the pages each one generated. Each decoder runs --repeats times, interleaved, and
+the median time is reported (the machine may be shared).
 
-    .venv/bin/python bench/bench_generate.py [--users 486] [--batch-size 64]
+    .venv/bin/python bench/bench_generate.py [--users 486] [--batch-size 64] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--train-steps", type=int, default=200, help="a model that writes sessions, not only [EOS]")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each decoder; the median time is reported")
     args = parser.parse_args()
 
     import polars as pl
@@ -82,10 +85,15 @@ def main() -> None:
         "batched model.generate, left padding, page constraint": lambda: batched(model, prompts, args.batch_size, constrained),
         "batched model.generate, no page constraint": lambda: batched(model, prompts, args.batch_size, plain),
     }
+    times, pages = {name: [] for name in runs}, {}
+    for _ in range(args.repeats):  # interleaved, so a busy spell of the machine hits every decoder
+        for name, run in runs.items():
+            seconds, pages[name] = timed(run)
+            times[name].append(seconds)
     rows = []
-    for name, run in runs.items():
-        seconds, pages = timed(run)
-        rows.append({"decoder": name, "users": len(inputs), "pages": pages, "seconds": seconds,
+    for name, seconds in times.items():
+        seconds = statistics.median(seconds)
+        rows.append({"decoder": name, "users": len(inputs), "pages": pages[name], "seconds": seconds,
                      "users_per_s": len(inputs) / seconds})
     rate = {row["decoder"]: row["users_per_s"] for row in rows}
     hetlm = rate["hetlm generate_next_sessions"]
