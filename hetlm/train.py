@@ -73,11 +73,11 @@ class TrainConfig:
     save_every: int = 500  # steps between resumable checkpoints (one is also written at the end)
     load_best_at_end: bool = True  # leave the best validated weights in the model
     # Speed settings, defaults as measured on a CPU (bench/bench_train.py --ablate); none changes what is learned.
-    # Packing gains nothing after length bucketing (which leaves ~6 % padding; similar lengths do not share a
-    # row), and an attention mask over a packed row costs its full width.
+    # Packing gains nothing after length bucketing: little padding is left, samples of similar lengths do not
+    # share a row, and an attention mask over a packed row costs its full width.
     pack: bool = False  # a rank's share of a batch packed into rows as wide as its longest sample (pack_sequences)
-    adamw: Literal["fused", "foreach", "for-loop"] = "fused"  # torch's AdamW kernel: fused is 2-4x faster per step
-    compile: bool = False  # torch.compile the model for training: compiling costs minutes, more than short runs gain
+    adamw: Literal["fused", "foreach", "for-loop"] = "fused"  # torch's AdamW kernel; fused steps fastest
+    compile: bool = False  # torch.compile the model for training: compiling costs more than short runs gain
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
