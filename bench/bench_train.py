@@ -136,8 +136,10 @@ TRAINERS = [
 ABLATIONS = [  # each speed setting of TrainConfig changed on its own
     ("hetlm train_lm, pack=True", run_hetlm, {"pack": True}),
     ("hetlm train_lm, adamw=for-loop", run_hetlm, {"adamw": "for-loop"}),
-    ("hetlm train_lm, compile=True", run_hetlm, {"compile": True}),
 ]
+# torch.compile (TrainConfig.compile) is measured on its own (--ablate-compile): its compile workers outlive the
+# run and slow whichever run comes next.
+COMPILE = [("hetlm train_lm, compile=True", run_hetlm, {"compile": True})]
 
 
 def main() -> None:
@@ -146,7 +148,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--presets", default="tiny,small", help="model presets (hetlm.models.PRESETS), comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each trainer; the median is reported")
-    parser.add_argument("--ablate", action="store_true", help="also hetlm with each speed setting turned back")
+    parser.add_argument("--ablate", action="store_true", help="also hetlm with each speed setting changed")
+    parser.add_argument("--ablate-compile", action="store_true", help="also hetlm with compile=True")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-len", type=int, default=512)
     args = parser.parse_args()
@@ -159,7 +162,8 @@ def main() -> None:
     peak_flops = matmul_flops()
     rows, summary, parameters = [], {}, {}
     for preset in args.presets.split(","):
-        trainers = TRAINERS + (ABLATIONS if args.ablate and preset == args.presets.split(",")[0] else [])
+        first = preset == args.presets.split(",")[0]
+        trainers = TRAINERS + (ABLATIONS if args.ablate and first else []) + (COMPILE if args.ablate_compile and first else [])
         runs = {name: [] for name, _, _ in trainers}
         with tempfile.TemporaryDirectory() as tmp:
             for repeat in range(args.repeats):  # interleaved, so a busy spell of the machine hits every trainer
