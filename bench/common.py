@@ -49,8 +49,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def record(name: str, settings: dict, rows: list[dict], summary: dict) -> dict:
-    """Print rows as a table and append {time, machine, settings, rows, summary} to results/<name>.jsonl."""
+def record(name: str, settings: dict, rows: list[dict], summary: dict, path: Path | None = None) -> dict:
+    """Print rows as a table and append {time, machine, settings, rows, summary} to results/<name>.jsonl
+    (or to `path`)."""
     table = Table(title=name)
     for col in rows[0] if rows else []:
         table.add_column(str(col))
@@ -62,7 +63,8 @@ def record(name: str, settings: dict, rows: list[dict], summary: dict) -> dict:
         console.print(f"[bold]{key}[/]: {value:.4g}" if isinstance(value, float) else f"[bold]{key}[/]: {value}")
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "settings": settings,
               "rows": rows, "summary": summary}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"{name}.jsonl", "a") as f:
+    path = path or RESULTS / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         f.write(json.dumps(result) + "\n")
     return result

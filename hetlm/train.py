@@ -73,6 +73,12 @@ class TrainConfig:
     num_workers: int = 0
     save_every: int = 500  # steps between resumable checkpoints (one is also written at the end)
     load_best_at_end: bool = True  # leave the best validated weights in the model
+    # Speed settings, defaults as measured on a CPU (bench/bench_train.py --ablate); none changes what is learned.
+    # Packing gains nothing after length bucketing: little padding is left, samples of similar lengths do not
+    # share a row, and an attention mask over a packed row costs its full width.
+    pack: bool = False  # a rank's share of a batch packed into rows as wide as its longest sample (pack_sequences)
+    adamw: Literal["fused", "foreach", "for-loop"] = "fused"  # torch's AdamW kernel; fused steps fastest
+    compile: bool = False  # torch.compile the model for training: compiling costs more than short runs gain
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -82,6 +88,8 @@ class TrainConfig:
                                    "early_stopping_patience", "bucket_batches", "stream_buffer", "save_every"))
         if self.warmup_ratio >= 1 or self.max_len < 2:
             raise ValueError(f"warmup_ratio must be below 1 ({self.warmup_ratio}) and max_len at least 2 ({self.max_len})")
+        if self.adamw not in ("fused", "foreach", "for-loop"):
+            raise ValueError(f"adamw must be fused, foreach or for-loop, not {self.adamw!r}")
 
 
 def check_limits(config, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
@@ -370,6 +378,33 @@ def pad_sequences(sequences: Sequence[torch.Tensor], side: Literal["right", "lef
     return ids, mask
 
 
+def pack_sequences(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask, position_ids): the sequences packed first-fit-decreasing into as few rows as the
+    longest one's width allows, [PAD] at the end of a row. Positions restart at 0 at each sequence (and at the
+    padding), so a Hugging Face decoder given position_ids and no attention_mask attends within a sequence only."""
+    width = max(len(s) for s in sequences)
+    rows, room = [], []
+    for i in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
+        row = next((r for r, free in enumerate(room) if free >= len(sequences[i])), None)
+        if row is None:
+            row = len(rows)
+            rows.append([])
+            room.append(width)
+        rows[row].append(i)
+        room[row] -= len(sequences[i])
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = len(sequences[i])
+            ids[row, at:at + n], mask[row, at:at + n], positions[row, at:at + n] = sequences[i], 1, torch.arange(n)
+            at += n
+        positions[row, at:] = torch.arange(width - at)
+    return ids, mask, positions
+
+
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, bucket_batches: int, rng: np.random.Generator) -> list[list[int]]:
     """Shuffled batches of similar lengths: shuffle, sort within chunks of `bucket_batches` batches, cut,
     shuffle the batches. Padding stays small while the data order stays random."""
@@ -392,13 +427,36 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[list[int]]:
 # ---------------------------------------------------------------- loss
 
 
-def token_nll(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """NLL of each next token, shape (batch, len - 1): entry j scores token j + 1; 0 where it is padding."""
-    logits = model(input_ids=ids, attention_mask=mask).logits
+def token_nll(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """NLL of each next token, shape (batch, len - 1): entry j scores token j + 1; 0 where it is padding.
+    With position_ids (packed rows, pack_sequences) each sample attends to itself only, and a sample's first
+    token is not scored (it does not follow the previous sample), as in a row of its own."""
+    if position_ids is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        unscored = mask[:, 1:] == 0
+    else:
+        logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits  # a cache hides the packing
+        unscored = (mask[:, 1:] == 0) | (position_ids[:, 1:] == 0)
     # Shift the labels, not the logits: slicing the (batch, len, vocab) logits would copy them.
-    labels = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE), (0, 1), value=IGNORE)
+    labels = F.pad(ids[:, 1:].masked_fill(unscored, IGNORE), (0, 1), value=IGNORE)
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return nll.view(labels.shape)[:, :-1]
+
+
+@torch.no_grad()
+def packing_is_exact(model: PreTrainedModel) -> bool:
+    """Whether `model` keeps packed samples apart: a sample's logits do not change with the sample packed before
+    it. Families whose mask follows position_ids do (Llama, Qwen2); OPT, whose mask ignores them, does not."""
+    was_training = model.training
+    model.eval()  # no dropout
+    logits = []
+    for first in ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]):
+        ids = torch.tensor([first + [3, 1, 4, 1]]) % model.config.vocab_size
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+        logits.append(model(input_ids=ids.to(model.device), position_ids=positions.to(model.device), use_cache=False).logits[0, 5:])
+    model.train(was_training)
+    return torch.allclose(*logits, rtol=0, atol=1e-6)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -486,7 +544,8 @@ def make_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.A
         if p.requires_grad:
             (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[config.adamw]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), **implementation)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -622,6 +681,9 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
     val_set = as_dataset(val_samples, config.max_len) if val_samples is not None else None
     val_set = val_set if val_set is not None and len(val_set) else None
     optimizer = make_optimizer(model, config)
+    pack = config.pack and packing_is_exact(model)
+    if config.pack and not pack:
+        log.info("%s attends across packed samples: batches are padded instead", type(model).__name__)
 
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
@@ -643,8 +705,11 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
         torch.manual_seed(config.seed)  # dropout; data order has its own seeded generator per epoch
     history = state["history"]
     # DDP copies rank 0's weights to every rank, then averages gradients in backward.
-    net = model if info.world_size == 1 else DistributedDataParallel(
+    ddp = None if info.world_size == 1 else DistributedDataParallel(
         model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    net = model if ddp is None else ddp
+    if config.compile:
+        net = torch.compile(net, dynamic=True)  # batch widths vary: one graph for all of them
 
     def validate() -> None:
         # Models are selected and early-stopped on the next sessions' NLL: what users are scored on.
@@ -675,7 +740,8 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
             # A rank whose share of a (last, small) batch is empty runs the batch's first sample at weight 0:
             # every rank must join each gradient all-reduce.
             local = [shard(b, info.rank, info.world_size) or b[:1] for b in batches]
-            loader = DataLoader(train_set, batch_sampler=local, collate_fn=pad_sequences, num_workers=config.num_workers,
+            loader = DataLoader(train_set, batch_sampler=local, collate_fn=pack_sequences if pack else pad_sequences,
+                                num_workers=config.num_workers,
                                 generator=torch.Generator().manual_seed(config.seed))  # leaves the global RNG alone
             for step_batches, micro_batches in zip(_groups(batches, config.grad_accum), _groups(loader, config.grad_accum)):
                 started = time.perf_counter()
@@ -685,17 +751,16 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
                 # Normalise by the step's token count over all ranks so every token weighs the same, whatever
                 # the padding; times world_size because DDP averages the ranks' gradients.
                 n_tokens = sum(int((train_set.lengths[b] - 1).sum()) for b in step_batches)
-                loss = 0.0
-                for i, ((ids, mask), batch) in enumerate(zip(micro_batches, step_batches)):
+                loss = torch.zeros((), device=device)  # read once per step: one host sync, not one per micro-batch
+                for i, (tensors, batch) in enumerate(zip(micro_batches, step_batches)):
                     weight = info.world_size / n_tokens if len(batch) > info.rank else 0.0
                     last = i == len(micro_batches) - 1
-                    with nullcontext() if last or net is model else net.no_sync():  # all-reduce once per step
+                    with nullcontext() if last or ddp is None else ddp.no_sync():  # all-reduce once per step
                         with _autocast(device, config.bf16):
-                            micro_loss = token_nll(net, ids.to(device), mask.to(device)).sum() * weight
+                            micro_loss = token_nll(net, *(t.to(device, non_blocking=True) for t in tensors)).sum() * weight
                         micro_loss.backward()
-                    loss += micro_loss.item() / info.world_size
-                if info.world_size > 1:
-                    loss = all_reduce_sum(torch.tensor(loss, dtype=torch.float64)).item()
+                    loss += micro_loss.detach() / info.world_size
+                loss = (all_reduce_sum(loss) if info.world_size > 1 else loss).item()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -20,9 +20,12 @@ from hetlm.train import (
     gather_columns,
     length_bucketed_batches,
     owned_clusters,
+    pack_sequences,
+    packing_is_exact,
     pad_sequences,
     sequence_nll,
     shard,
+    token_nll,
     train_lm,
 )
 
@@ -162,6 +165,34 @@ def test_pad_sequences_both_sides():
     assert ids.tolist() == [[5, 6, 7], [PAD_ID, PAD_ID, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = pad_sequences(seqs)
     assert ids.tolist() == [[5, 6, 7], [8, PAD_ID, PAD_ID]]
+
+
+def test_pack_sequences_rows_and_positions():
+    seqs = [torch.tensor([5, 6, 7, 8]), torch.tensor([9]), torch.tensor([10, 11]), torch.tensor([12, 13, 14])]
+    ids, mask, positions = pack_sequences(seqs)
+    assert ids.tolist() == [[5, 6, 7, 8], [12, 13, 14, 9], [10, 11, PAD_ID, PAD_ID]]
+    assert positions.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]] and mask.sum() == 10
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_rows_score_as_padded_ones(family):
+    model = micro_model(family).eval()
+    seqs = [torch.tensor(h + t) for h, t in toy_samples(12, seed=3)]
+    padded = token_nll(model, *pad_sequences(seqs))
+    packed = token_nll(model, *pack_sequences(seqs))
+    assert len(pack_sequences(seqs)[0]) < len(seqs) and (packed > 0).sum() == (padded > 0).sum()
+    assert packed.sum().item() == pytest.approx(padded.sum().item(), rel=1e-5)
+
+
+def test_packing_is_used_only_where_samples_stay_apart(tmp_path):
+    assert packing_is_exact(micro_model("llama")) and not packing_is_exact(micro_model("opt"))
+    train = toy_samples(64, seed=0)
+    losses = {}
+    for pack in (True, False):
+        config = TrainConfig(lr=3e-3, batch_size=16, max_steps=6, bucket_batches=1, device="cpu", pack=pack)
+        result = train_lm(micro_model("llama"), train, None, config, tmp_path / str(pack), progress=False)
+        losses[pack] = [e["loss"] for e in result.history["train"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)  # the same objective, without the padding
 
 
 def test_long_samples_keep_their_most_recent_tokens():
