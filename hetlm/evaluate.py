@@ -59,7 +59,7 @@ def predict(model: PreTrainedModel | ClusterwiseLM, test: pl.DataFrame, tokenize
     if isinstance(model, PreTrainedModel):
         clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
     else:
-        clusters, models = model.route(z, routing), model.models
+        clusters, models = model.route(z, routing, inputs), model.models
     pages: list[list[str]] = [[] for _ in inputs]
     scores = np.zeros((len(inputs), len(tokenizer)), dtype=np.float32)
     seconds = {"generation": 0.0, "scoring": 0.0}

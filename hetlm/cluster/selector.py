@@ -37,10 +37,10 @@ class Selector:
     """MLP actor. `fit(z, labels)` pre-trains it to reproduce given (k-means) labels."""
 
     def __init__(self, n_clusters: int = 6, hidden: int = 256, dropout: float = 0.1, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, epochs: int = 200, batch_size: int = 256, label_smoothing: float = 0.2,
+                 weight_decay: float = 1e-4, epochs: int = 200, batch_size: int = 256, label_smoothing: float = 0.0,
                  seed: int = 0):
-        # Label smoothing keeps the pre-trained selector from saturating: a one-hot softmax passes
-        # almost no gradient from L1, and the actor could then never move a user to a better predictor.
+        # Label smoothing (off by default: the paper's selector mimics the k-means labels) softens the
+        # pre-trained selector; too soft, and L2 can move every user onto the biggest cluster at once.
         self.n_clusters, self.hidden, self.dropout, self.label_smoothing = n_clusters, hidden, dropout, label_smoothing
         self.lr, self.weight_decay, self.epochs, self.batch_size, self.seed = lr, weight_decay, epochs, batch_size, seed
         self.net: SelectorNet | None = None
