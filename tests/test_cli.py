@@ -130,8 +130,13 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
     tables = (tmp_path / "again" / "tables.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 17", "P(Cart) and P(Purchase)"):
         assert title in tables
+    assert "Table 3 as the paper counts" in tables  # composites with ties as wins, beside the strict ones
     het = next(r for n, r in again["results"].items() if "HeTLM" in n)
     assert sum(c["n"] for c in het["clusters"].values()) == het["combined"]["n"]
+    # every clusterwise model also routed by the likelihood of each user's history
+    routed = {n: r for n, r in again["results"].items() if n.endswith("[routed by likelihood]")}
+    assert len(routed) == len(again["histories"]) - 2  # k-means and each HeTLM run (not the small and larger LM)
+    assert all(r["routing"] == "likelihood" and r["combined"]["n"] == het["combined"]["n"] for r in routed.values())
     assert (tmp_path / "again" / "models" / "hetlm_a5_b9" / "clusterwise.json").exists()
     assert "tiny HeTLM a=0 b=0 l1=centered" in names  # a run that sets more than (alpha, beta)
     centered = json.loads((tmp_path / "again" / "models" / "hetlm_a0_b0_l1_centered" / "clusterwise.json").read_text())

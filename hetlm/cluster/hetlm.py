@@ -14,12 +14,24 @@
                 e_k = sum_i pi_ik z_i / sum_i pi_ik  (soft centroids over the batch, so L3 has a gradient)
     after each epoch: clusters that no training sample is assigned to (argmax) are retired.
 
-l_ik is the mean NLL per token of sample i's whole sequence (history + next session), the same loss the
-critic minimises, so the selector sends a user to the predictor that models that user best.
-Options not in the paper, because the paper's loss collapses real data to one cluster (README, "HeTLM
-collapses"; bench/hetlm_variants.py): `l1="centered"` uses l_ik - mean_i l_ik in L1 (a user goes where a
-predictor is relatively good, not to the predictor that is best on average), and `l2_balance` subtracts
-that weight x the entropy of the batch's mean assignment from L2.
+Choices where the paper is silent or its loss collapses real data to one cluster (README, "HeTLM
+collapses"; bench/hetlm_variants.py), each a HeTLMConfig field:
+- l_ik (`l1_tokens`, `l1_reduce`): by default the NLL of sample i's next session (its history sessions
+  are training data: their NLL measures memorisation), summed over its tokens as the paper's
+  L_LLM = -sum O_i log P_i; "all" / "mean" give the former per-token NLL of history + next session.
+- `l1_nll`: the NLL matrix comes from the predictors before the batch's critic step (after it, the
+  predictor a user was just trained with on this very batch looks better than it is).
+- c = argmax of the selector without dropout, as at inference.
+- `critic_balance`: "accumulate" steps a predictor once it has gathered batch_size samples, so a small
+  cluster's predictor does not take noisy few-sample steps while the largest one steps every batch
+  (and becomes best on average, which L1 rewards).
+- `selector_label_smoothing`: 0 (the selector mimics the k-means labels).
+- `l1="centered"` uses l_ik - mean_i l_ik in L1 (a user goes where a predictor is relatively good, not to
+  the predictor that is best on average), and `l2_balance` subtracts that weight x the entropy of the
+  batch's mean assignment from L2.
+- `assignment="likelihood"`: hard EM, no selector in the loop: c_i = argmin_k of predictor k's NLL of
+  user i's history (new users are routed the same way, `ClusterwiseLM.route(..., "likelihood")`); the
+  selector only learns to imitate c (cross-entropy), for routing by embedding. Needs a critic warm-up.
 
 Speed: L1 needs every predictor on every batch sample, K no-grad forwards per step, about 2.3 single-LM
 training steps for K=6 on a CPU (bench/bench_hetlm_epoch.py): an exact epoch costs ~3x a single-LM one.
