@@ -130,6 +130,10 @@ class HeTLMConfig:
     # Not in the paper (0 = its selector "mimics" the k-means labels): a soft start lets L2 move every user
     # onto the biggest cluster in the first epoch.
     selector_label_smoothing: float = 0.0
+    # Not in the paper: pre-training stops once the selector's argmax agrees with the k-means labels on this
+    # share of the samples (None: all selector_pretrain_epochs). Trained on, the softmax saturates: L1, L2
+    # and L3 then pass it almost no gradient and no user ever moves (bench/hetlm_variants.py).
+    selector_pretrain_agreement: float | None = 0.99
     # Not in the paper: epochs in which each predictor first trains on its k-means cluster alone, before
     # any actor step. With identical predictors, the one of the largest cluster otherwise gets ahead
     # and L1 can pull every user to it.
@@ -450,7 +454,8 @@ class HeTLM:
         labels, km_centroids = kmeans_labels(z_train, c.n_clusters, c.seed)
         selector = Selector(c.n_clusters, hidden=c.selector_hidden, lr=c.selector_pretrain_lr,
                             weight_decay=c.selector_weight_decay, epochs=c.selector_pretrain_epochs,
-                            label_smoothing=c.selector_label_smoothing, seed=c.seed).fit(z_train, labels)
+                            label_smoothing=c.selector_label_smoothing, seed=c.seed,
+                            stop_at_agreement=c.selector_pretrain_agreement).fit(z_train, labels)
         state = {"epoch": 0, "position": 0, "step": 0, "seconds": 0.0,
                  "tau": c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean()),
                  "pretrain_agreement": float((selector.predict(z_train) == labels).mean()),
