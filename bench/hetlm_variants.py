@@ -15,7 +15,7 @@ Logs:
   - planted: the synthetic log of tests/test_hetlm.py (3 groups that k-means with K=6 over-splits; the
     micro LM and settings of that test): final K and the adjusted Rand index against the planted groups;
   - taobao: the shipped sample (tiny LM pre-trained 3 epochs, page-bag embeddings, K=6, batch 32, lr 1e-3);
-  - globo: the shared Globo news log, `--split user`, the first --globo-users users (by id) with 3+
+  - globo: the shared Globo news log, `--split user`, the first --globo-users (1,500) users (by id) with 3+
     sessions, articles as pages; the Taobao settings.
 Per variant: final K, the largest cluster's share of the training samples, the cluster sizes, and the
 test users' per-token NLL of their next session under the predictor they are routed to (the model's own
