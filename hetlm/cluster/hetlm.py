@@ -14,8 +14,8 @@
                 e_k = sum_i pi_ik z_i / sum_i pi_ik  (soft centroids over the batch, so L3 has a gradient)
     after each epoch: clusters that no training sample is assigned to (argmax) are retired.
 
-Choices where the paper is silent or its loss collapses real data to one cluster (README, "HeTLM
-collapses"; bench/hetlm_variants.py), each a HeTLMConfig field:
+Choices where the paper is silent or its loss collapsed real data to one cluster (README, "HeTLM's
+clusters"; bench/hetlm_variants.py), each a HeTLMConfig field:
 - l_ik (`l1_tokens`, `l1_reduce`): by default the NLL of sample i's next session (its history sessions
   are training data: their NLL measures memorisation), summed over its tokens as the paper's
   L_LLM = -sum O_i log P_i; "all" / "mean" give the former per-token NLL of history + next session.
