@@ -390,7 +390,7 @@ def generate(
     temperature: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
-    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid"),
+    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
     seed: int = typer.Option(0),
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached)."""
@@ -515,7 +515,7 @@ def score(
     temperature: float = typer.Option(1.0, help="sampling temperature of the next session"),
     n_samples: int = typer.Option(32, help="sessions drawn per user for P(Cart), P(Purchase); 0 skips them"),
     seed: int = typer.Option(0),
-    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid"),
+    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
     max_new_tokens: int = typer.Option(40),
     batch_users: int = typer.Option(64, help="users scored and written per batch"),
     batch_size: int = typer.Option(64, help="decoded sequences per forward pass"),
@@ -570,7 +570,7 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
-    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid"),
+    routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
     max_new_tokens: int = typer.Option(40),
     max_batch: int = typer.Option(32, help="requests scored together"),
     max_wait_ms: float = typer.Option(5.0, help="how long a request waits for others to batch with"),

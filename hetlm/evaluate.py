@@ -66,7 +66,7 @@ def predict(model: PreTrainedModel | ClusterwiseLM, samples: pl.DataFrame, token
     if isinstance(model, PreTrainedModel):
         clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
     else:
-        clusters, models = model.route(z, routing), model.models
+        clusters, models = model.route(z, routing, inputs), model.models
     pages: list[list[str]] = [[] for _ in inputs]
     evidence = Evidence.empty(len(inputs), len(tokenizer))
     seconds = {"generation": 0.0, "scoring": 0.0}

@@ -49,6 +49,7 @@ from .models import (
     build_model,
     count_parameters,
     init_from,
+    preset_parameters,
     scale_preset,
 )
 from .outcomes import OUTCOMES, OutcomeCalibrator, calibration, outcome_calibration, outcome_table
@@ -74,6 +75,9 @@ class ModelSettings(BaseModel):
     preset: str = "tiny"
     family: str | None = None
     init_from: str | None = Field(None, description="released weights on disk to start from (all but vocab layers)")
+    # A released architecture (opt-350m, ...) trained from random weights at a fine-tuning learning rate
+    # (<= 1e-5) learns next to nothing: refused unless this is set.
+    from_scratch: bool = False
 
     @field_validator("preset")
     @classmethod
@@ -126,7 +130,19 @@ class HeTLMSettings(BaseModel):
 class LargerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    factor: float | Literal["final_k"] = "final_k"   # x the small LM's parameters; final_k = max final K of HeTLM
+    # x the small LM's parameters. initial_k (the paper: 6 x OPT-350M vs OPT-2.7B) = the largest initial K
+    # of the clusterwise runs, what HeTLM and k-means start with; final_k = the largest final K of HeTLM.
+    factor: float | Literal["initial_k", "final_k"] = "initial_k"
+    # released weights for the larger LM (a shape of the small LM's family): with model.init_from set and
+    # this not, the small LM and every cluster LM start from released weights and the larger LM does not.
+    init_from: str | None = None
+    # a named preset instead of a scaled shape (e.g. "opt-2.7b", whose released weights init_from can load)
+    preset: str | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        return preset if preset is None else _one_of(preset, PRESETS, "preset")
 
 
 class EncoderSettings(BaseModel):
@@ -179,6 +195,10 @@ class ExperimentConfig(BaseModel):
     generation: GenerationSettings = GenerationSettings()
     set_decoder: SetDecoderSettings = SetDecoderSettings()
     baselines: list[str] = list(BASELINES)
+    # Every clusterwise model is also evaluated routed these ways (rows "<model> [routed by <routing>]"):
+    # "selector" (HeTLM's actor, on embeddings), "centroid" (nearest cluster centroid of the embeddings),
+    # "likelihood" (the cluster LM that best predicts the user's own history; no encoder).
+    extra_routings: list[Literal["selector", "centroid", "likelihood"]] = []
     bert_score: bool = True
     # P(Cart)/P(Purchase) in the next session: Monte Carlo over this many sampled sessions per user
     # (hetlm.outcomes); 0 = the probability that the session's first page is Cart/Purchase (no sampling).
@@ -194,6 +214,21 @@ class ExperimentConfig(BaseModel):
     @classmethod
     def _known_baselines(cls, names: list[str]) -> list[str]:
         return [_one_of(name, BASELINES, "baseline") for name in names]
+
+    @model_validator(mode="after")
+    def _fair_starts(self) -> ExperimentConfig:
+        model = self.model
+        if model.from_scratch:
+            return self
+        released = PRESETS[model.preset].family is not None
+        if released and model.init_from is None and self.pretrain.lr <= 1e-5:
+            raise ValueError(f"model.preset {model.preset!r} from random weights at lr {self.pretrain.lr:g}: set "
+                             "model.init_from to its released weights, or model.from_scratch: true")
+        if model.init_from is not None and self.larger.enabled and self.larger.init_from is None:
+            raise ValueError("model.init_from is set but larger.init_from is not: the larger LM would start from "
+                             "random weights and every small one from released weights; set larger.init_from, or "
+                             "model.from_scratch: true to allow it")
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> ExperimentConfig:
@@ -292,7 +327,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             folders[name] = out / "models" / f"kmeans_k{k}"
             km.save_pretrained(folders[name], tokenizer)
 
-    final_ks = []
+    final_ks, initial_ks = [], [config.kmeans.n_clusters] if config.kmeans.enabled else []
     if config.hetlm.enabled:
         for label, cfg in config.hetlm.variants():
             folder = "hetlm_" + re.sub(r"[^\w.-]+", "_", label.replace("a=", "a").replace(" b=", "_b"))
@@ -306,6 +341,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             models[name], params[name] = het, sum(count_parameters(m) for m in het.models.values())
             histories[name] = het.info["history"]
             final_ks.append(len(het.models))
+            initial_ks.append(cfg.n_clusters)
             folders[name] = out / "models" / folder
             if config.hetlm.processes == 1:  # else `hetlm fit-hetlm` saved it there (and it is read from there)
                 het.save_pretrained(folders[name], tokenizer)
@@ -314,12 +350,23 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     if config.larger.enabled:
         factor = config.larger.factor
         if factor == "final_k":
-            factor = max(final_ks or [config.kmeans.n_clusters if config.kmeans.enabled else 2])
-        shape, n = scale_preset(config.model.preset, factor, len(tokenizer), config.model.family, max_len)
-        larger_name = f"larger single ({n / 1e6:.1f}M, >= {factor:g}x)"
+            factor = max(final_ks or initial_ks or [2])
+        elif factor == "initial_k":
+            factor = max(initial_ks or [2])
+        if config.larger.preset:
+            shape = config.larger.preset
+            n = preset_parameters(shape, len(tokenizer), config.model.family, max_len)
+            larger_name = f"larger single ({shape}, {n / 1e6:.1f}M)"
+        else:
+            shape, n = scale_preset(config.model.preset, factor, len(tokenizer), config.model.family, max_len)
+            larger_name = f"larger single ({n / 1e6:.1f}M, >= {factor:g}x)"
         with clock("larger LM training"):
             torch.manual_seed(config.seed)
             larger = build_model(shape, len(tokenizer), config.model.family, max_positions=max_len)
+            if config.larger.init_from:
+                report = init_from(larger, config.larger.init_from)
+                console.print(f"larger LM init from {config.larger.init_from}: {len(report.loaded)} tensors loaded, "
+                              f"{len(report.skipped)} skipped")
             result = train_lm(larger, train, val, config.pretrain, out / "train" / "larger", progress=progress)
             models[larger_name], params[larger_name], histories[larger_name] = larger.eval(), n, result.history
             folders[larger_name] = out / "models" / "larger"
@@ -336,31 +383,38 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     outcome_baselines = {"baseline: history logistic regression": _outcome_summary(
         _outcome_frame(test, history_lr.predict_proba(test["history"].to_list())))}
     sd = config.set_decoder
-    for name, model in models.items():
+    # Each model with its own routing, and each clusterwise model again with every other routing asked for.
+    entries = [(name, name, model, None) for name, model in models.items()]
+    entries += [(f"{name} [routed by {r}]", name, model, r) for name, model in models.items()
+                if isinstance(model, ClusterwiseLM) for r in config.extra_routings
+                if r != model.routing and (r != "selector" or model.selector is not None)]
+    for name, model_name, model, routing in entries:
         clusterwise = isinstance(model, ClusterwiseLM)
         with clock(f"inference: {name}"):
             t0 = time.perf_counter()
             zt = encoder.transform(test["history"].to_list()) if clusterwise else None  # cached: Table 17's routing cost
-            pred = predict(model, test, tokenizer, config.generation, zt, progress=progress, n_samples=sd.n_samples)
+            pred = predict(model, test, tokenizer, config.generation, zt, routing, progress=progress,
+                           n_samples=sd.n_samples)
             inference_s = time.perf_counter() - t0 - pred.seconds["scoring"]
             results[name] = score(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
                                   tokenizer, bert_encoder)
-            results[name] |= {"params": params[name], "inference_seconds": round(inference_s, 2),
+            results[name] |= {"params": params[model_name], "inference_seconds": round(inference_s, 2),
                               "kind": "clusterwise" if clusterwise else "single"}
             if clusterwise:
-                results[name]["train_cluster_sizes"] = model.sizes
-                _save_clusters(artefact_path(out, "clusters", name), train, model.route(z["train"]), test,
-                               pred.clusters)
+                results[name] |= {"train_cluster_sizes": model.sizes, "routing": routing or model.routing}
+                train_clusters = model.route(z["train"], routing, train["input_ids"].to_list())
+                _save_clusters(artefact_path(out, "clusters", name), train, train_clusters, test, pred.clusters)
             save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
             zv = z["val"] if clusterwise else None
-            val_pred = predict(model, val, tokenizer, config.generation, zv, progress=False, greedy=False,
+            val_pred = predict(model, val, tokenizer, config.generation, zv, routing, progress=False, greedy=False,
                                n_samples=sd.n_samples) if val.height else None
         if sd.enabled and val_pred is not None:
             with clock(f"set decoder: {name}"):
                 decoder = fit_set_decoder(SetDecoder(sd.n_samples, sd.top_first, sd.max_size, seed=config.seed,
                                                      max_new_tokens=config.generation.max_new_tokens),
                                           val_pred, val, tokenizer)
-                decoder.save_pretrained(folders[name])
+                if routing is None:  # the model's own routing is what score/serve use
+                    decoder.save_pretrained(folders[model_name])
                 set_name = f"{name} · set decoder"
                 set_pages = set_decoded_pages(decoder, pred, test, tokenizer)
                 ranking = decoder.page_scores(test["input_ids"].to_list(), pred.evidence)
@@ -373,11 +427,12 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             if config.outcome_samples:
                 mc = {"n_samples": config.outcome_samples, "seed": config.seed,
                       "max_new_tokens": config.generation.max_new_tokens}
-                outcomes = outcome_table(model, tokenizer, test, zt, **mc)
-                val_outcomes = outcome_table(model, tokenizer, val, zv, **mc) if val.height else None
+                outcomes = outcome_table(model, tokenizer, test, zt, routing, **mc)
+                val_outcomes = outcome_table(model, tokenizer, val, zv, routing, **mc) if val.height else None
                 if val_outcomes is not None:  # Platt scaling on the validation users, kept with the model for score/serve
                     calibrator = OutcomeCalibrator().fit(val_outcomes, config.outcome_samples)
-                    calibrator.save_pretrained(folders[name])
+                    if routing is None:  # the model's own routing is what score/serve use
+                        calibrator.save_pretrained(folders[model_name])
                     outcomes = outcomes.with_columns(**{f"p_{o}_calibrated": calibrator.transform(
                         o, outcomes[f"p_{o}"].to_numpy()) for o in OUTCOMES})
             else:
@@ -407,7 +462,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     reference = larger_name or next(iter(models))
     for name, r in results.items():
         if name != reference:
-            r["composite_vs_" + _slug(reference)] = M.composite_score(r["combined"], results[reference]["combined"])
+            for ties, key in (("loss", "composite_vs_"), ("win", "composite_ties_win_vs_")):
+                r[key + _slug(reference)] = M.composite_score(r["combined"], results[reference]["combined"], ties)
 
     run = {
         "name": config.name, "reference": reference, "outcome_samples": config.outcome_samples, "data": summary,
@@ -522,8 +578,9 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
                 out[name] = {n: r["combined"][n] for n in metric_names}
         return out
 
-    composite_key = "composite_vs_" + _slug(ref)
+    composite_key, ties_key = "composite_vs_" + _slug(ref), "composite_ties_win_vs_" + _slug(ref)
     composite = {n: r[composite_key] for n, r in results.items() if composite_key in r}
+    composite_ties = {n: r[ties_key] for n, r in results.items() if ties_key in r}
     bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
     ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
                for n, r in results.items()}
@@ -534,7 +591,9 @@ def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
               for n, r in results.items() if "inference_seconds" in r}
     return {
         "Table 2: page generation (higher is better)": rows(M.GENERATION_MEANS),
-        f"Table 3: composite vs {ref} (share of metrics where the model is better)": composite,
+        f"Table 3: composite vs {ref} (strict: share of metrics where the model is better; ties are not wins)":
+            composite,
+        f"Table 3 as the paper counts: composite vs {ref} (ties count as wins)": composite_ties,
         "Table 4: outcome prediction (higher is better)": rows(M.OUTCOME_METRICS),
         "Table 5: variance of page generation across users (lower is better)": rows(M.VARIANCES),
         "Table 6: BLEU and BERTScore": bleu_bert,

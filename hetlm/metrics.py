@@ -17,8 +17,9 @@ Documented choices where the paper is silent:
 - Outcome metrics treat users as a binary classification (prediction: the outcome page is in G;
   truth: it is in A). Precision with no positive prediction, recall with no actual positive, and F1
   with precision + recall = 0 are 0 (scikit-learn's zero_division=0 convention).
-- Composite: a model beats the baseline on a metric only when strictly better (higher, or lower for
-  variances); ties and NaNs count as not better.
+- Composite: by default a model beats the baseline on a metric only when strictly better (higher, or
+  lower for variances); ties and NaNs count as not better. The paper's text says "greater than" too, but
+  its Table 3 follows from its Table 4 only when a tie counts as a win (`ties="win"`), so both are reported.
 """
 
 from __future__ import annotations
@@ -191,17 +192,22 @@ def evaluate_generations(
 # ---------------------------------------------------------------- composite (paper Table 3)
 
 
-def _beats(name: str, model: float, baseline: float) -> bool:
+def _beats(name: str, model: float, baseline: float, ties: str = "loss") -> bool:
     # NaN compares False both ways, so a NaN never beats anything.
+    if ties == "win" and model == baseline:
+        return True
     return model > baseline if HIGHER_IS_BETTER[name] else model < baseline
 
 
-def composite_score(model: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-    """Share of metrics on which `model` strictly beats `baseline`, per group and overall (over all 20)."""
+def composite_score(model: dict[str, float], baseline: dict[str, float], ties: str = "loss") -> dict[str, float]:
+    """Share of metrics on which `model` beats `baseline`, per group and overall (over all 20).
+    ties="loss": only strict wins count; "win": a tie counts as a win, as the paper's Table 3 implies."""
+    if ties not in ("loss", "win"):
+        raise ValueError(f"ties must be 'loss' or 'win', not {ties!r}")
     missing = [n for n in METRIC_NAMES if n not in model or n not in baseline]
     if missing:
         raise KeyError(f"metrics missing for the composite: {missing}")
-    wins = {name: _beats(name, model[name], baseline[name]) for name in METRIC_NAMES}
+    wins = {name: _beats(name, model[name], baseline[name], ties) for name in METRIC_NAMES}
     out = {group: sum(wins[n] for n in names) / len(names) for group, names in METRIC_GROUPS.items()}
     out["overall"] = sum(wins.values()) / len(wins)
     return out

@@ -215,9 +215,9 @@ def outcome_table(model, tokenizer, samples: pl.DataFrame, z: np.ndarray | None 
 
     inputs = samples["input_ids"].to_list()
     if isinstance(model, ClusterwiseLM):
-        if z is None:
+        if z is None and (routing or model.routing) != "likelihood":
             raise ValueError("a clusterwise model needs the user embeddings z to route the samples")
-        clusters, models = model.route(z, routing), model.models
+        clusters, models = model.route(z, routing, inputs), model.models
     else:
         clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
     columns = {f"{kind}_{name}": np.full(len(inputs), np.nan) for kind in ("p", "se") for name in OUTCOMES}

@@ -149,6 +149,8 @@ def _plot_hetlm(ax_lm, ax_sel, history: dict) -> None:
         ax_lm.plot([h["step"] for h in val], [h["combined_nll"] for h in val], "ks--", ms=5, lw=1.2,
                    label="all clusters, routed")
     for i, part in enumerate(("LA", "L1", "L2", "L3")):
+        if not steps or part not in steps[0]:  # hard EM (assignment="likelihood") logs only its actor loss LA
+            continue
         ax_sel.plot([h["step"] for h in steps], [h[part] for h in steps], color=_colour(i), lw=1, label=part)
         if val:
             ax_sel.plot([h["step"] for h in val], [h[f"selector_{part}"] for h in val], "o--", color=_colour(i), ms=5,

@@ -54,7 +54,7 @@ def small_run(tmp_path_factory) -> Path:
                              "eval_every": 3, "max_len": 128}},
         "larger": {"factor": 1.5},
         "generation": {"max_new_tokens": 6},
-        "bert_score": False, "outcome_samples": 2,
+        "bert_score": False, "outcome_samples": 2, "extra_routings": ["likelihood"],
     })
     run_experiment(config, root / "run", progress=False)
     return root / "run"

@@ -130,8 +130,13 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
     tables = (tmp_path / "again" / "tables.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 17", "P(Cart) and P(Purchase)"):
         assert title in tables
+    assert "Table 3 as the paper counts" in tables  # composites with ties as wins, beside the strict ones
     het = next(r for n, r in again["results"].items() if "HeTLM" in n)
     assert sum(c["n"] for c in het["clusters"].values()) == het["combined"]["n"]
+    # every clusterwise model also routed by the likelihood of each user's history
+    routed = {n: r for n, r in again["results"].items() if n.endswith("[routed by likelihood]")}
+    assert len(routed) == len(again["histories"]) - 2  # k-means and each HeTLM run (not the small and larger LM)
+    assert all(r["routing"] == "likelihood" and r["combined"]["n"] == het["combined"]["n"] for r in routed.values())
     assert (tmp_path / "again" / "models" / "hetlm_a5_b9" / "clusterwise.json").exists()
     assert "tiny HeTLM a=0 b=0 l1=centered" in names  # a run that sets more than (alpha, beta)
     centered = json.loads((tmp_path / "again" / "models" / "hetlm_a0_b0_l1_centered" / "clusterwise.json").read_text())
@@ -143,11 +148,29 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
 
 
 @pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.stem)
-def test_shipped_profiles_are_valid_configs(profile):
-    from hetlm.experiment import ExperimentConfig
+def test_shipped_profiles_are_valid_and_fair(profile):
+    from pydantic import ValidationError
 
-    config = ExperimentConfig.model_validate_json(profile.read_text())
+    from hetlm.experiment import ExperimentConfig
+    from hetlm.models import PRESETS
+
+    raw = json.loads(profile.read_text())
+    if PRESETS[raw["model"]["preset"]].family and not raw["model"].get("init_from"):
+        # a released shape (OPT-350M) from random weights at lr 1e-5 is refused until asked for
+        with pytest.raises(ValidationError, match="from_scratch"):
+            ExperimentConfig.model_validate(raw)
+        assert ExperimentConfig.model_validate(raw | {"model": raw["model"] | {"from_scratch": True}})
+        raw["model"]["init_from"] = "/models/opt-350m"
+        with pytest.raises(ValidationError, match="larger.init_from"):  # released small LMs, random larger LM
+            ExperimentConfig.model_validate(raw)
+        raw["larger"]["init_from"] = "/models/opt-2.7b"
+    config = ExperimentConfig.model_validate(raw)
     assert config.hetlm.variants()
+    # fair comparisons: k-means clusters fine-tune as many epochs as HeTLM's predictors train; the larger
+    # LM is sized by the initial K (or is a named released shape)
+    for _, hetlm in config.hetlm.variants():
+        assert config.kmeans.finetune.epochs == hetlm.critic_warmup_epochs + hetlm.epochs
+    assert config.larger.preset or config.larger.factor == "initial_k"
 
 
 def test_experiment_stops_before_training_on_inconsistent_settings(tmp_path):

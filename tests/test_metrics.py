@@ -10,6 +10,7 @@ from hetlm.metrics import (
     HIGHER_IS_BETTER,
     METRIC_GROUPS,
     METRIC_NAMES,
+    VARIANCES,
     bert_score,
     bert_text,
     binary_scores,
@@ -166,6 +167,32 @@ def test_composite_paper_table3_shape():
     assert composite_score(model, baseline) == pytest.approx(
         {"generation means": 0.5, "outcomes": 0.5, "variances": 1.0, "overall": 0.6}
     )
+
+
+# The paper's Table 4 (outcomes) and Table 5 (variances), Dataset I, Combined rows.
+PAPER_OUTCOMES = {
+    "OPT-2.7B": [0.74, 0.869, 0.917, 0.55, 0.402, 0.551, 0.532, 0.255, 0.533, 0.542],
+    "HeTLM a=2 b=1": [0.74, 0.849, 0.906, 0.501, 0.397, 0.50, 0.535, 0.216, 0.536, 0.518],
+    "HeTLM a=5 b=9": [0.741, 0.869, 0.918, 0.51, 0.371, 0.508, 0.537, 0.245, 0.537, 0.522],
+}
+PAPER_VARIANCES = {"OPT-2.7B": [0.152, 0.121, 0.119, 0.109], "HeTLM a=2 b=1": [0.162, 0.101, 0.103, 0.082],
+                   "HeTLM a=5 b=9": [0.15, 0.103, 0.107, 0.092]}
+
+
+@pytest.mark.parametrize("model, ties, outcomes, variances", [
+    ("HeTLM a=5 b=9", "win", 0.5, 1.0),     # the paper's Table 3 cells
+    ("HeTLM a=2 b=1", "win", 0.3, 0.75),
+    ("HeTLM a=5 b=9", "loss", 0.4, 1.0),    # strict: Acc-Purchase 0.869 = 0.869 is not a win
+    ("HeTLM a=2 b=1", "loss", 0.2, 0.75),   # strict: Acc-Cart 0.74 = 0.74 is not a win
+])
+def test_composite_reproduces_paper_table3_from_table4(model, ties, outcomes, variances):
+    def metrics(name):
+        return {"HR": 0.8, "IoA": 0.4, "IoP": 0.4, "IoU": 0.3, "Val-P": 1.0, "New-P": 0.5} | dict(
+            zip(METRIC_GROUPS["outcomes"], PAPER_OUTCOMES[name])) | dict(zip(VARIANCES, PAPER_VARIANCES[name]))
+
+    got = composite_score(metrics(model), metrics("OPT-2.7B"), ties=ties)
+    assert got["outcomes"] == pytest.approx(outcomes) and got["variances"] == pytest.approx(variances)
+    assert got["generation means"] == (1.0 if ties == "win" else 0.0)  # all tied here
 
 
 def test_composite_requires_all_metrics():

@@ -43,7 +43,7 @@ class ClusterwiseLM:
     models: dict[int, PreTrainedModel]         # active cluster id -> its LM
     centroids: np.ndarray
     selector: Selector | None = None
-    routing: str = "selector"                  # default routing: "selector" or "centroid"
+    routing: str = "selector"                  # default routing: "selector", "centroid" or "likelihood"
     encoder: dict = field(default_factory=dict)  # encoder name and settings used for z
     sizes: dict[int, int] = field(default_factory=dict)  # training samples per cluster
     info: dict = field(default_factory=dict)
@@ -52,16 +52,31 @@ class ClusterwiseLM:
     def active(self) -> list[int]:
         return sorted(self.models)
 
-    def route(self, z: np.ndarray, routing: str | None = None) -> np.ndarray:
-        """Cluster id of each embedding: argmax of the selector, or the nearest centroid."""
+    def route(self, z: np.ndarray | None, routing: str | None = None, input_ids: list[list[int]] | None = None,
+              batch_size: int = 64) -> np.ndarray:
+        """Cluster id of each user: argmax of the selector or the nearest centroid (from embeddings z), or
+        "likelihood": the cluster LM that gives the user's own history (input_ids) the lowest NLL (no encoder)."""
         routing = routing or self.routing
         if routing == "selector":
             if self.selector is None:
-                raise ValueError(f"a {self.kind} model has no selector; route by 'centroid'")
+                raise ValueError(f"a {self.kind} model has no selector; route by 'centroid' or 'likelihood'")
             return self.selector.predict(z)
         if routing == "centroid":
             return nearest_centroid(z, self.centroids, self.active)
-        raise ValueError(f"routing must be 'selector' or 'centroid', not {routing!r}")
+        if routing == "likelihood":
+            if input_ids is None:
+                raise ValueError("likelihood routing needs the users' input_ids")
+            from .hetlm import history_dataset, likelihood_assignment  # hetlm imports this module
+
+            dataset = history_dataset(input_ids, self.max_len)
+            return likelihood_assignment(self.models, dataset, self.active, max(self.active) + 1,
+                                         batch_size=batch_size).numpy()
+        raise ValueError(f"routing must be 'selector', 'centroid' or 'likelihood', not {routing!r}")
+
+    @property
+    def max_len(self) -> int:
+        """Longest sequence the cluster LMs were trained on (HeTLM's max_len; 512 otherwise)."""
+        return self.info.get("config", {}).get("max_len", 512)
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
         path = Path(path)

@@ -14,12 +14,24 @@
                 e_k = sum_i pi_ik z_i / sum_i pi_ik  (soft centroids over the batch, so L3 has a gradient)
     after each epoch: clusters that no training sample is assigned to (argmax) are retired.
 
-l_ik is the mean NLL per token of sample i's whole sequence (history + next session), the same loss the
-critic minimises, so the selector sends a user to the predictor that models that user best.
-Options not in the paper, because the paper's loss collapses real data to one cluster (README, "HeTLM
-collapses"; bench/hetlm_variants.py): `l1="centered"` uses l_ik - mean_i l_ik in L1 (a user goes where a
-predictor is relatively good, not to the predictor that is best on average), and `l2_balance` subtracts
-that weight x the entropy of the batch's mean assignment from L2.
+Choices where the paper is silent or its loss collapsed real data to one cluster (README, "HeTLM's
+clusters"; bench/hetlm_variants.py), each a HeTLMConfig field:
+- l_ik (`l1_tokens`, `l1_reduce`): by default the NLL of sample i's next session (its history sessions
+  are training data: their NLL measures memorisation), summed over its tokens as the paper's
+  L_LLM = -sum O_i log P_i; "all" / "mean" give the former per-token NLL of history + next session.
+- `l1_nll`: the NLL matrix comes from the predictors before the batch's critic step (after it, the
+  predictor a user was just trained with on this very batch looks better than it is).
+- c = argmax of the selector without dropout, as at inference.
+- `critic_balance`: "accumulate" steps a predictor once it has gathered batch_size samples, so a small
+  cluster's predictor does not take noisy few-sample steps while the largest one steps every batch
+  (and becomes best on average, which L1 rewards).
+- `selector_label_smoothing`: 0 (the selector mimics the k-means labels).
+- `l1="centered"` uses l_ik - mean_i l_ik in L1 (a user goes where a predictor is relatively good, not to
+  the predictor that is best on average), and `l2_balance` subtracts that weight x the entropy of the
+  batch's mean assignment from L2.
+- `assignment="likelihood"`: hard EM, no selector in the loop: c_i = argmin_k of predictor k's NLL of
+  user i's history (new users are routed the same way, `ClusterwiseLM.route(..., "likelihood")`); the
+  selector only learns to imitate c (cross-entropy), for routing by embedding. Needs a critic warm-up.
 
 Speed: L1 needs every predictor on every batch sample, K no-grad forwards per step, about 2.3 single-LM
 training steps for K=6 on a CPU (bench/bench_hetlm_epoch.py): an exact epoch costs ~3x a single-LM one.
@@ -116,11 +128,26 @@ class HeTLMConfig:
     selector_hidden: int = 256
     selector_pretrain_epochs: int = 200
     selector_pretrain_lr: float = 1e-3
-    selector_label_smoothing: float = 0.4  # not in the paper: see Selector
+    # Not in the paper (0 = its selector "mimics" the k-means labels): a soft start lets L2 move every user
+    # onto the biggest cluster in the first epoch.
+    selector_label_smoothing: float = 0.0
+    # Not in the paper: pre-training stops once the selector's argmax agrees with the k-means labels on this
+    # share of the samples (None: all selector_pretrain_epochs). Trained on, the softmax saturates: L1, L2
+    # and L3 then pass it almost no gradient and no user ever moves (bench/hetlm_variants.py).
+    selector_pretrain_agreement: float | None = 0.99
     # Not in the paper: epochs in which each predictor first trains on its k-means cluster alone, before
     # any actor step. With identical predictors, the one of the largest cluster otherwise gets ahead
     # and L1 can pull every user to it.
     critic_warmup_epochs: int = 0
+    # L1's l_ik: the NLL of the next session only ("target": pages and [EOS], as train.sequence_nll; the
+    # history sessions are training data, so their NLL measures memorisation) or of history + next session
+    # ("all"), summed over its tokens as the paper's L_LLM = -sum O_i log P_i ("sum") or per token ("mean",
+    # which makes alpha and beta ~tokens-per-sequence times stronger against L1).
+    l1_tokens: Literal["target", "all"] = "target"
+    l1_reduce: Literal["sum", "mean"] = "sum"
+    # The NLL matrix of L1 from the predictors before this batch's critic step (the paper does not say; after
+    # it, the predictor a user was just trained with on this very batch looks better than it is).
+    l1_nll: Literal["before_critic", "after_critic"] = "before_critic"
     # Not in the paper: "centered" scores each predictor's NLL against its own batch mean (l_ik - mean_i l_ik),
     # so L1 routes a user by where a predictor is relatively good, not to whichever predictor is best on
     # average (the one that got the most critic steps), which pulls every user to one cluster.
@@ -129,6 +156,16 @@ class HeTLMConfig:
     # mutual information of user and cluster, as in RIM/IMSAT clustering). The paper's L2 alone (0) is
     # lowered fastest by raising one cluster's output bias for everyone, which also collapses K.
     l2_balance: float = 0.0
+    # Critic steps of equal weight whatever a cluster's share of the batch: "accumulate" gradients until a
+    # predictor has seen batch_size samples, then step; "share": step at predictor_lr x its share of the
+    # batch; "none" (Algorithm 1 as written): a step per batch on however few samples it was assigned, so
+    # the biggest cluster's predictor gets the most steps, becomes best on average and L1 pulls users to it.
+    critic_balance: Literal["accumulate", "share", "none"] = "accumulate"
+    # Who assigns a sample to a predictor: the selector (Algorithm 1), or "likelihood": the predictor with
+    # the lowest NLL of the user's own history (hard-EM mixture of LMs; no text encoder needed, new users
+    # are routed the same way). Then the actor only learns to imitate that assignment (cross-entropy), so
+    # the model can also route by embedding; alpha, beta and L1's options do not apply.
+    assignment: Literal["selector", "likelihood"] = "selector"
     l3: Literal["paper", "scaled"] = "scaled"
     l3_tau: float | None = None        # scaled L3 temperature; None = mean pairwise L1 distance of the k-means centroids
     eval_every: int = 50               # steps between validation points (paper Figure 3)
@@ -145,10 +182,19 @@ class HeTLMConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.l1 not in ("paper", "centered"):
-            raise ValueError(f"l1 must be 'paper' or 'centered', not {self.l1!r}")
+        for name, allowed in (("l1", ("paper", "centered")), ("l1_tokens", ("target", "all")),
+                              ("l1_reduce", ("sum", "mean")), ("l1_nll", ("before_critic", "after_critic")),
+                              ("critic_balance", ("accumulate", "share", "none")),
+                              ("assignment", ("selector", "likelihood"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.l2_balance < 0:
+            raise ValueError(f"l2_balance must be >= 0, not {self.l2_balance}")
         if self.nll_pass not in ("batched", "sequential"):
             raise ValueError(f"nll_pass must be 'batched' or 'sequential', not {self.nll_pass!r}")
+        if self.assignment == "likelihood" and self.critic_warmup_epochs < 1:
+            raise ValueError("assignment='likelihood' needs critic_warmup_epochs >= 1: predictors that are still "
+                             "identical copies give every user to the first one")
         if self.actor_rows is not None and self.actor_rows < 1:
             raise ValueError(f"actor_rows must be a positive number of rows or None, not {self.actor_rows}")
         check_limits(self, positive=("selector_lr", "predictor_lr", "selector_pretrain_lr", "l3_tau"),
@@ -222,9 +268,11 @@ def stacked_token_nll(models: list[PreTrainedModel], ids: torch.Tensor, mask: to
 
 @torch.no_grad()
 def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx: list[int], n_clusters: int,
-               bf16: bool = False, batched: bool = False) -> torch.Tensor:
-    """(len(idx), K) mean token NLL of each sample under each active predictor (0 for retired ones);
-    batched: all predictors in one vmapped pass, else one pass each."""
+               bf16: bool = False, batched: bool = False, tokens: str = "all", reduce: str = "mean") -> torch.Tensor:
+    """(len(idx), K) NLL of each sample under each active predictor (0 for retired ones), over `tokens`:
+    "all" of the sequence, "target" (the next session's pages and [EOS]; its [BOS] is given at generation
+    time, as in train.sequence_nll) or "history" (the past sessions: all a new user brings), as a "sum" or
+    a "mean" per token. batched: all predictors in one vmapped pass, else one pass each."""
     out = torch.zeros(len(idx), n_clusters)
     if not models:  # a rank whose predictors were all retired still joins the gather
         return gather_columns(out, [])
@@ -242,8 +290,47 @@ def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx
             nll = torch.stack([token_nll(m, ids, mask) for m in lms])
     for m, mode in zip(lms, modes):
         m.train(mode)
-    out[:, list(models)] = (nll.float().sum(2) / mask[:, 1:].sum(1).clamp_min(1)).T.cpu()
+    # entry j of token_nll scores token j + 1; the target's [BOS] sits at its start
+    scored = mask[:, 1:] == 1
+    if tokens != "all":
+        positions = torch.arange(scored.shape[1], device=device)[None, :]
+        starts = torch.tensor([dataset.target_starts[i] for i in idx], device=device)[:, None]
+        if tokens == "target":
+            scored &= positions >= starts
+        elif tokens == "history":
+            scored &= positions < starts - 1
+        else:
+            raise ValueError(f"tokens must be 'all', 'target' or 'history', not {tokens!r}")
+    total = (nll.float() * scored).sum(2)
+    if reduce == "mean":
+        total = total / scored.sum(1).clamp_min(1)
+    elif reduce != "sum":
+        raise ValueError(f"reduce must be 'sum' or 'mean', not {reduce!r}")
+    out[:, list(models)] = total.T.cpu()
     return gather_columns(out, list(models))  # over several processes: every rank's columns
+
+
+def history_dataset(input_ids: list[list[int]], max_len: int = 512) -> SequenceDataset:
+    """Users' histories alone (their most recent max_len tokens) as a SequenceDataset whose "target" is
+    empty: what likelihood routing scores for a new user."""
+    sequences = [torch.tensor(list(ids)[-max_len:], dtype=torch.long) for ids in input_ids]
+    return SequenceDataset(sequences, [len(s) for s in sequences])
+
+
+def likelihood_assignment(models: dict[int, PreTrainedModel], dataset: SequenceDataset, active: list[int],
+                          n_clusters: int, idx: list[int] | None = None, bf16: bool = False,
+                          batch_size: int = 64) -> torch.Tensor:
+    """The `active` predictor with the lowest NLL of each sample's history (hard-EM assignment); `models`
+    may hold only this process's predictors (the others' columns come from their ranks)."""
+    idx = list(range(len(dataset))) if idx is None else idx
+    nll = torch.zeros(len(idx), n_clusters)
+    order = np.argsort(dataset.lengths[idx], kind="stable")  # length-sorted batches: little padding
+    for rows in np.array_split(order, max(1, math.ceil(len(idx) / batch_size))):
+        nll[rows] = nll_matrix(models, dataset, [idx[r] for r in rows], n_clusters, bf16, tokens="history",
+                               reduce="sum")
+    is_active = torch.zeros(n_clusters, dtype=torch.bool)
+    is_active[active] = True
+    return nll.masked_fill(~is_active, float("inf")).argmin(1)
 
 
 @dataclass
@@ -255,6 +342,7 @@ class _Run:
     optimizers: dict[int, torch.optim.Optimizer]
     actor_opt: torch.optim.Optimizer
     state: dict
+    pending: dict[int, int] = field(default_factory=dict)  # samples in each predictor's accumulated gradient
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -328,7 +416,7 @@ class HeTLM:
                 if not warmup:
                     if val_set is not None:
                         self._validate(run, val_set, zv)
-                    self._retire_empty(run, z_train, epoch + 1)
+                    self._retire_empty(run, train_set, z_train, epoch + 1)
                 s["epoch"], s["position"] = s["epoch"] + 1, 0
                 if out_dir is not None:
                     self._save(run, out_dir / CHECKPOINT, started)
@@ -337,13 +425,14 @@ class HeTLM:
         selector.net.eval()
         for m in models.values():
             m.eval()
-        final = selector.predict(z_train)
+        final = self._assign(run, train_set, z_train)
         sizes = {k: int((final == k).sum()) for k in models}
         info = {"config": asdict(c), "tau": self.tau, "selector_pretrain_agreement": self.pretrain_agreement,
                 "initial_k": c.n_clusters, "final_k": len(models), "seconds": time.perf_counter() - started,
                 "history": asdict(self.history)}
         self.result_ = ClusterwiseLM("hetlm", models, centroids_of(z_train, final, c.n_clusters), selector=selector,
-                                     routing="selector", encoder=encoder or {}, sizes=sizes, info=info)
+                                     routing="likelihood" if c.assignment == "likelihood" else "selector",
+                                     encoder=encoder or {}, sizes=sizes, info=info)
         if out_dir is not None and self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "hetlm_history.json").write_text(json.dumps(asdict(self.history)))
@@ -375,7 +464,8 @@ class HeTLM:
         labels, km_centroids = kmeans_labels(z_train, c.n_clusters, c.seed)
         selector = Selector(c.n_clusters, hidden=c.selector_hidden, lr=c.selector_pretrain_lr,
                             weight_decay=c.selector_weight_decay, epochs=c.selector_pretrain_epochs,
-                            label_smoothing=c.selector_label_smoothing, seed=c.seed).fit(z_train, labels)
+                            label_smoothing=c.selector_label_smoothing, seed=c.seed,
+                            stop_at_agreement=c.selector_pretrain_agreement).fit(z_train, labels)
         state = {"epoch": 0, "position": 0, "step": 0, "seconds": 0.0,
                  "tau": c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean()),
                  "pretrain_agreement": float((selector.predict(z_train) == labels).mean()),
@@ -383,7 +473,7 @@ class HeTLM:
         broadcast_module(selector.net)  # same seed, same fit on every rank; this makes sure
         models = {k: copy.deepcopy(base_model).to(device).train() for k in owned_clusters(c.n_clusters, self.dist)}
         self.history = HeTLMHistory()
-        self._record_sizes(selector, z_train, epoch=0)
+        self._record_sizes(selector.predict(z_train), selector.active_clusters, epoch=0)
         return self._optimizers(selector, models, state)
 
     def _save(self, run: _Run, path: Path, started: float) -> None:
@@ -399,8 +489,11 @@ class HeTLM:
             # safetensors directly: transformers' save_pretrained writes on rank 0 only under torch.distributed
             (tmp / f"cluster_{k}").mkdir()
             save_weights(model, tmp / f"cluster_{k}" / "model.safetensors")
-        torch.save({"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()}, "rng": _rng_state()},
-                   tmp / CRITIC_STATE.format(rank=rank))
+        # with critic_balance="accumulate": the gradients a predictor has gathered and not stepped on yet
+        pending = {k: {"samples": n, "grads": [p.grad for p in run.models[k].parameters()]}
+                   for k, n in run.pending.items() if n}
+        torch.save({"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()}, "rng": _rng_state(),
+                    "pending": pending}, tmp / CRITIC_STATE.format(rank=rank))
         _barrier()
         if self.dist.is_main:
             run.selector.save_pretrained(tmp / "selector")
@@ -430,6 +523,11 @@ class HeTLM:
         critic = {k: opt for part in saved for k, opt in part["critic"].items()}
         for k, opt in run.optimizers.items():
             opt.load_state_dict(critic[k])
+        for k, part in ((k, part) for saved_rank in saved for k, part in saved_rank.get("pending", {}).items()):
+            if k in run.models:
+                run.pending[k] = part["samples"]
+                for p, grad in zip(run.models[k].parameters(), part["grads"]):
+                    p.grad = None if grad is None else grad.to(p.device)
         run.actor_opt.load_state_dict(torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)["actor"])
         # last: loading the selector re-seeds torch. Dropout is re-seeded every step (`_seed`), so a run resumed
         # on another number of processes still follows the same path.
@@ -446,17 +544,35 @@ class HeTLM:
 
     def _actor_critic_step(self, run: _Run, dataset: SequenceDataset, z: torch.Tensor, batch: list[int],
                            device: torch.device, key: tuple[int, int]) -> dict:
-        c = self.config
+        c, net = self.config, run.selector.net
         self._seed(key, 0)
-        pi = run.selector.net(z[batch])
-        rows = None if c.actor_rows is None or c.actor_rows >= len(batch) else torch.randperm(len(batch))[:c.actor_rows]
-        critic = self._critic_step(run, dataset, batch, pi.argmax(1).detach(), device, key)
+        pi = net(z[batch])
+        if c.assignment == "likelihood":
+            assigned = likelihood_assignment(run.models, dataset, run.selector.active_clusters, c.n_clusters, batch,
+                                             c.bf16, batch_size=len(batch))
+            critic = self._critic_step(run, dataset, batch, assigned, device, key)
+            # the actor learns the assignment, so that the model can also route by embedding
+            loss = torch.nn.functional.cross_entropy(torch.log(pi.clamp_min(1e-12)), assigned)
+            parts = {"LA": loss.item()}
+        else:
+            with torch.no_grad():  # the routing argmax without dropout, as at inference
+                net.eval()
+                assigned = net(z[batch]).argmax(1)
+                net.train()
+            rows = None if c.actor_rows is None or c.actor_rows >= len(batch) else torch.randperm(len(batch))[:c.actor_rows]
+            scored = batch if rows is None else [batch[i] for i in rows.tolist()]
+
+            def l1_nll():
+                return nll_matrix(run.models, dataset, scored, c.n_clusters, c.bf16, c.nll_pass == "batched",
+                                  c.l1_tokens, c.l1_reduce)
+
+            nll = l1_nll() if c.l1_nll == "before_critic" else None
+            critic = self._critic_step(run, dataset, batch, assigned, device, key)
+            nll = l1_nll() if nll is None else nll
+            loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows, c.l1, c.l2_balance)
         if self.dist.world_size > 1:  # every predictor's loss in the history, whichever rank trained it
             critic = dict(sorted(((k, v) for part in _gather_objects(critic) for k, v in part.items()),
                                  key=lambda kv: int(kv[0])))
-        scored = batch if rows is None else [batch[i] for i in rows.tolist()]
-        nll = nll_matrix(run.models, dataset, scored, c.n_clusters, c.bf16, c.nll_pass == "batched")
-        loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows, c.l1, c.l2_balance)
         run.actor_opt.zero_grad()
         loss.backward()
         run.actor_opt.step()
@@ -464,8 +580,9 @@ class HeTLM:
 
     def _critic_step(self, run: _Run, dataset: SequenceDataset, batch: list[int], assigned: torch.Tensor,
                      device: torch.device, key: tuple[int, int]) -> dict[str, float]:
-        """One NLL step of each (of this rank's) predictors on the batch samples assigned to it."""
-        losses = {}
+        """An NLL gradient of each (of this rank's) predictors on the batch samples assigned to it, and a step
+        as `critic_balance` says."""
+        c, losses = self.config, {}
         for k in assigned.unique().tolist():
             if k not in run.models:  # another rank's predictor
                 continue
@@ -473,12 +590,19 @@ class HeTLM:
             idx = [batch[i] for i in torch.nonzero(assigned == k).flatten().tolist()]
             ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in idx]))
             model, optimizer = run.models[k], run.optimizers[k]
-            with _autocast(device, self.config.bf16):
+            with _autocast(device, c.bf16):
                 loss = token_nll(model, ids, mask).sum() / mask[:, 1:].sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            share = len(idx) / c.batch_size
+            # accumulate: the mean of the accumulated chunks' losses, each weighted by its samples
+            (loss * share if c.critic_balance == "accumulate" else loss).backward()
+            run.pending[k] = run.pending.get(k, 0) + len(idx)
+            if c.critic_balance != "accumulate" or run.pending[k] >= c.batch_size:
+                for group in optimizer.param_groups:
+                    group["lr"] = c.predictor_lr * (min(1.0, share) if c.critic_balance == "share" else 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                run.pending[k] = 0
             losses[str(k)] = loss.item()
         return losses
 
@@ -486,15 +610,28 @@ class HeTLM:
 
     @torch.no_grad()
     def _validate(self, run: _Run, val_set: SequenceDataset, zv: torch.Tensor) -> None:
-        """Selector loss L_A and each predictor's NLL on the validation users routed to it."""
+        """Selector loss L_A and each predictor's NLL of the next session (target tokens, per token: what
+        generation is judged on) on the validation users routed to it."""
         c, net = self.config, run.selector.net
         net.eval()
         pi = net(zv)
-        nll = torch.zeros(len(val_set), pi.shape[1])
-        for batch in sorted_batches(val_set.lengths, 64):  # length-sorted: little padding
-            nll[batch] = nll_matrix(run.models, val_set, batch, pi.shape[1], c.bf16, c.nll_pass == "batched")
-        _, parts = actor_loss(pi, nll, zv, c.alpha, c.beta, c.l3, self.tau, l1=c.l1, l2_balance=c.l2_balance)
-        routed = pi.argmax(1)
+        k_all, batched = pi.shape[1], c.nll_pass == "batched"
+        batches = sorted_batches(val_set.lengths, 64)  # length-sorted: little padding
+
+        def matrix(tokens: str, reduce: str) -> torch.Tensor:
+            out = torch.zeros(len(val_set), k_all)
+            for batch in batches:
+                out[batch] = nll_matrix(run.models, val_set, batch, k_all, c.bf16, batched, tokens, reduce)
+            return out
+
+        nll = matrix("target", "mean")
+        if c.assignment == "likelihood":
+            routed = likelihood_assignment(run.models, val_set, run.selector.active_clusters, k_all, bf16=c.bf16)
+            parts = {"LA": float(torch.nn.functional.cross_entropy(torch.log(pi.clamp_min(1e-12)), routed))}
+        else:
+            l1 = nll if (c.l1_tokens, c.l1_reduce) == ("target", "mean") else matrix(c.l1_tokens, c.l1_reduce)
+            _, parts = actor_loss(pi, l1, zv, c.alpha, c.beta, c.l3, self.tau, l1=c.l1, l2_balance=c.l2_balance)
+            routed = pi.argmax(1)
         per_cluster = {str(k): float(nll[routed == k, k].mean()) for k in run.selector.active_clusters
                        if (routed == k).any()}
         combined = float(nll[torch.arange(len(routed)), routed].mean())
@@ -502,23 +639,31 @@ class HeTLM:
                                  "predictor": per_cluster, "combined_nll": combined})
         net.train()
 
-    def _record_sizes(self, selector: Selector, z_train: np.ndarray, epoch: int) -> np.ndarray:
-        assigned = selector.predict(z_train)
-        self.history.cluster_sizes.append(
-            {"epoch": epoch, "sizes": {str(k): int((assigned == k).sum()) for k in selector.active_clusters}}
-        )
+    def _assign(self, run: _Run, train_set: SequenceDataset, z_train: np.ndarray) -> np.ndarray:
+        """Each training sample's cluster now: the selector's argmax (without dropout) or, with
+        assignment="likelihood", the predictor that best predicts its history."""
+        if self.config.assignment == "likelihood":
+            return likelihood_assignment(run.models, train_set, run.selector.active_clusters, self.config.n_clusters,
+                                         bf16=self.config.bf16).numpy()
+        mode = run.selector.net.training
+        run.selector.net.eval()
+        assigned = run.selector.predict(z_train)
+        run.selector.net.train(mode)
         return assigned
 
-    def _retire_empty(self, run: _Run, z_train: np.ndarray, epoch: int) -> None:
+    def _record_sizes(self, assigned: np.ndarray, active: list[int], epoch: int) -> None:
+        self.history.cluster_sizes.append({"epoch": epoch, "sizes": {str(k): int((assigned == k).sum()) for k in active}})
+
+    def _retire_empty(self, run: _Run, train_set: SequenceDataset, z_train: np.ndarray, epoch: int) -> None:
         """Endogenous K: a cluster no training sample is assigned to is retired with its predictor."""
-        run.selector.net.eval()
-        assigned = self._record_sizes(run.selector, z_train, epoch)
-        run.selector.net.train()
+        assigned = self._assign(run, train_set, z_train)
+        self._record_sizes(assigned, run.selector.active_clusters, epoch)
         empty = [k for k in run.selector.active_clusters if not (assigned == k).any()]
         if empty and len(empty) < len(run.selector.active_clusters):
             run.selector.retire(empty)
             for k in set(empty) & set(run.models):
                 del run.models[k], run.optimizers[k]
+                run.pending.pop(k, None)
             self.history.retired.append({"epoch": epoch, "clusters": empty})
 
 

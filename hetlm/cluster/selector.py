@@ -37,12 +37,15 @@ class Selector:
     """MLP actor. `fit(z, labels)` pre-trains it to reproduce given (k-means) labels."""
 
     def __init__(self, n_clusters: int = 6, hidden: int = 256, dropout: float = 0.1, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, epochs: int = 200, batch_size: int = 256, label_smoothing: float = 0.2,
-                 seed: int = 0):
-        # Label smoothing keeps the pre-trained selector from saturating: a one-hot softmax passes
-        # almost no gradient from L1, and the actor could then never move a user to a better predictor.
+                 weight_decay: float = 1e-4, epochs: int = 200, batch_size: int = 256, label_smoothing: float = 0.0,
+                 seed: int = 0, stop_at_agreement: float | None = None):
+        # Label smoothing (off by default: the paper's selector mimics the k-means labels) softens the
+        # pre-trained selector; too soft, and L2 can move every user onto the biggest cluster at once.
         self.n_clusters, self.hidden, self.dropout, self.label_smoothing = n_clusters, hidden, dropout, label_smoothing
         self.lr, self.weight_decay, self.epochs, self.batch_size, self.seed = lr, weight_decay, epochs, batch_size, seed
+        # Stop pre-training after the first epoch whose argmax agrees with the labels on this share of the
+        # samples: trained on, the softmax saturates and passes almost no gradient to the actor's losses.
+        self.stop_at_agreement = stop_at_agreement
         self.net: SelectorNet | None = None
         self.pretrain_history: list[float] = []
 
@@ -69,6 +72,13 @@ class Selector:
                 opt.step()
                 total += loss.item() * len(idx)
             self.pretrain_history.append(total / len(x))
+            if self.stop_at_agreement is not None:
+                net.eval()
+                with torch.no_grad():
+                    agreement = (net(x).argmax(1) == y).float().mean().item()
+                net.train()
+                if agreement >= self.stop_at_agreement:
+                    break
         net.eval()
         return self
 
@@ -92,7 +102,7 @@ class Selector:
         dim = self.net.mlp[0].in_features
         config = dict(dim=dim, n_clusters=self.n_clusters, hidden=self.hidden, dropout=self.dropout,
                       label_smoothing=self.label_smoothing, lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                      batch_size=self.batch_size, seed=self.seed)
+                      batch_size=self.batch_size, seed=self.seed, stop_at_agreement=self.stop_at_agreement)
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(path / WEIGHTS_FILE))
 
