@@ -55,7 +55,7 @@ def test_two_processes_train_like_one(sliced, tmp_path):
                           *TRAIN_ARGS, "--processes", "2"],
                          env=one_thread_env(), capture_output=True, text=True, timeout=300, check=False)
     assert two.returncode == 0, two.stdout + two.stderr
-    assert two.stdout.count("6 steps, best val loss") == 1  # only rank 0 reports
+    assert two.stdout.count("6 steps, best validation next-session NLL") == 1  # only rank 0 reports
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

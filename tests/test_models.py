@@ -102,7 +102,7 @@ def test_model_folders_load_with_safetensors_only(tmp_path):
     model = build_model("tiny", 40)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(ValueError, match="safetensors"):
         load_any_model(tmp_path, pl.DataFrame({"history": [[["a", "b"]]]}))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         init_from(build_model("tiny", 40), tmp_path)

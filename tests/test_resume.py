@@ -57,7 +57,10 @@ SINGLE = TrainConfig(lr=3e-3, batch_size=8, epochs=2, eval_every=5, save_every=4
 # 96 users, batches of 8: 12 batches per epoch. K=8 on 96 users leaves tiny clusters that the briefly
 # pre-trained selector never picks; they are retired after the first epoch, before the kill (checked below).
 HETLM = HeTLMConfig(n_clusters=8, epochs=2, batch_size=8, selector_lr=1e-3, predictor_lr=3e-3,
-                    selector_pretrain_epochs=20, eval_every=8, save_every=6, device="cpu")
+                    selector_pretrain_epochs=20, eval_every=8, save_every=6, device="cpu",
+                    # the former defaults, under which some clusters retire and others stay on this data
+                    selector_label_smoothing=0.4, selector_pretrain_agreement=None, l1_tokens="all", l1_reduce="mean",
+                    l1_nll="after_critic", critic_balance="none")
 
 
 def run_single(prepared: str, out: str, resume: bool = False) -> None:
