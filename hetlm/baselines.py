@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 import numpy as np
 
 from hetlm.ingest.base import CART, PURCHASE
+from hetlm.metrics import set_iou
 from hetlm.tokenizer import BOS, EOS
 
 Session = list[str]
@@ -113,7 +114,7 @@ class RecencyTopM(_Popularity):
         for decay in self.decays:
             ranked = [self._ranked(h, decay) for h in histories]
             for m in self.sizes:
-                iou = float(np.mean([_iou(r[:m], t) for r, t in zip(ranked, targets)])) if targets else 0.0
+                iou = float(np.mean([set_iou(r[:m], t) for r, t in zip(ranked, targets)])) if targets else 0.0
                 best = max(best, (iou, -m, decay))  # ties: the smaller set
         self.fit_iou_, self.m_, self.decay_ = best[0], -best[1] or self.sizes[0], best[2] or self.decays[0]
         return self
@@ -137,11 +138,6 @@ class RecencyTopM(_Popularity):
     def _own_scores(self, history: History) -> dict[str, float]:
         ranked = self._ranked(history, self.decay_)
         return {page: (len(ranked) - i) / (len(ranked) + 1) for i, page in enumerate(ranked)}
-
-
-def _iou(generated: Sequence[str], actual: Sequence[str]) -> float:
-    g, a = set(generated), set(actual)
-    return len(g & a) / len(g | a) if g | a else 0.0
 
 
 class Markov(_Popularity):

@@ -406,8 +406,10 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                 _save_clusters(artefact_path(out, "clusters", name), train, train_clusters, test, pred.clusters)
             save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
             zv = z["val"] if clusterwise else None
+            # Validation evidence: what the set decoder is fitted on, and the outcome stack without Monte Carlo.
+            needed = val.height and (sd.enabled or not config.outcome_samples)
             val_pred = predict(model, val, tokenizer, config.generation, zv, routing, progress=False, greedy=False,
-                               n_samples=sd.n_samples) if val.height else None
+                               n_samples=sd.n_samples) if needed else None
         if sd.enabled and val_pred is not None:
             with clock(f"set decoder: {name}"):
                 decoder = fit_set_decoder(SetDecoder(sd.n_samples, sd.top_first, sd.max_size, seed=config.seed,

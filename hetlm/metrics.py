@@ -78,6 +78,12 @@ def is_valid_page(token: str, vocabulary: set[str]) -> bool:
     return bool(token) and token not in SPECIALS and token in vocabulary
 
 
+def set_iou(generated: Iterable, actual: Iterable) -> float:
+    """IoU of two collections as sets of distinct items (what `user_scores` reports as IoU); 0 when both are empty."""
+    g, a = set(generated), set(actual)
+    return _ratio(len(g & a), len(g | a))
+
+
 def user_scores(
     generated: Sequence[str], actual: Sequence[str], history: Iterable[str], vocabulary: set[str]
 ) -> UserScores:

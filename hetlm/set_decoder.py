@@ -31,6 +31,7 @@ from sklearn.linear_model import LogisticRegression
 
 from .generate import next_page_scores
 from .ingest.base import CART, PURCHASE
+from .metrics import set_iou
 from .outcomes import decode, monte_carlo_rows
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS
 
@@ -194,7 +195,7 @@ class SetDecoder:
         for size in (None, *self.sizes):
             self.size_ = size
             sets = self._sets(cands, len(input_ids_list))
-            scores[size] = float(np.mean([_iou(s, a) for s, a in zip(sets, actual)]))
+            scores[size] = float(np.mean([set_iou(s, a) for s, a in zip(sets, actual)]))
         self.size_ = max(scores, key=lambda s: (scores[s], s is None))
         self.fit_iou_ = {("expected_iou" if k is None else str(k)): v for k, v in scores.items()}
         self.feature_names_ = list(FEATURES)
@@ -262,8 +263,3 @@ def outcome_page_ids(tokenizer) -> tuple[int, int]:
     """Ids of Cart and Purchase, -1 where the vocabulary lacks the page."""
     ids = [tokenizer.convert_tokens_to_ids(page) for page in (CART, PURCHASE)]
     return tuple(i if i is not None and i >= len(SPECIALS) else -1 for i in ids)
-
-
-def _iou(generated: list[int], actual: set[int]) -> float:
-    union = len(set(generated) | actual)
-    return len(set(generated) & actual) / union if union else 0.0
