@@ -26,7 +26,7 @@ NEVER_EMITTED = [PAD_ID, UNK_ID, BOS_ID]  # [EOS] stays allowed: it ends the ses
 
 class NoImmediateRepeat(LogitsProcessor):
     """Bans the page just emitted. `prepare` collapses immediate repeats, so no training sequence holds one,
-    yet a small LM decoding freely falls into them (greedy 'Cart Cart' was half of a demo's sessions)."""
+    yet a small LM decoding freely falls into them (greedy 'Cart Cart')."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         last = input_ids[:, -1:]
