@@ -14,8 +14,8 @@
                 e_k = sum_i pi_ik z_i / sum_i pi_ik  (soft centroids over the batch, so L3 has a gradient)
     after each epoch: clusters that no training sample is assigned to (argmax) are retired.
 
-Choices where the paper is silent or its loss collapsed real data to one cluster (README, "HeTLM's
-clusters"; bench/hetlm_variants.py), each a HeTLMConfig field:
+Choices where the paper is silent or its loss collapsed real data to one cluster (docs/method.md,
+docs/findings.md; bench/hetlm_variants.py), each a HeTLMConfig field:
 - l_ik (`l1_tokens`, `l1_reduce`): by default the NLL of sample i's next session (its history sessions
   are training data: their NLL measures memorisation), summed over its tokens as the paper's
   L_LLM = -sum O_i log P_i; "all" / "mean" give the former per-token NLL of history + next session.
@@ -33,21 +33,21 @@ clusters"; bench/hetlm_variants.py), each a HeTLMConfig field:
   user i's history (new users are routed the same way, `ClusterwiseLM.route(..., "likelihood")`); the
   selector only learns to imitate c (cross-entropy), for routing by embedding. Needs a critic warm-up.
 
-Speed: L1 needs every predictor on every batch sample, K no-grad forwards per step, about 2.3 single-LM
-training steps for K=6 on a CPU (bench/bench_hetlm_epoch.py): an exact epoch costs ~3x a single-LM one.
+Speed: L1 needs every predictor on every batch sample, K no-grad forwards per step, so an exact epoch
+costs several single-LM epochs (measured by bench/bench_hetlm_epoch.py: BENCHMARKS.md).
 `nll_pass="batched"` runs the K predictors as one forward vmapped over their stacked weights (torch.func),
-same numbers; on a shared 2-core CPU it gave no consistent speed-up (the work is compute-bound and CPU
-attention has no vmap rule), so the default stays "sequential". `actor_rows` (off by default) is the
-approximation that is faster: L1 on a random subset of each batch's rows (1.2-1.4x a single-LM epoch
-with 8 of 32 rows).
+same numbers; on a CPU the work is already compute-bound (and CPU attention has no vmap rule), so the
+default stays "sequential". `actor_rows` (off by default) is the approximation that is faster: L1 on a
+random subset of each batch's rows.
 
 Resume: with `out_dir`, `fit` writes out_dir/checkpoint/ (atomically) every `save_every` batches and at
 each epoch end; `fit(..., resume=True)` continues from it to the same result as an uninterrupted run:
     state.json          progress (epoch, position in the epoch's batch order, step), tau, k-means labels, history
-    selector/           the actor (safetensors; its mask holds the retired clusters)
-    cluster_<k>/        each active predictor (save_pretrained, safetensors)
+    selector/           the actor (Selector.save_pretrained; its mask holds the retired clusters)
+    cluster_<k>/        model.safetensors: each active predictor's weights (written by the rank that owns it)
     trainer_state.pt    AdamW state of the actor
-    critic_state.rank<r>.pt   AdamW states of the predictors process r trained, and its RNG states
+    critic_state.rank<r>.pt   AdamW states of the predictors process r trained, its RNG states and the
+                              gradients they gathered but have not stepped on (critic_balance="accumulate")
 Over several processes every rank writes its own predictors into the folder before rank 0 swaps it in, and
 a run can resume on another number of processes (each loads the predictors it owns then).
 """

@@ -1,7 +1,8 @@
 """The selector h_phi (HeTLM's actor): an MLP from a user embedding to a distribution over clusters.
 
 scikit-learn shaped (`fit` on k-means labels, `predict_proba`, `predict`) and saved like an HF model:
-`save_pretrained(dir)` writes config.json + model.safetensors, `Selector.from_pretrained(dir)` reads them.
+`save_pretrained(dir)` writes selector_config.json + selector.safetensors, `Selector.from_pretrained(dir)`
+reads them.
 Retired clusters stay in the output layer but are masked out (probability 0), so cluster ids are stable.
 """
 
@@ -39,8 +40,8 @@ class Selector:
     def __init__(self, n_clusters: int = 6, hidden: int = 256, dropout: float = 0.1, lr: float = 1e-3,
                  weight_decay: float = 1e-4, epochs: int = 200, batch_size: int = 256, label_smoothing: float = 0.0,
                  seed: int = 0, stop_at_agreement: float | None = None):
-        # Label smoothing (off by default: the paper's selector mimics the k-means labels) softens the
-        # pre-trained selector; too soft, and L2 can move every user onto the biggest cluster at once.
+        # Label smoothing of the pre-training targets: HeTLM passes HeTLMConfig.selector_label_smoothing,
+        # whose default (0) this one matches and whose comment says why.
         self.n_clusters, self.hidden, self.dropout, self.label_smoothing = n_clusters, hidden, dropout, label_smoothing
         self.lr, self.weight_decay, self.epochs, self.batch_size, self.seed = lr, weight_decay, epochs, batch_size, seed
         # Stop pre-training after the first epoch whose argmax agrees with the labels on this share of the
