@@ -50,7 +50,7 @@ def one_at_a_time(model, prompts: list[list[int]], config) -> int:
 @torch.inference_mode()
 def batched(model, prompts: list[list[int]], batch_size: int, config) -> int:
     """Batches in the users' order, left-padded (the plain HF recipe); pages generated."""
-    from hetlm.train import pad_sequences
+    from hetlm.data import pad_sequences
 
     pages = 0
     for start in range(0, len(prompts), batch_size):

@@ -104,7 +104,8 @@ def check_hetlm(shape: str | Preset, vocab: int, train: pl.DataFrame, args, devi
 
 def ddp_step(args) -> None:
     """One rank of the 2-process check (under torchrun): a few steps of DDP training; rank 0 writes the row."""
-    from hetlm.train import TrainConfig, close_distributed, init_distributed, train_lm
+    from hetlm.distributed import close_distributed, init_distributed
+    from hetlm.train import TrainConfig, train_lm
 
     info = init_distributed()
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -40,11 +40,12 @@ from sklearn.metrics import adjusted_rand_score
 
 from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, nll_matrix
 from hetlm.cluster.kmeans import kmeans_labels
+from hetlm.data import SequenceDataset
 from hetlm.encoders import make_encoder
 from hetlm.models import Preset, build_model
 from hetlm.prepare import PrepareConfig, prepare
 from hetlm.tokenizer import load_tokenizer
-from hetlm.train import SequenceDataset, TrainConfig, train_lm
+from hetlm.train import TrainConfig, train_lm
 
 sys.path.insert(0, str(REPO))
 from tests.synthetic import planted_samples  # noqa: E402

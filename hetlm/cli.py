@@ -285,10 +285,11 @@ def train(
     _become_torchrun(processes)
     import torch
 
+    from .distributed import close_distributed, init_distributed
     from .models import build_model, count_parameters
     from .models import init_from as load_released
     from .tokenizer import load_tokenizer
-    from .train import TrainConfig, close_distributed, init_distributed, train_lm
+    from .train import TrainConfig, train_lm
 
     _check_prepared(prepared)
     _writable(out)
@@ -362,7 +363,7 @@ def fit_hetlm(
     from pydantic import TypeAdapter, ValidationError
 
     from .cluster.hetlm import HeTLMConfig, fit_saved
-    from .train import close_distributed, dist_info
+    from .distributed import close_distributed, dist_info
 
     try:
         cfg = TypeAdapter(HeTLMConfig).validate_json(config.read_text()) if config else HeTLMConfig()

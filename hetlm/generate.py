@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from hetlm.data import pad_sequences, sorted_batches
 from hetlm.progress import progress_bar
 from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID
-from hetlm.train import pad_sequences, sorted_batches
 
 NEVER_EMITTED = [PAD_ID, UNK_ID, BOS_ID]  # [EOS] stays allowed: it ends the session
 

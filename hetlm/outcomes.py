@@ -36,11 +36,11 @@ import torch
 from sklearn.metrics import brier_score_loss
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from .data import pad_sequences, sorted_batches
 from .generate import NEVER_EMITTED, NoImmediateRepeat, session_prompts
 from .ingest.base import CART, PURCHASE
 from .progress import progress_bar
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID
-from .train import pad_sequences, sorted_batches
 
 OUTCOMES = {"cart": CART, "purchase": PURCHASE}
 

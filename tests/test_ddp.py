@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hetlm.cli import app
-from hetlm.train import (
+from hetlm.distributed import (
     all_reduce_mean,
     broadcast_module,
     dist_info,
@@ -110,9 +110,9 @@ HETLM_FIT = """
 import atexit, json, os, sys
 import numpy as np, polars as pl, torch
 from hetlm.cluster.hetlm import HeTLM, HeTLMConfig
+from hetlm.distributed import dist_info
 from hetlm.models import build_model
 from hetlm.tokenizer import load_tokenizer
-from hetlm.train import dist_info
 
 data, out = sys.argv[1], sys.argv[2]
 epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 2

@@ -10,9 +10,11 @@ from hetlm.cluster.base import ClusterwiseLM
 from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, actor_loss, history_dataset, nll_matrix
 from hetlm.cluster.kmeans import kmeans_labels
 from hetlm.cluster.selector import Selector
+from hetlm.data import SequenceDataset, length_bucketed_batches
 from hetlm.models import Preset, build_model
+from hetlm.nll import sequence_nll
 from hetlm.tokenizer import load_tokenizer
-from hetlm.train import SequenceDataset, TrainConfig, length_bucketed_batches, sequence_nll, train_lm
+from hetlm.train import TrainConfig, train_lm
 
 from .synthetic import planted_samples
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from hetlm import prepare as prepare_module
+from hetlm.data import ParquetSequences
 from hetlm.ingest import IngestError
 from hetlm.prepare import SPLITS, PrepareConfig, prepare
-from hetlm.train import ParquetSequences
 
 from .conftest import SHIPPED
 

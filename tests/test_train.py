@@ -1,5 +1,7 @@
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
@@ -8,26 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hetlm.train
+from hetlm.data import ParquetSequences, SequenceDataset, length_bucketed_batches, pack_sequences, pad_sequences
+from hetlm.distributed import DistInfo, gather_columns, owned_clusters, shard
 from hetlm.models import Preset, build_model
+from hetlm.nll import sequence_nll, token_nll
 from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from hetlm.train import (
-    DistInfo,
-    ParquetSequences,
-    SequenceDataset,
-    TrainConfig,
-    ValLoss,
-    evaluate_loss,
-    gather_columns,
-    length_bucketed_batches,
-    owned_clusters,
-    pack_sequences,
-    packing_is_exact,
-    pad_sequences,
-    sequence_nll,
-    shard,
-    token_nll,
-    train_lm,
-)
+from hetlm.train import TrainConfig, ValLoss, evaluate_loss, packing_is_exact, train_lm
 
 # A toy site: pages form 6 chains of 4; every session walks one chain, and a user's next session walks
 # the same chain as the past ones. Within a session every next page is determined.
@@ -286,3 +274,10 @@ def test_model_selection_follows_the_next_session_nll_not_all_tokens(tmp_path, m
     best = AutoModelForCausalLM.from_pretrained(tmp_path / "best").state_dict()
     assert all(torch.equal(best[k], snapshots[1][k]) for k in best)
     assert any(not torch.equal(best[k], snapshots[-1][k]) for k in best)
+
+
+def test_inference_modules_do_not_import_the_trainer():
+    """Generation, outcomes, scoring and serving need data/nll helpers, never the training loop."""
+    modules = ["hetlm.generate", "hetlm.outcomes", "hetlm.evaluate", "hetlm.set_decoder", "hetlm.score", "hetlm.serve"]
+    code = f"import sys; import {', '.join(modules)}; print('hetlm.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

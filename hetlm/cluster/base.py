@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..train import save_model
+from ..checkpoint import save_model
 from .selector import Selector
 
 CONFIG_FILE = "clusterwise.json"

@@ -79,29 +79,20 @@ from safetensors.torch import save_model as save_weights
 from torch.func import functional_call, stack_module_state
 from transformers import PreTrainedModel
 
-from ..progress import progress_bar
-from ..train import (
-    SequenceDataset,
-    TrainConfig,
-    check_limits,
-    _autocast,
-    _barrier,
-    _gather_objects,
-    _rng_state,
-    _set_rng_state,
+from ..checkpoint import rng_state, set_rng_state, swap_in
+from ..data import SequenceDataset, length_bucketed_batches, pad_sequences, sorted_batches
+from ..distributed import (
+    barrier,
     broadcast_module,
     dist_info,
     gather_columns,
+    gather_objects,
     init_distributed,
-    length_bucketed_batches,
-    make_optimizer,
     owned_clusters,
-    pad_sequences,
-    resolve_device,
-    sorted_batches,
-    swap_in,
-    token_nll,
 )
+from ..nll import autocast, token_nll
+from ..progress import progress_bar
+from ..train import TrainConfig, check_limits, make_optimizer, resolve_device
 from .base import ClusterwiseLM, centroids_of
 from .kmeans import kmeans_labels
 from .selector import Selector
@@ -139,7 +130,7 @@ class HeTLMConfig:
     # any actor step. With identical predictors, the one of the largest cluster otherwise gets ahead
     # and L1 can pull every user to it.
     critic_warmup_epochs: int = 0
-    # L1's l_ik: the NLL of the next session only ("target": pages and [EOS], as train.sequence_nll; the
+    # L1's l_ik: the NLL of the next session only ("target": pages and [EOS], as nll.sequence_nll; the
     # history sessions are training data, so their NLL measures memorisation) or of history + next session
     # ("all"), summed over its tokens as the paper's L_LLM = -sum O_i log P_i ("sum") or per token ("mean",
     # which makes alpha and beta ~tokens-per-sequence times stronger against L1).
@@ -271,7 +262,7 @@ def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx
                bf16: bool = False, batched: bool = False, tokens: str = "all", reduce: str = "mean") -> torch.Tensor:
     """(len(idx), K) NLL of each sample under each active predictor (0 for retired ones), over `tokens`:
     "all" of the sequence, "target" (the next session's pages and [EOS]; its [BOS] is given at generation
-    time, as in train.sequence_nll) or "history" (the past sessions: all a new user brings), as a "sum" or
+    time, as in nll.sequence_nll) or "history" (the past sessions: all a new user brings), as a "sum" or
     a "mean" per token. batched: all predictors in one vmapped pass, else one pass each."""
     out = torch.zeros(len(idx), n_clusters)
     if not models:  # a rank whose predictors were all retired still joins the gather
@@ -283,7 +274,7 @@ def nll_matrix(models: dict[int, PreTrainedModel], dataset: SequenceDataset, idx
     modes = [m.training for m in lms]
     for m in lms:
         m.eval()
-    with _autocast(device, bf16):
+    with autocast(device, bf16):
         if batched and len(lms) > 1:
             nll = stacked_token_nll(lms, ids, mask)
         else:
@@ -484,7 +475,7 @@ class HeTLM:
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         for k, model in run.models.items():
             # safetensors directly: transformers' save_pretrained writes on rank 0 only under torch.distributed
             (tmp / f"cluster_{k}").mkdir()
@@ -492,9 +483,9 @@ class HeTLM:
         # with critic_balance="accumulate": the gradients a predictor has gathered and not stepped on yet
         pending = {k: {"samples": n, "grads": [p.grad for p in run.models[k].parameters()]}
                    for k, n in run.pending.items() if n}
-        torch.save({"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()}, "rng": _rng_state(),
+        torch.save({"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()}, "rng": rng_state(),
                     "pending": pending}, tmp / CRITIC_STATE.format(rank=rank))
-        _barrier()
+        barrier()
         if self.dist.is_main:
             run.selector.save_pretrained(tmp / "selector")
             torch.save({"actor": run.actor_opt.state_dict()}, tmp / TRAINER_STATE)
@@ -502,7 +493,7 @@ class HeTLM:
                      "history": asdict(self.history)}
             (tmp / STATE_FILE).write_text(json.dumps(state))
             swap_in(tmp, path)
-        _barrier()  # nobody reads a checkpoint before it is complete
+        barrier()  # nobody reads a checkpoint before it is complete
 
     def _resume(self, path: Path, base_model: PreTrainedModel, device: torch.device) -> _Run:
         """The run saved in `path`, by any number of processes: each rank loads the predictors it owns now.
@@ -531,7 +522,7 @@ class HeTLM:
         run.actor_opt.load_state_dict(torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)["actor"])
         # last: loading the selector re-seeds torch. Dropout is re-seeded every step (`_seed`), so a run resumed
         # on another number of processes still follows the same path.
-        _set_rng_state(saved[min(self.dist.rank, len(saved) - 1)]["rng"])
+        set_rng_state(saved[min(self.dist.rank, len(saved) - 1)]["rng"])
         log.info("resumed %s at step %d (epoch %d)", path, state["step"], state["epoch"])
         return run
 
@@ -571,7 +562,7 @@ class HeTLM:
             nll = l1_nll() if nll is None else nll
             loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows, c.l1, c.l2_balance)
         if self.dist.world_size > 1:  # every predictor's loss in the history, whichever rank trained it
-            critic = dict(sorted(((k, v) for part in _gather_objects(critic) for k, v in part.items()),
+            critic = dict(sorted(((k, v) for part in gather_objects(critic) for k, v in part.items()),
                                  key=lambda kv: int(kv[0])))
         run.actor_opt.zero_grad()
         loss.backward()
@@ -590,7 +581,7 @@ class HeTLM:
             idx = [batch[i] for i in torch.nonzero(assigned == k).flatten().tolist()]
             ids, mask = (t.to(device) for t in pad_sequences([dataset[i] for i in idx]))
             model, optimizer = run.models[k], run.optimizers[k]
-            with _autocast(device, c.bf16):
+            with autocast(device, c.bf16):
                 loss = token_nll(model, ids, mask).sum() / mask[:, 1:].sum()
             share = len(idx) / c.batch_size
             # accumulate: the mean of the accumulated chunks' losses, each weighted by its samples
