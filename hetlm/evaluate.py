@@ -78,7 +78,7 @@ def predict(model: ClusterwiseLM, samples: pl.DataFrame, tokenizer, settings: Ge
         return list(zip(pages, evidence.first_page_logprobs, evidence.samples))
 
     clusters = model.route(z, routing, inputs)
-    rows = for_each_cluster(model, clusters, run)
+    rows = for_each_cluster(model, clusters, run)  # per user: next session, first-page log-probs, samples
     first_pages = np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(tokenizer)))
     evidence = Evidence(first_pages.astype(np.float32), [r[2] for r in rows])
     return Predictions([r[0] for r in rows], clusters, evidence, seconds)

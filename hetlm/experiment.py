@@ -35,10 +35,10 @@ from .encoders import encoder_from_settings
 from .evaluate import (
     GenerationSettings,
     baseline_page_scores,
+    compute_metrics,
     first_page_outcomes,
     fit_set_decoder,
     predict,
-    compute_metrics,
     save_generations,
     set_decoded_pages,
 )
@@ -399,7 +399,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                            n_samples=sd.n_samples)
             inference_s = time.perf_counter() - t0 - pred.seconds["scoring"]
             results[name] = compute_metrics(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
-                                  tokenizer, bert_encoder)
+                                            tokenizer, bert_encoder)
             results[name] |= {"params": params[model_name], "inference_seconds": round(inference_s, 2),
                               "kind": "clusterwise" if clusterwise else "single"}
             if clusterwise:
@@ -458,8 +458,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
             baseline = BASELINES[bname]().fit(histories_in, targets_in)
             pages = baseline.predict(test["history"].to_list())
             results[f"baseline: {bname}"] = compute_metrics(
-                pages, test, vocabulary, bert_encoder=bert_encoder,
-                first_page_logprobs=baseline_page_scores(baseline, test, tokenizer), tokenizer=tokenizer) | {"kind": "baseline"}
+                pages, test, vocabulary, bert_encoder=bert_encoder, tokenizer=tokenizer,
+                first_page_logprobs=baseline_page_scores(baseline, test, tokenizer)) | {"kind": "baseline"}
             save_generations(artefact_path(out, "generations", f"baseline: {bname}"), test, pages,
                              np.zeros(len(pages), int))
 

@@ -216,14 +216,15 @@ def outcome_table(model: ClusterwiseLM, tokenizer, samples: pl.DataFrame, z: np.
     if z is None and model.routed and (routing or model.routing) != "likelihood":
         raise ValueError("a clusterwise model needs the user embeddings z to route the samples")
 
-    def run(lm: PreTrainedModel, idx: np.ndarray) -> list[tuple]:
+    names = [f"{kind}_{name}" for kind in ("p", "se") for name in OUTCOMES]
+
+    def run(lm: PreTrainedModel, idx: np.ndarray) -> np.ndarray:  # one row of `names` per user
         est = outcome_probabilities(lm, [inputs[i] for i in idx], tokenizer, n_samples, seed, max_new_tokens,
                                     batch_size, progress)
-        return list(zip(*(est.p[name] for name in OUTCOMES), *(est.se[name] for name in OUTCOMES)))
+        return np.column_stack([est.p[name] for name in OUTCOMES] + [est.se[name] for name in OUTCOMES])
 
-    rows = np.array(for_each_cluster(model, model.route(z, routing, inputs), run), dtype=float)
-    columns = dict(zip([f"{kind}_{name}" for kind in ("p", "se") for name in OUTCOMES],
-                       rows.reshape(len(inputs), 2 * len(OUTCOMES)).T))
+    rows = for_each_cluster(model, model.route(z, routing, inputs), run)
+    columns = dict(zip(names, np.array(rows, dtype=float).reshape(len(inputs), len(names)).T))
     return samples.select("user").with_columns(
         p_cart=columns["p_cart"], p_purchase=columns["p_purchase"], cart=samples["cart"],
         purchase=samples["purchase"], se_cart=columns["se_cart"], se_purchase=columns["se_purchase"],
