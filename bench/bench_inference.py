@@ -35,9 +35,10 @@ def main() -> None:
     import polars as pl
     from transformers import AutoModelForCausalLM
 
+    from hetlm.cluster.base import ClusterwiseLM, load_model
     from hetlm.cluster.kmeans import fit_kmeans_clusterwise
     from hetlm.encoders import encoder_from_settings
-    from hetlm.evaluate import GenerationSettings, load_any_model, predict
+    from hetlm.evaluate import GenerationSettings, predict
     from hetlm.models import build_model, count_parameters, scale_preset
     from hetlm.tokenizer import load_tokenizer
     from hetlm.train import TrainConfig, train_lm
@@ -58,16 +59,17 @@ def main() -> None:
         torch.manual_seed(0)
         larger = build_model(larger_shape, len(tokenizer))
         train_lm(larger, train, None, config, Path(tmp) / "larger", progress=False)
-        larger.save_pretrained(Path(tmp) / "larger_model")
+        ClusterwiseLM.single(larger, tokenizer).save_pretrained(Path(tmp) / "larger_model")
 
         rows = []
         for name, path in ((f"k-means clusterwise, K={args.clusters}", "kmeans_model"), ("larger single LM", "larger_model")):
             started = time.perf_counter()
-            model, z = load_any_model(Path(tmp) / path, test)
+            model = load_model(Path(tmp) / path)
+            z = model.embed(test["history"].to_list())
             loaded = time.perf_counter()
             predictions = predict(model, test, tokenizer, GenerationSettings(), z, progress=False)
             done = time.perf_counter()
-            params = (sum(count_parameters(m) for m in model.models.values()) if z is not None else count_parameters(model))
+            params = sum(count_parameters(m) for m in model.models.values())
             rows.append({"model": name, "parameters": params, "users": test.height, "load_and_embed_s": loaded - started,
                          "predict_s": done - loaded, "seconds": done - started,
                          "generation_s": predictions.seconds["generation"], "scoring_s": predictions.seconds["scoring"]})

@@ -83,7 +83,7 @@ def train_model(workdir: Path, steps: int) -> Path:
     train_lm(build_model("tiny", len(tokenizer), max_positions=CONTEXT), pl.read_parquet(prepared / "train.parquet"), None,
              TrainConfig(max_steps=steps, early_stopping_patience=None, save_every=10**9), workdir / "lm",
              progress=False)
-    tokenizer.save_pretrained(workdir / "lm" / "best")
+    tokenizer.save_pretrained(workdir / "lm" / "best" / "tokenizer")  # as `hetlm train` saves it
     return workdir / "lm" / "best"
 
 

@@ -36,6 +36,7 @@ def tiny_model(folder: Path, steps: int) -> tuple[Path, Path]:
     """(model folder with its tokenizer, prepared folder): a tiny LM trained on the shipped sample."""
     import torch
 
+    from hetlm.cluster.base import ClusterwiseLM
     from hetlm.models import build_model
     from hetlm.prepare import prepare
     from hetlm.tokenizer import load_tokenizer
@@ -49,8 +50,7 @@ def tiny_model(folder: Path, steps: int) -> tuple[Path, Path]:
     train_lm(model, pl.read_parquet(prepared / "train.parquet"), None,
              TrainConfig(lr=3e-3, max_steps=steps, early_stopping_patience=None, save_every=10**9),
              folder / "train", progress=False)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    ClusterwiseLM.single(model, tokenizer).save_pretrained(folder / "model")
     return folder / "model", prepared
 
 
@@ -60,9 +60,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(model: Path, prepared: Path, port: int, max_batch: int) -> subprocess.Popen:
+    # --tokenizer: model folders of runs older than self-contained ones hold none
     server = subprocess.Popen([sys.executable, "-m", "hetlm.cli", "serve", str(model), "--port", str(port),
-                               "--max-batch", str(max_batch)], cwd=REPO, stdout=subprocess.DEVNULL)
+                               "--max-batch", str(max_batch), "--tokenizer", str(prepared / "tokenizer")],
+                              cwd=REPO, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -147,7 +149,7 @@ def main() -> None:
         bodies = [json.dumps({"sessions": h, "n_samples": args.n_samples, "k": 10}).encode() for h in histories]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(model, port, args.max_batch)
+        server = start_server(model, prepared, port, args.max_batch)
         rows = []
         try:
             asyncio.run(load(url, bodies, 8, 4))  # warm-up

@@ -322,7 +322,7 @@ def train(
     finally:
         close_distributed()
     if main:
-        tokenizer.save_pretrained(out / "best")
+        tokenizer.save_pretrained(out / "best" / "tokenizer")  # beside the LM: best/ loads by itself
         _fit_set_decoder(model, _load_split(prepared, "val"), tokenizer, out / "best")
         console.print(f"{result.steps} steps, best validation next-session NLL {result.best_val_loss} at step {result.best_step}, "
                       f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
@@ -331,13 +331,15 @@ def train(
 def _fit_set_decoder(model, val, tokenizer, folder: Path) -> None:
     """The expected-IoU set decoder of a trained LM, fitted on the validation users and kept in its folder
     (`score` and `serve` decode with it by default)."""
+    from .cluster.base import ClusterwiseLM
     from .evaluate import GenerationSettings, fit_set_decoder, predict
     from .set_decoder import SetDecoder
 
     if not val.height:
         console.print("no validation users: no set decoder fitted (score and serve will decode greedily)")
         return
-    evidence = predict(model, val, tokenizer, GenerationSettings(), progress=False, greedy=False)
+    evidence = predict(ClusterwiseLM.single(model, tokenizer), val, tokenizer, GenerationSettings(), progress=False,
+                       greedy=False)
     decoder = fit_set_decoder(SetDecoder(), evidence, val, tokenizer)
     decoder.save_pretrained(folder)
     console.print(f"set decoder fitted on {val.height} validation users: size rule "
@@ -380,7 +382,7 @@ def fit_hetlm(
 
 @app.command()
 def generate(
-    model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder (e.g. RUN/best) or a clusterwise model folder"),
+    model_dir: Path = typer.Argument(..., help="a model folder: one LM (e.g. RUN/best) or clusterwise"),
     prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare`"),
     out: Path = typer.Option(..., "--out", help="Parquet file of generations"),
     split: str = typer.Option("test"),
@@ -395,22 +397,19 @@ def generate(
     seed: int = typer.Option(0),
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached)."""
-    from .evaluate import GenerationSettings, load_any_model, predict, save_generations
-    from .score import check_vocabulary
-    from .tokenizer import load_tokenizer
+    from .cluster.base import load_model
+    from .evaluate import GenerationSettings, predict, save_generations
 
     _check_prepared(prepared)
     _writable(out, file=True)
     df = _load_split(prepared, split)
-    tokenizer = load_tokenizer(prepared / "tokenizer")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,
                                   num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
-        model, z = load_any_model(model_dir, df)
-        check_vocabulary(model, tokenizer, model_dir, prepared / "tokenizer")
+        model = load_model(model_dir, tokenizer_dir=prepared / "tokenizer")  # the vocabulary of the samples' ids
     except (ValueError, OSError) as err:
         _fail(err)
-    pred = predict(model, df, tokenizer, settings, z, routing)
+    pred = predict(model, df, model.tokenizer, settings, model.embed(df["history"].to_list()), routing)
     save_generations(out, df, pred.pages, pred.clusters)
     console.print(f"{len(pred.pages)} next sessions in {pred.seconds['generation']:.1f} s -> {out}")
 
@@ -425,7 +424,7 @@ def evaluate(
     """The paper's 20 metrics (per cluster and Combined), BLEU and optionally BERTScore."""
     import polars as pl
 
-    from .evaluate import score
+    from .evaluate import compute_metrics
     from .metrics import format_table
     from .tokenizer import load_tokenizer, page_vocabulary
 
@@ -436,7 +435,7 @@ def evaluate(
     if bert_score:
         from .encoders import load_minilm
         encoder = load_minilm()
-    result = score(df["generated"].to_list(), df, vocabulary, df["cluster"].to_numpy(), bert_encoder=encoder)
+    result = compute_metrics(df["generated"].to_list(), df, vocabulary, df["cluster"].to_numpy(), bert_encoder=encoder)
     rows = {"Combined": result["combined"] | result["extra"]}
     if len(result["clusters"]) > 1:
         rows |= {f"cluster {k}": m for k, m in result["clusters"].items()}
@@ -505,11 +504,11 @@ def report(
 @app.command()
 @_on_interrupt("the previous file, if any, is unchanged")
 def score(
-    model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
+    model_dir: Path = typer.Argument(..., help="a model folder (one LM or clusterwise, with its tokenizer/)"),
     events: Path = typer.Argument(..., help="the click log to score (every user in it)"),
     source: str = typer.Option(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
     out: Path = typer.Option(..., "--out", help="Parquet file, one row per user"),
-    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: the model folder's tokenizer/)"),
     k: int = typer.Option(10, help="top-k next pages"),
     strategy: Optional[str] = typer.Option(None, help="set | greedy | sample (the next session); default: set (the "
                                                        "expected-IoU set decoder) where the model folder has one, else greedy"),
@@ -567,10 +566,10 @@ def score(
 
 @app.command()
 def serve(
-    model_dir: Path = typer.Argument(..., help="a save_pretrained LM folder or a clusterwise model folder"),
+    model_dir: Path = typer.Argument(..., help="a model folder (one LM or clusterwise, with its tokenizer/)"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
-    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: found beside the model)"),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: the model folder's tokenizer/)"),
     routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
     max_new_tokens: int = typer.Option(40),
     max_batch: int = typer.Option(32, help="requests scored together"),

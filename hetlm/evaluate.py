@@ -1,6 +1,6 @@
 """Evaluation of one model on the test samples: generate each user's next session (routing users to
 their cluster's LM for clusterwise models) greedily, as the paper does, and gather the LM's evidence for the
-set decoder (`set_decoder`); then score with `metrics`, per cluster and Combined."""
+set decoder (`set_decoder`); then compute the metrics (`metrics`), per cluster and Combined."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
 from . import metrics as M
-from .cluster.base import ClusterwiseLM, load_model
-from .encoders import encoder_from_settings
+from .cluster.base import ClusterwiseLM, for_each_cluster
 from .generate import generate_next_sessions
 from .ingest.base import CART, PURCHASE
 from .set_decoder import Evidence, SetDecoder, gather_evidence, outcome_page_ids
@@ -56,36 +55,33 @@ def _decode(tokenizer, ids: list[list[int]]) -> list[list[str]]:
     return [tokenizer.convert_ids_to_tokens(list(row)) for row in ids]
 
 
-def predict(model: PreTrainedModel | ClusterwiseLM, samples: pl.DataFrame, tokenizer, settings: GenerationSettings,
+def predict(model: ClusterwiseLM, samples: pl.DataFrame, tokenizer, settings: GenerationSettings,
             z: np.ndarray | None = None, routing: str | None = None, progress: bool = True, greedy: bool = True,
             n_samples: int = 0) -> Predictions:
     """Every user's greedy next session (unless `greedy` is False) and the LM's evidence for the set decoder
-    (first-page log-probabilities and `n_samples` sampled sessions), by one LM or routed cluster LMs."""
+    (first-page log-probabilities and `n_samples` sampled sessions), each user by its cluster's LM (`z`, the
+    users' embeddings, routes them; a single LM needs none)."""
     inputs = samples["input_ids"].to_list()
     kwargs = settings.model_dump()
-    if isinstance(model, PreTrainedModel):
-        clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
-    else:
-        clusters, models = model.route(z, routing, inputs), model.models
-    pages: list[list[str]] = [[] for _ in inputs]
-    evidence = Evidence.empty(len(inputs), len(tokenizer))
     seconds = {"generation": 0.0, "scoring": 0.0}
-    for k, lm in models.items():
-        idx = np.flatnonzero(clusters == k)
-        if not len(idx):
-            continue
+
+    def run(lm: PreTrainedModel, idx: np.ndarray) -> list[tuple]:
         cluster_inputs = [inputs[i] for i in idx]
         started = time.perf_counter()
-        if greedy:
-            generated = generate_next_sessions(lm, cluster_inputs, progress=progress, **kwargs)
-            for i, row in zip(idx, _decode(tokenizer, generated)):
-                pages[i] = row
+        pages = _decode(tokenizer, generate_next_sessions(lm, cluster_inputs, progress=progress, **kwargs)) \
+            if greedy else [[] for _ in idx]
         scored = time.perf_counter()
-        evidence.put(idx, gather_evidence(lm, cluster_inputs, n_samples, settings.seed, settings.max_new_tokens,
-                                          settings.batch_size))
+        evidence = gather_evidence(lm, cluster_inputs, n_samples, settings.seed, settings.max_new_tokens,
+                                   settings.batch_size)
         seconds["generation"] += scored - started
         seconds["scoring"] += time.perf_counter() - scored
-    return Predictions(pages, clusters, evidence, seconds)
+        return list(zip(pages, evidence.first_page_logprobs, evidence.samples))
+
+    clusters = model.route(z, routing, inputs)
+    rows = for_each_cluster(model, clusters, run)  # per user: next session, first-page log-probs, samples
+    first_pages = np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(tokenizer)))
+    evidence = Evidence(first_pages.astype(np.float32), [r[2] for r in rows])
+    return Predictions([r[0] for r in rows], clusters, evidence, seconds)
 
 
 def fit_set_decoder(decoder: SetDecoder, val: Predictions, val_samples: pl.DataFrame, tokenizer) -> SetDecoder:
@@ -107,28 +103,19 @@ def baseline_page_scores(baseline, samples: pl.DataFrame, tokenizer) -> np.ndarr
 
 
 def save_generations(path: str | Path, samples: pl.DataFrame, pages: list[list[str]], clusters: np.ndarray) -> None:
-    """Generations beside what `score` needs to evaluate them (history, target), one row per user."""
+    """Generations beside what `compute_metrics` needs to evaluate them (history, target), one row per user."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     samples.select("user", "target_start", "history", "target").with_columns(
         generated=pl.Series(pages, dtype=pl.List(pl.Utf8)), cluster=pl.Series(clusters.astype(int))
     ).write_parquet(path)
 
 
-def load_any_model(path: str | Path, samples: pl.DataFrame) -> tuple[PreTrainedModel | ClusterwiseLM, np.ndarray | None]:
-    """A single LM folder (plain transformers) or a clusterwise folder; for the latter also the
-    embeddings of `samples`' histories with the encoder it was trained with (for routing)."""
-    model = load_model(path)
-    if isinstance(model, ClusterwiseLM):
-        return model, encoder_from_settings(model.encoder).transform(samples["history"].to_list())
-    return model, None
-
-
 def _flat(history: list[list[str]]) -> list[str]:
     return [p for s in history for p in s]
 
 
-def score(pages: list[list[str]], test: pl.DataFrame, vocabulary: set[str], clusters: np.ndarray | None = None,
-          first_page_logprobs: np.ndarray | None = None, tokenizer=None, bert_encoder=None) -> dict:
+def compute_metrics(pages: list[list[str]], test: pl.DataFrame, vocabulary: set[str], clusters: np.ndarray | None = None,
+                    first_page_logprobs: np.ndarray | None = None, tokenizer=None, bert_encoder=None) -> dict:
     """The 20 metrics per cluster and Combined, plus (Combined only) BLEU, BERTScore, ranking and AUC."""
     actual = test["target"].to_list()
     history = [_flat(h) for h in test["history"].to_list()]

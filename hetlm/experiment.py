@@ -35,11 +35,11 @@ from .encoders import encoder_from_settings
 from .evaluate import (
     GenerationSettings,
     baseline_page_scores,
+    compute_metrics,
     first_page_outcomes,
     fit_set_decoder,
     predict,
     save_generations,
-    score,
     set_decoded_pages,
 )
 from .ingest import SOURCES
@@ -302,9 +302,10 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                           f"{len(report.skipped)} skipped")
         result = train_lm(small, train, val, config.pretrain, out / "train" / "small", progress=progress)
         name = f"{config.model.preset} single"
-        models[name], params[name], histories[name] = small.eval(), count_parameters(small), result.history
+        models[name] = ClusterwiseLM.single(small.eval(), tokenizer)
+        params[name], histories[name] = count_parameters(small), result.history
         folders[name] = out / "models" / "small"
-        small.save_pretrained(folders[name])
+        models[name].save_pretrained(folders[name])
 
     z = {}
     if config.kmeans.enabled or config.hetlm.enabled:
@@ -368,9 +369,10 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                 console.print(f"larger LM init from {config.larger.init_from}: {len(report.loaded)} tensors loaded, "
                               f"{len(report.skipped)} skipped")
             result = train_lm(larger, train, val, config.pretrain, out / "train" / "larger", progress=progress)
-            models[larger_name], params[larger_name], histories[larger_name] = larger.eval(), n, result.history
+            models[larger_name] = ClusterwiseLM.single(larger.eval(), tokenizer)
+            params[larger_name], histories[larger_name] = n, result.history
             folders[larger_name] = out / "models" / "larger"
-            larger.save_pretrained(folders[larger_name])
+            models[larger_name].save_pretrained(folders[larger_name])
 
     bert_encoder = None
     if config.bert_score:
@@ -386,18 +388,18 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     # Each model with its own routing, and each clusterwise model again with every other routing asked for.
     entries = [(name, name, model, None) for name, model in models.items()]
     entries += [(f"{name} [routed by {r}]", name, model, r) for name, model in models.items()
-                if isinstance(model, ClusterwiseLM) for r in config.extra_routings
+                if model.routed for r in config.extra_routings
                 if r != model.routing and (r != "selector" or model.selector is not None)]
     for name, model_name, model, routing in entries:
-        clusterwise = isinstance(model, ClusterwiseLM)
+        clusterwise = model.routed
         with clock(f"inference: {name}"):
             t0 = time.perf_counter()
             zt = encoder.transform(test["history"].to_list()) if clusterwise else None  # cached: Table 17's routing cost
             pred = predict(model, test, tokenizer, config.generation, zt, routing, progress=progress,
                            n_samples=sd.n_samples)
             inference_s = time.perf_counter() - t0 - pred.seconds["scoring"]
-            results[name] = score(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
-                                  tokenizer, bert_encoder)
+            results[name] = compute_metrics(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
+                                            tokenizer, bert_encoder)
             results[name] |= {"params": params[model_name], "inference_seconds": round(inference_s, 2),
                               "kind": "clusterwise" if clusterwise else "single"}
             if clusterwise:
@@ -420,8 +422,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
                 set_name = f"{name} · set decoder"
                 set_pages = set_decoded_pages(decoder, pred, test, tokenizer)
                 ranking = decoder.page_scores(test["input_ids"].to_list(), pred.evidence)
-                results[set_name] = score(set_pages, test, vocabulary, pred.clusters, ranking,
-                                          tokenizer, bert_encoder) | {
+                results[set_name] = compute_metrics(set_pages, test, vocabulary, pred.clusters, ranking,
+                                                    tokenizer, bert_encoder) | {
                     "kind": "set decoder", "decoder": {"size": decoder.size_ or "expected IoU per user",
                                                        "validation IoU by size rule": decoder.fit_iou_}}
                 save_generations(artefact_path(out, "generations", set_name), test, set_pages, pred.clusters)
@@ -455,9 +457,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         for bname in config.baselines:
             baseline = BASELINES[bname]().fit(histories_in, targets_in)
             pages = baseline.predict(test["history"].to_list())
-            results[f"baseline: {bname}"] = score(pages, test, vocabulary, bert_encoder=bert_encoder,
-                                                  first_page_logprobs=baseline_page_scores(baseline, test, tokenizer),
-                                                  tokenizer=tokenizer) | {"kind": "baseline"}
+            results[f"baseline: {bname}"] = compute_metrics(
+                pages, test, vocabulary, bert_encoder=bert_encoder, tokenizer=tokenizer,
+                first_page_logprobs=baseline_page_scores(baseline, test, tokenizer)) | {"kind": "baseline"}
             save_generations(artefact_path(out, "generations", f"baseline: {bname}"), test, pages,
                              np.zeros(len(pages), int))
 

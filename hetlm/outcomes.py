@@ -36,6 +36,7 @@ import torch
 from sklearn.metrics import brier_score_loss
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
+from .cluster.base import ClusterwiseLM, for_each_cluster
 from .data import pad_sequences, sorted_batches
 from .generate import NEVER_EMITTED, NoImmediateRepeat, session_prompts
 from .ingest.base import CART, PURCHASE
@@ -203,31 +204,27 @@ def outcome_probabilities(model: PreTrainedModel, input_ids_list: list[list[int]
     return estimate_outcomes(per_user, outcome_ids(tokenizer))
 
 
-def outcome_table(model, tokenizer, samples: pl.DataFrame, z: np.ndarray | None = None, routing: str | None = None,
-                  n_samples: int = 32, seed: int = 0, max_new_tokens: int = 40, batch_size: int = 64,
-                  progress: bool = False) -> pl.DataFrame:
+def outcome_table(model: ClusterwiseLM, tokenizer, samples: pl.DataFrame, z: np.ndarray | None = None,
+                  routing: str | None = None, n_samples: int = 32, seed: int = 0, max_new_tokens: int = 40,
+                  batch_size: int = 64, progress: bool = False) -> pl.DataFrame:
     """Per sample: user, p_cart, p_purchase, cart, purchase (observed), se_cart, se_purchase.
 
-    `model` is one LM or a `ClusterwiseLM` (then `z`, the samples' user embeddings, routes each user to
-    its cluster's LM, as in `evaluate.predict`).
+    Each user is estimated by its cluster's LM (`z`, the samples' user embeddings, routes them as in
+    `evaluate.predict`; a single LM needs none).
     """
-    from .cluster.base import ClusterwiseLM
-
     inputs = samples["input_ids"].to_list()
-    if isinstance(model, ClusterwiseLM):
-        if z is None and (routing or model.routing) != "likelihood":
-            raise ValueError("a clusterwise model needs the user embeddings z to route the samples")
-        clusters, models = model.route(z, routing, inputs), model.models
-    else:
-        clusters, models = np.zeros(len(inputs), dtype=int), {0: model}
-    columns = {f"{kind}_{name}": np.full(len(inputs), np.nan) for kind in ("p", "se") for name in OUTCOMES}
-    for k, lm in models.items():
-        idx = np.flatnonzero(clusters == k)
-        if len(idx):
-            est = outcome_probabilities(lm, [inputs[i] for i in idx], tokenizer, n_samples, seed, max_new_tokens,
-                                        batch_size, progress)
-            for name in OUTCOMES:
-                columns[f"p_{name}"][idx], columns[f"se_{name}"][idx] = est.p[name], est.se[name]
+    if z is None and model.routed and (routing or model.routing) != "likelihood":
+        raise ValueError("a clusterwise model needs the user embeddings z to route the samples")
+
+    names = [f"{kind}_{name}" for kind in ("p", "se") for name in OUTCOMES]
+
+    def run(lm: PreTrainedModel, idx: np.ndarray) -> np.ndarray:  # one row of `names` per user
+        est = outcome_probabilities(lm, [inputs[i] for i in idx], tokenizer, n_samples, seed, max_new_tokens,
+                                    batch_size, progress)
+        return np.column_stack([est.p[name] for name in OUTCOMES] + [est.se[name] for name in OUTCOMES])
+
+    rows = for_each_cluster(model, model.route(z, routing, inputs), run)
+    columns = dict(zip(names, np.array(rows, dtype=float).reshape(len(inputs), len(names)).T))
     return samples.select("user").with_columns(
         p_cart=columns["p_cart"], p_purchase=columns["p_purchase"], cart=samples["cart"],
         purchase=samples["purchase"], se_cart=columns["se_cart"], se_purchase=columns["se_purchase"],

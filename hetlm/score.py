@@ -42,8 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from transformers import PreTrainedModel
 
-from .cluster.base import ClusterwiseLM, load_model
-from .encoders import encoder_from_settings
+from .cluster.base import ClusterwiseLM, for_each_cluster, load_model
 from .ingest import read_events
 from .outputs import work_dir, writable_folder
 from .prepare import partition_events
@@ -60,7 +59,7 @@ from .outcomes import (
 )
 from .set_decoder import Evidence, SetDecoder
 from .sessions import CleaningReport, SessionCleaning, build_samples, session_ids, sessionize
-from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, load_tokenizer
+from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID
 
 History = Sequence[Sequence[str]]
 
@@ -110,42 +109,9 @@ SCORE_SCHEMA = {
 }
 
 
-def find_tokenizer(model_dir: str | Path, required: bool = True) -> Path | None:
-    """The page tokenizer of a model folder: MODEL/tokenizer (clusterwise models), MODEL itself
-    (`hetlm train`'s best/), or RUN/prepared/tokenizer for an experiment's RUN/models/<name>."""
-    model_dir = Path(model_dir)
-    for candidate in (model_dir / "tokenizer", model_dir, model_dir.parent.parent / "prepared" / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    if not required:
-        return None
-    raise ValueError(f"no page tokenizer found for {model_dir} (looked in {model_dir}/tokenizer, {model_dir} and "
-                     f"{model_dir.parent.parent}/prepared/tokenizer); give the tokenizer folder explicitly")
-
-
-def check_vocabulary(model: PreTrainedModel | ClusterwiseLM, tokenizer, model_dir: str | Path,
-                     tokenizer_dir: str | Path) -> None:
-    """A ValueError unless `tokenizer` is the vocabulary `model` was trained with: the same pages, in the same
-    order, as the tokenizer found beside the model (when there is one), and as many tokens as the model's
-    embeddings. Another dataset's tokenizer would give wrong pages and probabilities without any error."""
-    own = find_tokenizer(model_dir, required=False)
-    if own is not None and own.resolve() != Path(tokenizer_dir).resolve():
-        expected = load_tokenizer(own)
-        if expected.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"the tokenizer {tokenizer_dir} ({len(tokenizer) - len(SPECIALS)} pages) is not the one "
-                             f"the model {model_dir} was trained with ({own}, {len(expected) - len(SPECIALS)} pages"
-                             f"{', the same count but other pages or ids' if len(expected) == len(tokenizer) else ''})"
-                             f"; use the tokenizer of the model's prepared data")
-    lms = model.models.values() if isinstance(model, ClusterwiseLM) else [model]
-    sizes = sorted({lm.config.vocab_size for lm in lms})
-    if sizes != [len(tokenizer)]:
-        raise ValueError(f"the model {model_dir} has {' / '.join(map(str, sizes))} tokens, the tokenizer {tokenizer_dir} "
-                         f"{len(tokenizer)}: the model was trained on another vocabulary; use the tokenizer of "
-                         f"the model's prepared data")
-
-
-def route_users(model: ClusterwiseLM, z: np.ndarray, routing: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's cluster (`ClusterwiseLM.route`) and its probability.
+def route_users(model: ClusterwiseLM, z: np.ndarray | None, routing: str | None = None,
+                input_ids: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's cluster (`ClusterwiseLM.route`) and its probability (1 for a single LM).
 
     Selector routing: the selector's probability of the chosen cluster. Centroid routing (k-means) has
     no probabilistic model, so we report the soft assignment softmax_k(-||z - c_k||^2 / tau): the posterior
@@ -155,7 +121,9 @@ def route_users(model: ClusterwiseLM, z: np.ndarray, routing: str | None = None)
     their cluster; it is not calibrated.
     """
     routing = routing or model.routing
-    clusters = model.route(z, routing)
+    clusters = model.route(z, routing, input_ids)
+    if not model.routed:
+        return clusters, np.ones(len(clusters))
     if routing == "selector":
         return clusters, model.selector.predict_proba(z)[np.arange(len(z)), clusters]
     centroids = model.centroids[model.active]
@@ -189,15 +157,23 @@ def sessions_frame(histories: Sequence[History]) -> pl.DataFrame:
 
 
 @dataclass
-class Scorer:
-    """A loaded model, its tokenizer and the user encoder that routes users (clusterwise models)."""
+class _Decoded:
+    """One user's decodings by its cluster's LM."""
 
-    model: PreTrainedModel | ClusterwiseLM
-    tokenizer: Any
+    next_session: list[int]
+    draws: list[list[int]]             # the outcome estimate's sessions
+    top: tuple[list[int], list[float]]  # the k likeliest first pages and their probabilities
+    first_page_logprobs: np.ndarray | None  # users decoded by the set decoder: log P(first page)
+
+
+@dataclass
+class Scorer:
+    """A loaded model (with its tokenizer and user encoder), its set decoder and outcome calibrator."""
+
+    model: ClusterwiseLM
     routing: str | None = None
     max_new_tokens: int = 40
     batch_size: int = 64                # decoded rows per forward pass
-    encoder: Any = field(default=None, repr=False)
     calibrator: OutcomeCalibrator | None = None  # Platt scaling of P(Cart), P(Purchase) (experiment model folders)
     set_decoder: SetDecoder | None = None  # the model folder's fitted set decoder (experiment and train write one)
     cleaning: SessionCleaning | None = None  # None: the one recorded in the tokenizer by `hetlm prepare`
@@ -207,12 +183,11 @@ class Scorer:
     def __post_init__(self):
         if self.routing not in (None, "selector", "centroid"):
             raise ValueError(f"routing must be 'selector' or 'centroid', not {self.routing!r}")
-        if self.routing and not self.clusterwise:
+        if self.routing and not self.model.routed:
             raise ValueError("routing applies to clusterwise models only; this is a single LM")
-        if self.clusterwise and (self.routing or self.model.routing) == "selector" and self.model.selector is None:
+        if (self.routing or self.model.routing) == "selector" and self.model.selector is None:
             raise ValueError(f"this {self.model.kind} model has no selector; route by 'centroid'")
-        if self.clusterwise and self.encoder is None:
-            self.encoder = encoder_from_settings(self.model.encoder).set_params(show_progress=False)
+        self.model.user_encoder  # noqa: B018 (loaded now: a missing encoder fails at start, not at a request)
         self.cleaning = self.cleaning or SessionCleaning.from_tokenizer(self.tokenizer)
         self.vocab = self.tokenizer.get_vocab()
         self.outcome_ids = outcome_ids(self.tokenizer)
@@ -220,20 +195,14 @@ class Scorer:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
                         **kwargs) -> Scorer:
-        tokenizer_dir = tokenizer_dir or find_tokenizer(model_dir)
-        tokenizer, model = load_tokenizer(tokenizer_dir), load_model(model_dir, device)
-        check_vocabulary(model, tokenizer, model_dir, tokenizer_dir)
+        """The model folder's model (`load_model`), set decoder and outcome calibrator."""
         decoder = SetDecoder.from_pretrained(model_dir) if SetDecoder.exists(model_dir) else None
-        return cls(model, tokenizer, calibrator=OutcomeCalibrator.from_pretrained(model_dir), set_decoder=decoder,
-                   **kwargs)
+        return cls(load_model(model_dir, device, tokenizer_dir), calibrator=OutcomeCalibrator.from_pretrained(model_dir),
+                   set_decoder=decoder, **kwargs)
 
     @property
-    def clusterwise(self) -> bool:
-        return isinstance(self.model, ClusterwiseLM)
-
-    @property
-    def models(self) -> dict[int, PreTrainedModel]:
-        return self.model.models if self.clusterwise else {0: self.model}
+    def tokenizer(self):
+        return self.model.tokenizer
 
     @property
     def n_pages(self) -> int:
@@ -242,17 +211,17 @@ class Scorer:
     @property
     def history_budget(self) -> int:
         """Tokens of history that fit beside [BOS] and the generated session."""
-        return min(lm.config.max_position_embeddings for lm in self.models.values()) - self.max_new_tokens - 1
+        return min(lm.config.max_position_embeddings for lm in self.model.models.values()) - self.max_new_tokens - 1
 
     def describe(self) -> dict[str, Any]:
-        lm = next(iter(self.models.values()))
-        info = {"kind": self.model.kind if self.clusterwise else "single", "pages": self.n_pages,
+        lm = next(iter(self.model.models.values()))
+        info = {"kind": self.model.kind, "pages": self.n_pages,
                 "model_type": lm.config.model_type,
                 "parameters_per_lm": sum(p.numel() for p in lm.parameters()),
                 "max_position_embeddings": lm.config.max_position_embeddings,
                 "history_budget_tokens": self.history_budget, "max_new_tokens": self.max_new_tokens,
                 "outcome_pages": {name: i is not None for name, i in self.outcome_ids.items()}}
-        if self.clusterwise:
+        if self.model.routed:
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
                      "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
         info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
@@ -281,44 +250,43 @@ class Scorer:
     def score_fitted(self, fitted: pl.DataFrame, options: Sequence[ScoreOptions]) -> list[UserScore]:
         """Scores of users whose histories are already fitted (a `fit_histories` frame)."""
         histories, inputs = fitted["history"].to_list(), fitted["input_ids"].to_list()
-        n = len(inputs)
-        if self.clusterwise:
-            clusters, cluster_probs = route_users(self.model, self.encoder.transform(histories), self.routing)
-        else:
-            clusters, cluster_probs = np.zeros(n, dtype=int), np.ones(n)
-        next_sessions: list[list[int]] = [[] for _ in range(n)]
-        draws: list[list[list[int]]] = [[] for _ in range(n)]
-        top: list[tuple[list[int], list[float]]] = [([], [])] * n
+        clusters, cluster_probs = route_users(self.model, self.model.embed(histories), self.routing, inputs)
         strategies = [self.strategy(o) for o in options]
-        first_pages: dict[int, np.ndarray] = {}  # users decoded by the set decoder: log P(first page)
-        for k, lm in self.models.items():
-            users = np.flatnonzero(clusters == k).tolist()
-            if not users:
-                continue
-            owner, is_next, rows = self._rows(users, inputs, options)
-            next_rows = [j for j, first in enumerate(is_next) if first]  # one per user, in the order of `users`
-            decoded = decode(lm, [inputs[i] for i in owner], rows, self.max_new_tokens, self.batch_size,
-                             first_pages_of=next_rows)
-            for i, first, session in zip(owner, is_next, decoded.sessions):
-                if first:
-                    next_sessions[i] = session
-                else:
-                    draws[i].append(session)
-            logprobs = torch.from_numpy(np.stack([decoded.first_page_logprobs[j] for j in next_rows]))
-            best = torch.topk(logprobs, min(max(options[i].k for i in users), self.n_pages), dim=1)
-            for j, i in enumerate(users):
-                kk = min(options[i].k, self.n_pages)
-                top[i] = (best.indices[j, :kk].tolist(), best.values[j, :kk].exp().tolist())
-                if strategies[i] == "set":
-                    first_pages[i] = logprobs[j].numpy()
-        if first_pages:
-            users = sorted(first_pages)
-            evidence = Evidence(np.stack([first_pages[i] for i in users]),
-                                [draws[i][:self.set_decoder.n_samples] for i in users])
-            for i, pages in zip(users, self.set_decoder.predict([inputs[i] for i in users], evidence)):
+        decoded = for_each_cluster(self.model, clusters, lambda lm, idx: self._decode(
+            lm, idx.tolist(), inputs, options, strategies))
+        next_sessions = [d.next_session for d in decoded]
+        set_users = [i for i, d in enumerate(decoded) if d.first_page_logprobs is not None]
+        if set_users:
+            evidence = Evidence(np.stack([decoded[i].first_page_logprobs for i in set_users]),
+                                [decoded[i].draws[:self.set_decoder.n_samples] for i in set_users])
+            for i, pages in zip(set_users, self.set_decoder.predict([inputs[i] for i in set_users], evidence)):
                 next_sessions[i] = pages
-        return [self._user_score(i, clusters, cluster_probs, next_sessions, draws, top, histories, strategies[i])
-                for i in range(n)]
+        return [self._user_score(i, clusters, cluster_probs, next_sessions[i], decoded[i], histories, strategies[i])
+                for i in range(len(inputs))]
+
+    def _decode(self, lm: PreTrainedModel, users: list[int], inputs: list[list[int]],
+                options: Sequence[ScoreOptions], strategies: list[str]) -> list[_Decoded]:
+        """The decodings of these users (all routed to `lm`), in one batched `decode`."""
+        owner, is_next, rows = self._rows(users, inputs, options)
+        next_rows = [j for j, first in enumerate(is_next) if first]  # one per user, in the order of `users`
+        decoded = decode(lm, [inputs[i] for i in owner], rows, self.max_new_tokens, self.batch_size,
+                         first_pages_of=next_rows)
+        next_session: dict[int, list[int]] = {}
+        draws: dict[int, list[list[int]]] = {i: [] for i in users}
+        for i, first, session in zip(owner, is_next, decoded.sessions):
+            if first:
+                next_session[i] = session
+            else:
+                draws[i].append(session)
+        logprobs = torch.from_numpy(np.stack([decoded.first_page_logprobs[j] for j in next_rows]))
+        best = torch.topk(logprobs, min(max(options[i].k for i in users), self.n_pages), dim=1)
+        out = []
+        for j, i in enumerate(users):
+            kk = min(options[i].k, self.n_pages)
+            out.append(_Decoded(next_session[i], draws[i],
+                                (best.indices[j, :kk].tolist(), best.values[j, :kk].exp().tolist()),
+                                logprobs[j].numpy() if strategies[i] == "set" else None))
+        return out
 
     def _rows(self, users: list[int], inputs: list[list[int]], options: Sequence[ScoreOptions]):
         """The decoded rows of these users, each one's next session then its outcome draws: the user
@@ -333,13 +301,13 @@ class Scorer:
             is_next += [True] + [False] * o.n_samples
         return owner, is_next, rows
 
-    def _user_score(self, i, clusters, cluster_probs, next_sessions, draws, top, histories, decoder) -> UserScore:
-        outcomes = estimate_outcomes([draws[i]], self.outcome_ids)
-        pages, probs = top[i]
+    def _user_score(self, i, clusters, cluster_probs, next_session, decoded, histories, decoder) -> UserScore:
+        outcomes = estimate_outcomes([decoded.draws], self.outcome_ids)
+        pages, probs = decoded.top
         unknown = list(dict.fromkeys(p for s in histories[i] for p in s if p not in self.vocab))
         return UserScore(
-            cluster=int(clusters[i]) if self.clusterwise else None, cluster_prob=float(cluster_probs[i]),
-            next_session=self.tokenizer.convert_ids_to_tokens(next_sessions[i]),
+            cluster=int(clusters[i]) if self.model.routed else None, cluster_prob=float(cluster_probs[i]),
+            next_session=self.tokenizer.convert_ids_to_tokens(next_session),
             top_pages=self.tokenizer.convert_ids_to_tokens(pages), top_probs=probs,
             p_cart=float(outcomes.p["cart"][0]), se_cart=float(outcomes.se["cart"][0]),
             p_purchase=float(outcomes.p["purchase"][0]), se_purchase=float(outcomes.se["purchase"][0]),

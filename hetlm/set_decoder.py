@@ -49,16 +49,6 @@ class Evidence:
     first_page_logprobs: np.ndarray   # (n_users, vocab) log P(first page), specials -inf
     samples: list[list[list[int]]]    # per user, its sampled sessions (page ids)
 
-    @classmethod
-    def empty(cls, n_users: int, vocab_size: int) -> Evidence:
-        return cls(np.full((n_users, vocab_size), -np.inf, dtype=np.float32), [[] for _ in range(n_users)])
-
-    def put(self, idx: np.ndarray, part: Evidence) -> None:
-        """Write a subset's evidence (e.g. one cluster's users) into its rows."""
-        self.first_page_logprobs[idx] = part.first_page_logprobs
-        for i, samples in zip(idx, part.samples):
-            self.samples[i] = samples
-
 
 def gather_evidence(model, input_ids_list: list[list[int]], n_samples: int = 0, seed: int = 0,
                     max_new_tokens: int = 40, batch_size: int = 64, progress: bool = False) -> Evidence:

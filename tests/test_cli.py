@@ -12,7 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from hetlm.cli import app
+from hetlm.cluster.base import load_model
 from hetlm.ingest import read_events
+from hetlm.tokenizer import load_tokenizer
 
 from .conftest import REPO, SHIPPED
 
@@ -89,6 +91,8 @@ def test_train_generate_evaluate_chain(small_log, tmp_path):
     assert set(record["data_fingerprint"]) == {"train.parquet", "val.parquet"}
     assert record["environment"]["versions"]["torch"] == torch.__version__.split("+")[0] or \
         record["environment"]["versions"]["torch"] == torch.__version__
+    best = load_model(run / "best")  # self-contained: the LM, its tokenizer and set decoder
+    assert not best.routed and best.tokenizer.get_vocab() == load_tokenizer(prepared / "tokenizer").get_vocab()
     gen = tmp_path / "gen.parquet"
     result = runner.invoke(app, ["generate", str(run / "best"), str(prepared), "--out", str(gen),
                                  "--max-new-tokens", "8"])
@@ -145,6 +149,9 @@ def test_experiment_command_reproduces_a_run(small_run, tmp_path):
     assert all("Brier-cart (calibrated on val)" in r["outcomes"] for r in again["results"].values() if "outcomes" in r)
     assert (tmp_path / "again" / "models" / "small" / "outcome_calibration.json").exists()
     assert (tmp_path / "again" / "models" / "hetlm_a5_b9" / "outcome_calibration.json").exists()
+    vocab = load_tokenizer(tmp_path / "again" / "prepared" / "tokenizer").get_vocab()
+    for folder in (tmp_path / "again" / "models").iterdir():  # each loads by itself, its tokenizer included
+        assert load_model(folder).tokenizer.get_vocab() == vocab, folder
 
 
 @pytest.mark.parametrize("profile", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.stem)

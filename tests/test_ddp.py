@@ -76,7 +76,7 @@ def test_two_processes_train_like_one(sliced, tmp_path):
     assert len(val["two"]) == 2 and val["two"] == pytest.approx(val["one"], rel=1e-5)
     state = torch.load(tmp_path / "two" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 6 and len(state["rng"]) == 2  # each rank's RNG, for an exact resume
-    assert (tmp_path / "two" / "best" / "tokenizer.json").exists()
+    assert (tmp_path / "two" / "best" / "tokenizer" / "tokenizer.json").exists()
 
 
 def _helpers_on_two_ranks(rank: int, init_file: str) -> None:

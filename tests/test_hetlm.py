@@ -13,7 +13,7 @@ from hetlm.cluster.selector import Selector
 from hetlm.data import SequenceDataset, length_bucketed_batches
 from hetlm.models import Preset, build_model
 from hetlm.nll import sequence_nll
-from hetlm.tokenizer import load_tokenizer
+from hetlm.tokenizer import SPECIALS, build_tokenizer, load_tokenizer
 from hetlm.train import TrainConfig, train_lm
 
 from .synthetic import planted_samples
@@ -52,9 +52,11 @@ def test_hetlm_recovers_planted_groups_and_shrinks_k(planted, tmp_path, loss):
     sizes = model.info["history"]["cluster_sizes"]
     assert len(sizes[-1]["sizes"]) == len(model.models) < len(sizes[0]["sizes"]) == 6
 
-    model.save_pretrained(tmp_path / "hetlm")
+    tokenizer = build_tokenizer([f"page_{i}" for i in range(base.config.vocab_size - len(SPECIALS))])
+    model.save_pretrained(tmp_path / "hetlm", tokenizer)
     loaded = ClusterwiseLM.from_pretrained(tmp_path / "hetlm")
     assert loaded.active == model.active and loaded.routing == model.routing
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
     np.testing.assert_array_equal(loaded.route(z, input_ids=input_ids), model.route(z, input_ids=input_ids))
     ids = torch.tensor([df["input_ids"][0].to_list()])
     k = model.active[0]

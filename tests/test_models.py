@@ -95,14 +95,14 @@ def test_init_from_refuses_non_safetensors(tmp_path):
 
 def test_model_folders_load_with_safetensors_only(tmp_path):
     """A folder holding only a pickled checkpoint is refused, not unpickled (no pickle from untrusted paths)."""
-    import polars as pl
-
-    from hetlm.evaluate import load_any_model
+    from hetlm.cluster.base import load_model
+    from hetlm.tokenizer import build_tokenizer
 
     model = build_model("tiny", 40)
     model.config.save_pretrained(tmp_path)
+    build_tokenizer([f"p{i}" for i in range(36)]).save_pretrained(tmp_path / "tokenizer")
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="safetensors"):
-        load_any_model(tmp_path, pl.DataFrame({"history": [[["a", "b"]]]}))
+        load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="safetensors"):
         init_from(build_model("tiny", 40), tmp_path)

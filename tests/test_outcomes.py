@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hetlm.cluster.base import ClusterwiseLM
 from hetlm.generate import NEVER_EMITTED, generate_next_sessions, next_page_scores, session_prompts
 from hetlm.outcomes import (
     OutcomeCalibrator,
@@ -29,7 +30,7 @@ from .test_score import train_micro
 def micro(taobao_prepared, tmp_path_factory):
     folder = train_micro(taobao_prepared[0], tmp_path_factory.mktemp("micro"))
     test = pl.read_parquet(taobao_prepared[0] / "test.parquet")
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), load_tokenizer(folder), test
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), load_tokenizer(folder / "tokenizer"), test
 
 
 def test_decoding_is_greedy_generation_and_batch_independent(micro):
@@ -89,7 +90,7 @@ def test_monte_carlo_matches_exact_probability(micro):
 def test_outcome_table_format(micro, tmp_path):
     model, tokenizer, test = micro
     samples = test.head(8)
-    table = outcome_table(model, tokenizer, samples, n_samples=4, max_new_tokens=6)
+    table = outcome_table(ClusterwiseLM.single(model, tokenizer), tokenizer, samples, n_samples=4, max_new_tokens=6)
     assert table.columns[:5] == ["user", "p_cart", "p_purchase", "cart", "purchase"]
     assert table["user"].to_list() == samples["user"].to_list() and table["cart"].equals(samples["cart"])
     assert table["p_cart"].is_between(0, 1).all() and set(table["p_purchase"].to_list()) <= {0, 0.25, 0.5, 0.75, 1}

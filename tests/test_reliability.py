@@ -84,8 +84,7 @@ def micro_model(prepared: Path, folder: Path) -> Path:
     """A random micro LM over `prepared`'s vocabulary, saved with its tokenizer as `hetlm train` saves best/."""
     tokenizer = load_tokenizer(prepared / "tokenizer")
     torch.manual_seed(0)
-    build_model(MICRO, len(tokenizer), max_positions=128).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    ClusterwiseLM.single(build_model(MICRO, len(tokenizer), max_positions=128), tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -358,7 +357,7 @@ def damaged_models(model: Path, root: Path) -> dict[str, Path]:
     config = json.loads((model / "config.json").read_text())
     (folders["vocab_changed"] / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 7}))
     lm = AutoModelForCausalLM.from_pretrained(model)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model / "tokenizer")
     clusterwise = ClusterwiseLM(kind="kmeans", models={0: lm, 1: lm}, centroids=np.eye(2, 4, dtype=np.float32),
                                 routing="centroid", encoder={"name": "pagebag"}, sizes={0: 1, 1: 1})
     clusterwise.save_pretrained(root / "no_cluster_1", tokenizer)

@@ -73,7 +73,7 @@ def run_hetlm(prepared: str, out: str, resume: bool = False) -> None:
     torch.set_num_threads(1)
     train, val, z, zv, vocab = _slices(Path(prepared))
     model = HeTLM(HETLM).fit(_micro_opt(vocab), train, z, val, zv, progress=False, out_dir=out, resume=resume)
-    model.save_pretrained(Path(out) / "final")
+    model.save_pretrained(Path(out) / "final", load_tokenizer(Path(prepared) / "tokenizer"))
 
 
 def _python(call: str) -> list[str]:

@@ -37,8 +37,7 @@ def train_micro(prepared, folder, steps=30):
     config = TrainConfig(lr=1e-2, max_steps=steps, batch_size=32, max_len=128, eval_every=10_000,
                          early_stopping_patience=None, save_every=10_000)
     train_lm(model, pl.read_parquet(prepared / "train.parquet"), None, config, folder / "train", progress=False)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    ClusterwiseLM.single(model, tokenizer).save_pretrained(folder / "model")
     return folder / "model"
 
 

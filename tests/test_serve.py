@@ -1,6 +1,8 @@
 """The HTTP service, started for real with uvicorn on loopback and called with httpx, on a micro k-means
 clusterwise model: predictions equal `hetlm score`'s, validation (422), limits (413), dynamic batching."""
 
+import dataclasses
+import shutil
 import socket
 import threading
 import time
@@ -16,15 +18,16 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from hetlm.cli import app as cli
+from hetlm.cluster.base import ClusterwiseLM, load_model
 from hetlm.cluster.kmeans import fit_kmeans_clusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
-from hetlm.score import Scorer, log_sessions
+from hetlm.score import ScoreOptions, Scorer, log_sessions
 from hetlm.serve import Limits, create_app, header_timeout_protocol
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig
 
-from .test_score import log_head, train_micro
+from .test_score import assert_same_score, log_head, train_micro
 
 LIMITS = Limits(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20)
 OPTIONS = {"k": 5, "n_samples": 4, "seed": 2}
@@ -66,6 +69,34 @@ def clusterwise(taobao_prepared, tmp_path_factory):
     model.save_pretrained(folder / "kmeans", load_tokenizer(prepared / "tokenizer"))
     CALIBRATOR.save_pretrained(folder / "kmeans")  # as `hetlm experiment` leaves one in each model folder
     return folder / "kmeans"
+
+
+def test_model_folders_load_by_themselves(clusterwise, taobao_prepared, tmp_path):
+    """A single-LM folder and a clusterwise folder each load with `load_model(path)` alone, tokenizer included,
+    and score as the same LMs loaded by plain transformers beside the prepared tokenizer; without its
+    tokenizer a folder is a clear error."""
+    prepared = taobao_prepared[0]
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    histories = pl.read_parquet(prepared / "test.parquet")["history"].to_list()[:6]
+    options = [ScoreOptions(k=5, n_samples=4, seed=1), ScoreOptions(strategy="sample", n_samples=2, seed=3)] * 3
+    single = clusterwise.parent / "model"  # the LM the k-means clusters were fine-tuned from (`train_micro`)
+    for folder in (single, clusterwise):
+        model = load_model(folder)
+        assert model.tokenizer.get_vocab() == tokenizer.get_vocab() and model.routed == (folder == clusterwise)
+        if model.routed:
+            plain = dataclasses.replace(model, tokenizer=tokenizer, models={
+                k: AutoModelForCausalLM.from_pretrained(folder / f"cluster_{k}") for k in model.active})
+        else:
+            plain = ClusterwiseLM.single(AutoModelForCausalLM.from_pretrained(folder), tokenizer)
+        got = Scorer(model, max_new_tokens=10).score(histories, options)
+        for a, b in zip(got, Scorer(plain, max_new_tokens=10).score(histories, options), strict=True):
+            assert_same_score(a, b)
+        assert {s.cluster for s in got} <= ({0, 1} if model.routed else {None})
+    bare = tmp_path / "bare"
+    shutil.copytree(single, bare)
+    shutil.rmtree(bare / "tokenizer")
+    with pytest.raises(ValueError, match="no page tokenizer"):
+        load_model(bare)
 
 
 @pytest.fixture(scope="module")
