@@ -113,7 +113,8 @@ class Evaluation:
     def __init__(self, data: Samples, run: RunFolder, clock: Clock, encoder, generation: GenerationSettings,
                  set_decoder: SetDecoderSettings, outcome_samples: int, seed: int, bert_score: bool, progress: bool):
         self.data, self.run, self.clock, self.encoder, self.progress = data, run, clock, encoder, progress
-        self.generation, self.set_decoder, self.outcome_samples, self.seed = generation, set_decoder, outcome_samples, seed
+        self.generation, self.set_decoder = generation, set_decoder
+        self.outcome_samples, self.seed = outcome_samples, seed
         self.bert_encoder = load_minilm() if bert_score else None
         self.results: dict[str, ModelResult] = {}
         # The outcome baseline a marketer would fit first (on the training users), and each LM stacked with it.
@@ -183,7 +184,8 @@ class Evaluation:
         page), and the LM's probability stacked with the history model's."""
         d, model = self.data, trained.model
         if self.outcome_samples:
-            mc = {"n_samples": self.outcome_samples, "seed": self.seed, "max_new_tokens": self.generation.max_new_tokens}
+            mc = {"n_samples": self.outcome_samples, "seed": self.seed,
+                  "max_new_tokens": self.generation.max_new_tokens}
             zv = d.z["val"] if trained.clusterwise else None
             outcomes = outcome_table(model, d.tokenizer, d.test, zt, routing, **mc)
             val_outcomes = outcome_table(model, d.tokenizer, d.val, zv, routing, **mc) if d.val.height else None

@@ -239,8 +239,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     evaluation = Evaluation(data, run, clock, encoder, config.generation, config.set_decoder, config.outcome_samples,
                             config.seed, config.bert_score, progress)
     # Each model with its own routing, and each clusterwise model again with every other routing asked for.
-    for model, routing in [(t, None) for t in trained] + [(t, r) for t in trained
-                                                           for r in t.extra_routings(config.extra_routings)]:
+    entries = [(t, None) for t in trained] + [(t, r) for t in trained for r in t.extra_routings(config.extra_routings)]
+    for model, routing in entries:
         evaluation.evaluate_lm(model, routing)
     with clock("baselines"):
         evaluation.evaluate_baselines(config.baselines)
@@ -250,7 +250,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         name=config.name, reference=reference, outcome_samples=config.outcome_samples, data=data.summary,
         results=evaluation.results, outcome_baselines=evaluation.outcome_baselines, seconds=clock.seconds,
         histories={t.name: t.history for t in trained}, environment=environment(),
-        data_fingerprint={"input": sha256(config.path)} | {f"prepared/{s}.parquet": sha256(run.split(s)) for s in SPLITS})
+        data_fingerprint={"input": sha256(config.path)}
+        | {f"prepared/{s}.parquet": sha256(run.split(s)) for s in SPLITS})
     write_run(result, run, clock)
     return result
 
