@@ -38,8 +38,9 @@ import polars as pl
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, nll_matrix
+from hetlm.cluster.hetlm import HeTLM, HeTLMConfig
 from hetlm.cluster.kmeans import kmeans_labels
+from hetlm.cluster.likelihood import nll_matrix
 from hetlm.data import SequenceDataset
 from hetlm.encoders import make_encoder
 from hetlm.models import Preset, build_model

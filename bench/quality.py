@@ -25,6 +25,7 @@ from logs import GLOBO_FRACTION, GLOBO_OPTIONS, MSNBC_VISITS, globo_subset, msnb
 
 
 from hetlm.experiment import ExperimentConfig, run_experiment  # noqa: E402
+from hetlm.runs import RunResult  # noqa: E402
 
 PRETRAIN = {"lr": 3e-3, "epochs": 8, "batch_size": 32, "eval_every": 50, "early_stopping_patience": 3}
 SET_METRICS = ["HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase"]
@@ -66,16 +67,16 @@ def logs(work: Path, globo_fraction: float, msnbc_visits: int) -> dict[str, dict
     }
 
 
-def rows_of(run: dict) -> list[dict]:
+def rows_of(run: RunResult) -> list[dict]:
     """One row per model: set metrics, ranking of the first page, outcome AUC / Brier where computed."""
     rows = []
-    for name, r in run["results"].items():
-        row = {"model": name, "kind": r.get("kind")}
-        row |= {m: r["combined"].get(m) for m in SET_METRICS}
-        row |= {m: r.get("extra", {}).get(m) for m in RANKING}
-        row |= {m: r.get("outcomes", {}).get(m) for m in OUTCOMES}
+    for name, r in run.results.items():
+        row = {"model": name, "kind": r.kind}
+        row |= {m: r.combined.get(m) for m in SET_METRICS}
+        row |= {m: r.extra.get(m) for m in RANKING}
+        row |= {m: (r.outcomes or {}).get(m) for m in OUTCOMES}
         rows.append(row)
-    for name, summary in run.get("outcome_baselines", {}).items():
+    for name, summary in run.outcome_baselines.items():
         rows.append({"model": name, "kind": "baseline" if name.startswith("baseline") else "outcome model"}
                     | {m: summary.get(m) for m in OUTCOMES})
     return rows
@@ -118,7 +119,7 @@ def run_log(name: str, spec: dict, work: Path) -> None:
         print(f"{name}: not measured: {err}")
         record("quality", {"log": name, "source": spec["source"], "path": path, "not_measured": str(err)}, [], {})
         return
-    data = run["data"]
+    data = run.data
     if data["samples"]["test"] < MIN_TEST_USERS or not data["samples"]["val"]:
         reason = (f"{data['samples']['test']} test and {data['samples']['val']} validation users: too few to compare "
                   f"models (at least {MIN_TEST_USERS} test users and some validation users needed)")
@@ -130,7 +131,7 @@ def run_log(name: str, spec: dict, work: Path) -> None:
     settings = {"log": name, "source": spec["source"], "path": path, "subsample": spec.get("subsample", "all"),
                 "split": config.prepare.split, "samples": data["samples"], "users": data["users"], "pages": data["pages"],
                 "pretrain": PRETRAIN, "preset": config.model.preset, "seconds": round(time.perf_counter() - started, 1),
-                "set_decoder": next((r["decoder"] for r in run["results"].values() if "decoder" in r), None)}
+                "set_decoder": next((r.decoder for r in run.results.values() if r.decoder is not None), None)}
     record("quality", settings, rows, {"verdicts": verdicts(rows, has_outcomes)})
 
 

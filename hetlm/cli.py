@@ -364,13 +364,15 @@ def fit_hetlm(
     _become_torchrun(processes)
     from pydantic import TypeAdapter, ValidationError
 
-    from .cluster.hetlm import HeTLMConfig, fit_saved
+    from .cluster.hetlm import HeTLMConfig
     from .distributed import close_distributed, dist_info
+    from .fit_hetlm import HeTLMJob, fit_from_files
 
     try:
         cfg = TypeAdapter(HeTLMConfig).validate_json(config.read_text()) if config else HeTLMConfig()
         settings = json.loads(encoder.read_text()) if encoder else None
-        model = fit_saved(prepared, base, embeddings, cfg, out, settings, checkpoints, resume, progress)
+        model = fit_from_files(HeTLMJob(prepared=prepared, base=base, embeddings=embeddings, out=out, config=cfg,
+                                        encoder=settings, checkpoints=checkpoints, resume=resume, progress=progress))
         main = dist_info().is_main
     except (ValidationError, ValueError, OSError) as err:
         _fail(err)

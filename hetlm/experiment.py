@@ -1,22 +1,15 @@
 """The paper's Step 2 on one dataset, from a config: prepare -> small LM -> k-means clusterwise ->
 HeTLM (a list of alpha, beta) -> parameter-matched larger LM -> evaluation of all of them and of the
-baselines -> the paper's Tables 2-6 and 17, as Markdown and JSON, in one run folder.
+baselines (hetlm.assessment) -> the paper's Tables 2-6 and 17 (hetlm.tables), results.json and the report,
+in one run folder (its layout: hetlm.runs).
 
-Run folder:
-    config.json, prepared/ (samples, tokenizer, summary), models/<name>/ (save_pretrained),
-    generations/<name>.parquet, outcomes/<name>.parquet (LMs: outcome probabilities per test user),
-    clusters/<name>.parquet (clusterwise models: final cluster of each train and test sample),
-    results.json, tables.md, report.html (figures also in report/figures/), timings in results.json
+`run_experiment` is a short driver: each training stage returns one `TrainedModel` record, the evaluation
+stage one `ModelResult` per evaluated model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,24 +17,16 @@ import numpy as np
 import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
-from rich.console import Console
 
 from . import metrics as M
-from .baselines import BASELINES, HistoryOutcomes
+from .assessment import Clock, Evaluation, Samples, SetDecoderSettings, TrainedModel, console
+from .baselines import BASELINES
 from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
 from .cluster.kmeans import fit_kmeans_clusterwise
 from .encoders import encoder_from_settings
-from .evaluate import (
-    GenerationSettings,
-    baseline_page_scores,
-    compute_metrics,
-    first_page_outcomes,
-    fit_set_decoder,
-    predict,
-    save_generations,
-    set_decoded_pages,
-)
+from .evaluate import GenerationSettings
+from .fit_hetlm import HeTLMJob, fit_in_processes
 from .ingest import SOURCES
 from .models import (
     FAMILIES,
@@ -52,15 +37,15 @@ from .models import (
     preset_parameters,
     scale_preset,
 )
-from .outcomes import OUTCOMES, OutcomeCalibrator, calibration, outcome_calibration, outcome_table
 from .prepare import PrepareConfig, prepare
 from .provenance import environment, sha256
+from .report import write_report
+from .runs import LARGER, SMALL, SPLITS, ModelResult, RunFolder, RunResult, hetlm_folder, kmeans_folder
 from .sessions import DataError
-from .set_decoder import SetDecoder
-from .tokenizer import load_tokenizer, page_vocabulary
-from .train import TrainConfig, resolve_device, train_lm
+from .tables import tables_markdown
+from .tokenizer import load_tokenizer
+from .train import TrainConfig, train_lm
 
-console = Console(width=200)  # wide tables stay readable in logs and CI
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
 
 
@@ -169,16 +154,6 @@ class EncoderSettings(BaseModel):
                          "Hugging Face cache (hetlm runs offline)")
 
 
-class SetDecoderSettings(BaseModel):
-    """The expected-IoU set decoder (hetlm.set_decoder), fitted on the validation users of each LM; its rows
-    are labelled '<model> · set decoder' beside the paper's greedy rows."""
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    n_samples: int = Field(0, ge=0)   # sampled sessions per user as extra evidence (0: first-page scores only)
-    top_first: int = Field(10, ge=0)
-    max_size: int = Field(20, ge=1)
-
-
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "experiment"
@@ -235,261 +210,59 @@ class ExperimentConfig(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-class Clock:
-    """Wall time of each stage, for the closing tables."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, stage: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                console.rule(f"[bold]{stage}")
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.seconds[stage] = round(time.perf_counter() - self.t, 2)
-
-        return _Stage()
-
-
-def _fit_hetlm_in_processes(cfg: HeTLMConfig, processes: int, out: Path, folder: str, encoder: dict,
-                            progress: bool) -> ClusterwiseLM:
-    """One HeTLM run by `hetlm fit-hetlm --processes N` on the files this run has written (prepared samples,
-    models/small, embeddings.npz); its model folder is read back."""
-    work = out / "train" / folder
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "hetlm_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    (work / "encoder.json").write_text(json.dumps(encoder))
-    command = [sys.executable, "-m", "hetlm.cli", "fit-hetlm", str(out / "prepared"), "--base", str(out / "models" / "small"),
-               "--embeddings", str(out / "embeddings.npz"), "--config", str(work / "hetlm_config.json"),
-               "--encoder", str(work / "encoder.json"), "--out", str(out / "models" / folder), "--checkpoints", str(work),
-               "--processes", str(processes), "--progress" if progress else "--no-progress"]
-    if subprocess.run(command, check=False).returncode:
-        raise RuntimeError(f"HeTLM in {processes} processes failed (its output is above): {' '.join(command)}")
-    return ClusterwiseLM.from_pretrained(out / "models" / folder, str(resolve_device(cfg.device)))
-
-
-def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
-    clock = Clock()
+def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True) -> RunResult:
+    run, clock = RunFolder(out), Clock()
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config_file.write_text(config.model_dump_json(indent=2))
     torch.manual_seed(config.seed)
-
     with clock("prepare"):
-        summary = prepare(config.source, config.path, out / "prepared", config.prepare, **config.source_options)
-    train, val, test = (pl.read_parquet(out / "prepared" / f"{s}.parquet") for s in ("train", "val", "test"))
-    tokenizer = load_tokenizer(out / "prepared" / "tokenizer")
-    vocabulary = set(page_vocabulary(tokenizer))
-    console.print(f"{summary['users']} users, {len(vocabulary)} pages; samples {summary['samples']}")
-    _check_clusters_fit(config, summary["users_per_split"]["train"])
-
-    models: dict[str, Any] = {}
-    params: dict[str, int] = {}
-    histories: dict[str, Any] = {}
-    folders: dict[str, Path] = {}  # where each model is saved
-    max_len = config.prepare.max_len
-
+        data = prepare_samples(config, run)
     with clock("small LM pre-training"):
-        torch.manual_seed(config.seed)
-        small = build_model(config.model.preset, len(tokenizer), config.model.family, max_positions=max_len)
-        if config.model.init_from:
-            report = init_from(small, config.model.init_from)
-            console.print(f"init from {config.model.init_from}: {len(report.loaded)} tensors loaded, "
-                          f"{len(report.skipped)} skipped")
-        result = train_lm(small, train, val, config.pretrain, out / "train" / "small", progress=progress)
-        name = f"{config.model.preset} single"
-        models[name] = ClusterwiseLM.single(small.eval(), tokenizer)
-        params[name], histories[name] = count_parameters(small), result.history
-        folders[name] = out / "models" / "small"
-        models[name].save_pretrained(folders[name])
-
-    z = {}
+        small = train_single(config, f"{config.model.preset} single", config.model.preset, config.model.init_from,
+                             data, run, SMALL, progress)
+    trained, encoder = [small], None
     if config.kmeans.enabled or config.hetlm.enabled:
         with clock("encoder"):
-            enc = config.encoder
-            encoder = encoder_from_settings(enc.model_dump() | {"cache_dir": enc.cache_dir or str(out / "embedding_cache")})
-            for split, df in (("train", train), ("val", val), ("test", test)):
-                z[split] = encoder.transform(df["history"].to_list())
-            np.savez(out / "embeddings.npz", **z)
-    encoder_info = config.encoder.model_dump()
-
+            encoder = embed(config, data, run)
     if config.kmeans.enabled:
-        k = config.kmeans.n_clusters
-        with clock(f"k-means K={k} fine-tuning"):
-            km = fit_kmeans_clusterwise(small, train, z["train"], val, z["val"], k, config.kmeans.finetune,
-                                        out / "train" / f"kmeans_k{k}", encoder_info, progress)
-            name = f"{config.model.preset} k-means K={k}"
-            models[name], params[name] = km, sum(count_parameters(m) for m in km.models.values())
-            histories[name] = km.info.pop("histories")
-            folders[name] = out / "models" / f"kmeans_k{k}"
-            km.save_pretrained(folders[name], tokenizer)
-
-    final_ks, initial_ks = [], [config.kmeans.n_clusters] if config.kmeans.enabled else []
-    if config.hetlm.enabled:
-        for label, cfg in config.hetlm.variants():
-            folder = "hetlm_" + re.sub(r"[^\w.-]+", "_", label.replace("a=", "a").replace(" b=", "_b"))
-            with clock(f"HeTLM {label}"):
-                if config.hetlm.processes > 1:
-                    het = _fit_hetlm_in_processes(cfg, config.hetlm.processes, out, folder, encoder_info, progress)
-                else:
-                    het = HeTLM(cfg).fit(small, train, z["train"], val, z["val"], encoder_info, progress,
-                                         out / "train" / folder)
-            name = f"{config.model.preset} HeTLM {label}"
-            models[name], params[name] = het, sum(count_parameters(m) for m in het.models.values())
-            histories[name] = het.info["history"]
-            final_ks.append(len(het.models))
-            initial_ks.append(cfg.n_clusters)
-            folders[name] = out / "models" / folder
-            if config.hetlm.processes == 1:  # else `hetlm fit-hetlm` saved it there (and it is read from there)
-                het.save_pretrained(folders[name], tokenizer)
-
-    larger_name = None
+        with clock(f"k-means K={config.kmeans.n_clusters} fine-tuning"):
+            trained.append(fit_kmeans(config, small, data, run, progress))
+    hetlms = []
+    for label, cfg in config.hetlm.variants() if config.hetlm.enabled else []:
+        with clock(f"HeTLM {label}"):
+            hetlms.append(fit_hetlm(config, label, cfg, small, data, run, progress))
+    trained += hetlms
     if config.larger.enabled:
-        factor = config.larger.factor
-        if factor == "final_k":
-            factor = max(final_ks or initial_ks or [2])
-        elif factor == "initial_k":
-            factor = max(initial_ks or [2])
-        if config.larger.preset:
-            shape = config.larger.preset
-            n = preset_parameters(shape, len(tokenizer), config.model.family, max_len)
-            larger_name = f"larger single ({shape}, {n / 1e6:.1f}M)"
-        else:
-            shape, n = scale_preset(config.model.preset, factor, len(tokenizer), config.model.family, max_len)
-            larger_name = f"larger single ({n / 1e6:.1f}M, >= {factor:g}x)"
         with clock("larger LM training"):
-            torch.manual_seed(config.seed)
-            larger = build_model(shape, len(tokenizer), config.model.family, max_positions=max_len)
-            if config.larger.init_from:
-                report = init_from(larger, config.larger.init_from)
-                console.print(f"larger LM init from {config.larger.init_from}: {len(report.loaded)} tensors loaded, "
-                              f"{len(report.skipped)} skipped")
-            result = train_lm(larger, train, val, config.pretrain, out / "train" / "larger", progress=progress)
-            models[larger_name] = ClusterwiseLM.single(larger.eval(), tokenizer)
-            params[larger_name], histories[larger_name] = n, result.history
-            folders[larger_name] = out / "models" / "larger"
-            models[larger_name].save_pretrained(folders[larger_name])
+            trained.append(train_larger(config, data, run, progress, [len(h.model.models) for h in hetlms]))
 
-    bert_encoder = None
-    if config.bert_score:
-        from .encoders import load_minilm
-        bert_encoder = load_minilm()
-
-    results: dict[str, dict] = {}
-    # The outcome baseline a marketer would fit first (on the training users), and each LM stacked with it.
-    history_lr = HistoryOutcomes().fit(train["history"].to_list(), {o: train[o].to_numpy() for o in OUTCOMES})
-    outcome_baselines = {"baseline: history logistic regression": _outcome_summary(
-        _outcome_frame(test, history_lr.predict_proba(test["history"].to_list())))}
-    sd = config.set_decoder
+    evaluation = Evaluation(data, run, clock, encoder, config.generation, config.set_decoder, config.outcome_samples,
+                            config.seed, config.bert_score, progress)
     # Each model with its own routing, and each clusterwise model again with every other routing asked for.
-    entries = [(name, name, model, None) for name, model in models.items()]
-    entries += [(f"{name} [routed by {r}]", name, model, r) for name, model in models.items()
-                if model.routed for r in config.extra_routings
-                if r != model.routing and (r != "selector" or model.selector is not None)]
-    for name, model_name, model, routing in entries:
-        clusterwise = model.routed
-        with clock(f"inference: {name}"):
-            t0 = time.perf_counter()
-            zt = encoder.transform(test["history"].to_list()) if clusterwise else None  # cached: Table 17's routing cost
-            pred = predict(model, test, tokenizer, config.generation, zt, routing, progress=progress,
-                           n_samples=sd.n_samples)
-            inference_s = time.perf_counter() - t0 - pred.seconds["scoring"]
-            results[name] = compute_metrics(pred.pages, test, vocabulary, pred.clusters, pred.first_page_logprobs,
-                                            tokenizer, bert_encoder)
-            results[name] |= {"params": params[model_name], "inference_seconds": round(inference_s, 2),
-                              "kind": "clusterwise" if clusterwise else "single"}
-            if clusterwise:
-                results[name] |= {"train_cluster_sizes": model.sizes, "routing": routing or model.routing}
-                train_clusters = model.route(z["train"], routing, train["input_ids"].to_list())
-                _save_clusters(artefact_path(out, "clusters", name), train, train_clusters, test, pred.clusters)
-            save_generations(artefact_path(out, "generations", name), test, pred.pages, pred.clusters)
-            zv = z["val"] if clusterwise else None
-            # Validation evidence: what the set decoder is fitted on, and the outcome stack without Monte Carlo.
-            needed = val.height and (sd.enabled or not config.outcome_samples)
-            val_pred = predict(model, val, tokenizer, config.generation, zv, routing, progress=False, greedy=False,
-                               n_samples=sd.n_samples) if needed else None
-        if sd.enabled and val_pred is not None:
-            with clock(f"set decoder: {name}"):
-                decoder = fit_set_decoder(SetDecoder(sd.n_samples, sd.top_first, sd.max_size, seed=config.seed,
-                                                     max_new_tokens=config.generation.max_new_tokens),
-                                          val_pred, val, tokenizer)
-                if routing is None:  # the model's own routing is what score/serve use
-                    decoder.save_pretrained(folders[model_name])
-                set_name = f"{name} · set decoder"
-                set_pages = set_decoded_pages(decoder, pred, test, tokenizer)
-                ranking = decoder.page_scores(test["input_ids"].to_list(), pred.evidence)
-                results[set_name] = compute_metrics(set_pages, test, vocabulary, pred.clusters, ranking,
-                                                    tokenizer, bert_encoder) | {
-                    "kind": "set decoder", "decoder": {"size": decoder.size_ or "expected IoU per user",
-                                                       "validation IoU by size rule": decoder.fit_iou_}}
-                save_generations(artefact_path(out, "generations", set_name), test, set_pages, pred.clusters)
-        with clock(f"outcomes: {name}"):
-            if config.outcome_samples:
-                mc = {"n_samples": config.outcome_samples, "seed": config.seed,
-                      "max_new_tokens": config.generation.max_new_tokens}
-                outcomes = outcome_table(model, tokenizer, test, zt, routing, **mc)
-                val_outcomes = outcome_table(model, tokenizer, val, zv, routing, **mc) if val.height else None
-                if val_outcomes is not None:  # Platt scaling on the validation users, kept with the model for score/serve
-                    calibrator = OutcomeCalibrator().fit(val_outcomes, config.outcome_samples)
-                    if routing is None:  # the model's own routing is what score/serve use
-                        calibrator.save_pretrained(folders[model_name])
-                    outcomes = outcomes.with_columns(**{f"p_{o}_calibrated": calibrator.transform(
-                        o, outcomes[f"p_{o}"].to_numpy()) for o in OUTCOMES})
-            else:
-                outcomes = first_page_outcomes(test, pred.first_page_logprobs, tokenizer)
-                val_outcomes = first_page_outcomes(val, val_pred.first_page_logprobs, tokenizer) if val_pred else None
-            outcomes.write_parquet(_parent_made(artefact_path(out, "outcomes", name)))
-            results[name]["outcomes"] = _outcome_summary(outcomes)
-            if val_outcomes is not None:  # the LM's probability stacked with the history model's, on val users
-                combined = history_lr.stack(val["history"].to_list(), _logits(val_outcomes),
-                                            {o: val[o].to_numpy() for o in OUTCOMES})
-                probs = combined.predict_proba(test["history"].to_list(), _logits(outcomes))
-                outcome_baselines[f"{name} + history model (stacked on val)"] = _outcome_summary(
-                    _outcome_frame(test, probs))
-
+    entries = [(t, None) for t in trained] + [(t, r) for t in trained for r in t.extra_routings(config.extra_routings)]
+    for model, routing in entries:
+        evaluation.evaluate_lm(model, routing)
     with clock("baselines"):
-        histories_in = train["history"].to_list() + val["history"].to_list()
-        targets_in = train["target"].to_list() + val["target"].to_list()
-        for bname in config.baselines:
-            baseline = BASELINES[bname]().fit(histories_in, targets_in)
-            pages = baseline.predict(test["history"].to_list())
-            results[f"baseline: {bname}"] = compute_metrics(
-                pages, test, vocabulary, bert_encoder=bert_encoder, tokenizer=tokenizer,
-                first_page_logprobs=baseline_page_scores(baseline, test, tokenizer)) | {"kind": "baseline"}
-            save_generations(artefact_path(out, "generations", f"baseline: {bname}"), test, pages,
-                             np.zeros(len(pages), int))
+        evaluation.evaluate_baselines(config.baselines)
+    reference = trained[-1].name if config.larger.enabled else small.name
+    add_composites(evaluation.results, reference)
+    result = RunResult(
+        name=config.name, reference=reference, outcome_samples=config.outcome_samples, data=data.summary,
+        results=evaluation.results, outcome_baselines=evaluation.outcome_baselines, seconds=clock.seconds,
+        histories={t.name: t.history for t in trained}, environment=environment(),
+        data_fingerprint={"input": sha256(config.path)}
+        | {f"prepared/{s}.parquet": sha256(run.split(s)) for s in SPLITS})
+    write_run(result, run, clock)
+    return result
 
-    reference = larger_name or next(iter(models))
-    for name, r in results.items():
-        if name != reference:
-            for ties, key in (("loss", "composite_vs_"), ("win", "composite_ties_win_vs_")):
-                r[key + _slug(reference)] = M.composite_score(r["combined"], results[reference]["combined"], ties)
 
-    run = {
-        "name": config.name, "reference": reference, "outcome_samples": config.outcome_samples, "data": summary,
-        "results": results, "outcome_baselines": outcome_baselines,
-        "seconds": clock.seconds, "histories": histories,
-        "environment": environment(),
-        "data_fingerprint": {"input": sha256(config.path)}
-        | {f"prepared/{s}.parquet": sha256(out / "prepared" / f"{s}.parquet") for s in ("train", "val", "test")},
-    }
-    (out / "results.json").write_text(json.dumps(run, indent=1, default=_json_default))
-    (out / "tables.md").write_text(tables_markdown(run))
-    from .report import (
-        write_report,  # imported here: the report module imports this one (and matplotlib)
-    )
-
-    report = write_report(out)
-    console.print(M.format_table({n: r["combined"] | r.get("extra", {}) for n, r in results.items()},
-                                 metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
-                                          "MRR"], title="Combined over test users"))
-    console.print(f"stage times (s): {clock.seconds}")
-    console.print(f"run folder: {out}  (tables.md, results.json, {report.html.name})")
-    return run
+def prepare_samples(config: ExperimentConfig, run: RunFolder) -> Samples:
+    summary = prepare(config.source, config.path, run.prepared, config.prepare, **config.source_options)
+    data = Samples(*(pl.read_parquet(run.split(s)) for s in SPLITS), load_tokenizer(run.prepared / "tokenizer"),
+                   summary)
+    console.print(f"{summary['users']} users, {len(data.vocabulary)} pages; samples {summary['samples']}")
+    _check_clusters_fit(config, summary["users_per_split"]["train"])
+    return data
 
 
 def _check_clusters_fit(config: ExperimentConfig, train_users: int) -> None:
@@ -503,120 +276,100 @@ def _check_clusters_fit(config: ExperimentConfig, train_users: int) -> None:
                             f"lower it or use a larger log")
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+def train_single(config: ExperimentConfig, name: str, shape: str, init: str | None, data: Samples, run: RunFolder,
+                 folder: str, progress: bool, params: int | None = None) -> TrainedModel:
+    """One LM of the preset `shape` (from released weights `init`), trained as `config.pretrain` says."""
+    torch.manual_seed(config.seed)
+    lm = build_model(shape, len(data.tokenizer), config.model.family, max_positions=config.prepare.max_len)
+    if init:
+        report = init_from(lm, init)
+        console.print(f"{name}: init from {init}: {len(report.loaded)} tensors loaded, {len(report.skipped)} skipped")
+    history = train_lm(lm, data.train, data.val, config.pretrain, run.train(folder), progress=progress).history
+    model = ClusterwiseLM.single(lm.eval(), data.tokenizer)
+    model.save_pretrained(run.model(folder))
+    return TrainedModel(name, model, run.model(folder), params or count_parameters(lm), history)
 
 
-BERTSCORE_NOTE = ("BERTScore is computed with all-MiniLM-L6-v2 token embeddings (not roberta-large): not comparable "
-                  "with the paper's BERTScore values.")
+def embed(config: ExperimentConfig, data: Samples, run: RunFolder):
+    """The users' embeddings of every split (into `data.z` and embeddings.npz); returns the encoder."""
+    settings = config.encoder.model_dump()
+    encoder = encoder_from_settings(settings | {"cache_dir": settings["cache_dir"] or str(run.embedding_cache)})
+    data.z = {split: encoder.transform(df["history"].to_list()) for split, df in zip(SPLITS, (data.train, data.val,
+                                                                                            data.test))}
+    np.savez(run.embeddings, **data.z)
+    return encoder
 
 
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_").lower()
+def fit_kmeans(config: ExperimentConfig, small: TrainedModel, data: Samples, run: RunFolder,
+               progress: bool) -> TrainedModel:
+    k, folder = config.kmeans.n_clusters, kmeans_folder(config.kmeans.n_clusters)
+    km = fit_kmeans_clusterwise(small.lm, data.train, data.z["train"], data.val, data.z["val"], k,
+                                config.kmeans.finetune, run.train(folder), config.encoder.model_dump(), progress)
+    history = km.info.pop("histories")
+    km.save_pretrained(run.model(folder), data.tokenizer)
+    return TrainedModel(f"{config.model.preset} k-means K={k}", km, run.model(folder),
+                        sum(count_parameters(m) for m in km.models.values()), history)
 
 
-def artefact_path(run_dir: str | Path, folder: str, name: str) -> Path:
-    """RUN/<folder>/<model>.parquet: where a run keeps one model's generations, outcomes or clusters
-    (the model's name as a slug; 'baseline: markov' -> baseline_markov)."""
-    return Path(run_dir) / folder / f"{_slug(name.replace('baseline: ', 'baseline_'))}.parquet"
+def fit_hetlm(config: ExperimentConfig, label: str, cfg: HeTLMConfig, small: TrainedModel, data: Samples,
+              run: RunFolder, progress: bool) -> TrainedModel:
+    """One HeTLM run, here or (hetlm.processes > 1) in processes started by torchrun on the run folder's files."""
+    folder = hetlm_folder(label)
+    if config.hetlm.processes > 1:
+        het = _fit_in_processes(run, folder, cfg, config.encoder.model_dump(), config.hetlm.processes, progress)
+    else:
+        het = HeTLM(cfg).fit(small.lm, data.train, data.z["train"], data.val, data.z["val"],
+                             config.encoder.model_dump(), progress, run.train(folder))
+        het.save_pretrained(run.model(folder), data.tokenizer)
+    return TrainedModel(f"{config.model.preset} HeTLM {label}", het, run.model(folder),
+                        sum(count_parameters(m) for m in het.models.values()), het.info["history"])
 
 
-def _parent_made(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def _fit_in_processes(run: RunFolder, folder: str, cfg: HeTLMConfig, encoder: dict, processes: int,
+                      progress: bool) -> ClusterwiseLM:
+    """HeTLM in `processes` processes on the files the run has written: prepared samples, models/small,
+    embeddings.npz; the model is saved to models/<folder> and read back."""
+    job = HeTLMJob(prepared=run.prepared, base=run.model(SMALL), embeddings=run.embeddings, out=run.model(folder),
+                   config=cfg, encoder=encoder, checkpoints=run.train(folder), progress=progress)
+    return fit_in_processes(job, processes, run.train(folder) / "fit_hetlm.json")
 
 
-def _save_clusters(path: Path, train: pl.DataFrame, train_clusters: np.ndarray, test: pl.DataFrame,
-                   test_clusters: np.ndarray) -> None:
-    """Final cluster of every train and test sample; `row` indexes the split's samples (and embeddings)."""
-    frames = [df.select("user").with_row_index("row").with_columns(split=pl.lit(split),
-                                                                   cluster=pl.Series(c.astype(int)))
-              for split, df, c in (("train", train, train_clusters), ("test", test, test_clusters))]
-    pl.concat(frames).write_parquet(_parent_made(path))
+def train_larger(config: ExperimentConfig, data: Samples, run: RunFolder, progress: bool,
+                 final_ks: list[int]) -> TrainedModel:
+    """The single LM with as many parameters as `larger.factor` small LMs (or of the preset `larger.preset`)."""
+    initial_ks = [config.kmeans.n_clusters] if config.kmeans.enabled else []
+    initial_ks += [cfg.n_clusters for _, cfg in config.hetlm.variants()] if config.hetlm.enabled else []
+    factor, max_len = config.larger.factor, config.prepare.max_len
+    if factor == "final_k":
+        factor = max(final_ks or initial_ks or [2])
+    elif factor == "initial_k":
+        factor = max(initial_ks or [2])
+    if config.larger.preset:
+        shape = config.larger.preset
+        n = preset_parameters(shape, len(data.tokenizer), config.model.family, max_len)
+        name = f"larger single ({shape}, {n / 1e6:.1f}M)"
+    else:
+        shape, n = scale_preset(config.model.preset, factor, len(data.tokenizer), config.model.family, max_len)
+        name = f"larger single ({n / 1e6:.1f}M, >= {factor:g}x)"
+    return train_single(config, name, shape, config.larger.init_from, data, run, LARGER, progress, params=n)
 
 
-def _outcome_summary(outcomes: pl.DataFrame) -> dict[str, float]:
-    """AUC and Brier score (beside that of always predicting the observed rate, and after recalibration on
-    the validation users when the table has it) of each outcome."""
-    summary = {}
-    for name, cal in outcome_calibration(outcomes).items():
-        prob = outcomes[f"p_{name}"].to_numpy()
-        known = ~np.isnan(prob)
-        summary |= {f"AUC-{name}": M.outcome_auc(prob[known], outcomes[name].to_numpy()[known]) if known.any()
-                    else float("nan"), f"Brier-{name}": cal.brier, f"Brier-{name} (base rate)": cal.brier_base_rate}
-        if f"p_{name}_calibrated" in outcomes.columns:
-            summary[f"Brier-{name} (calibrated on val)"] = calibration(
-                outcomes[f"p_{name}_calibrated"].to_numpy(), outcomes[name].to_numpy()).brier
-    return summary
+def add_composites(results: dict[str, ModelResult], reference: str) -> None:
+    """Each model's composite scores against the reference (paper Table 3), strict and with ties as wins."""
+    ref = results[reference].combined
+    for name, r in results.items():
+        if name != reference:
+            r.composite = M.composite_score(r.combined, ref, "loss")
+            r.composite_ties_win = M.composite_score(r.combined, ref, "win")
 
 
-def _logits(table: pl.DataFrame) -> np.ndarray:
-    """(n, 2) log-odds of an outcome table's P(Cart), P(Purchase); 0 where the page is not in the vocabulary."""
-    p = np.column_stack([table[f"p_{o}"].to_numpy() for o in OUTCOMES]).astype(np.float64)
-    p = np.clip(np.nan_to_num(p, nan=0.5), 1e-4, 1 - 1e-4)
-    return np.log(p / (1 - p))
-
-
-def _outcome_frame(samples: pl.DataFrame, probs: dict[str, np.ndarray]) -> pl.DataFrame:
-    return samples.select("user", *OUTCOMES).with_columns(**{f"p_{o}": probs[o] for o in OUTCOMES})
-
-
-def paper_tables(run: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """The paper's Tables 2-6 and 17 (and two beyond it) from a finished run: title -> rows (model -> metrics)."""
-    results, ref = run["results"], run["reference"]
-
-    def rows(metric_names, with_clusters=True):
-        out = {}
-        for name, r in results.items():
-            if with_clusters and r.get("kind") == "clusterwise":
-                for k, m in sorted(r["clusters"].items(), key=lambda kv: int(kv[0])):
-                    out[f"{name} / cluster {k} (N={m['n']})"] = {n: m[n] for n in metric_names}
-                out[f"{name} / Combined (N={r['combined']['n']})"] = {n: r["combined"][n] for n in metric_names}
-            else:
-                out[name] = {n: r["combined"][n] for n in metric_names}
-        return out
-
-    composite_key, ties_key = "composite_vs_" + _slug(ref), "composite_ties_win_vs_" + _slug(ref)
-    composite = {n: r[composite_key] for n, r in results.items() if composite_key in r}
-    composite_ties = {n: r[ties_key] for n, r in results.items() if ties_key in r}
-    bleu_bert = {n: {k: v for k, v in r["extra"].items() if k.startswith(("BLEU", "BERTScore"))} for n, r in results.items()}
-    ranking = {n: {k: v for k, v in r["extra"].items() if not k.startswith(("BLEU", "BERTScore"))}
-               for n, r in results.items()}
-    n_draws = run.get("outcome_samples")
-    outcome_estimator = f"Monte Carlo, {n_draws} sampled sessions per user" if n_draws else "P(first page = Cart / Purchase)"
-    outcomes = {n: r["outcomes"] for n, r in results.items() if "outcomes" in r} | run.get("outcome_baselines", {})
-    timing = {n: {"params (M)": r["params"] / 1e6, "inference s (test set)": r["inference_seconds"]}
-              for n, r in results.items() if "inference_seconds" in r}
-    return {
-        "Table 2: page generation (higher is better)": rows(M.GENERATION_MEANS),
-        f"Table 3: composite vs {ref} (strict: share of metrics where the model is better; ties are not wins)":
-            composite,
-        f"Table 3 as the paper counts: composite vs {ref} (ties count as wins)": composite_ties,
-        "Table 4: outcome prediction (higher is better)": rows(M.OUTCOME_METRICS),
-        "Table 5: variance of page generation across users (lower is better)": rows(M.VARIANCES),
-        "Table 6: BLEU and BERTScore": bleu_bert,
-        "Beyond the paper: ranking of the first next page, outcome AUC": ranking,
-        f"Beyond the paper: P(Cart) and P(Purchase) in the next session ({outcome_estimator})": outcomes,
-        "Table 17: inference time of the whole test set": timing,
-        "Stage wall times (s)": {"seconds": run["seconds"]},
-    }
-
-
-def tables_markdown(run: dict) -> str:
-    """The paper's Tables 2-6 and 17 from a finished run's results, as Markdown."""
-    results, ref, data = run["results"], run["reference"], run["data"]
-    parts = [
-        f"# {run['name']}: results\n",
-        f"Data: {data['source']} `{data['path']}`: {data['users']} users, {data['pages']} pages, samples "
-        f"{data['samples']}. Test users: {results[ref]['combined']['n']}. Reference for composites: **{ref}**.\n",
-        BERTSCORE_NOTE + "\n",
-    ]
-    for title, rows in paper_tables(run).items():
-        parts += [f"## {title}\n", M.markdown_table(rows)]
-    return "\n".join(parts)
+def write_run(result: RunResult, run: RunFolder, clock: Clock) -> None:
+    """results.json, tables.md and the report."""
+    run.write_results(result)
+    run.tables_file.write_text(tables_markdown(result))
+    report = write_report(run.path)
+    console.print(M.format_table({n: r.combined | r.extra for n, r in result.results.items()},
+                                 metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
+                                          "MRR"], title="Combined over test users"))
+    console.print(f"stage times (s): {clock.seconds}")
+    console.print(f"run folder: {run.path}  (tables.md, results.json, {report.html.name})")

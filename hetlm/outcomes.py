@@ -231,14 +231,6 @@ def outcome_table(model: ClusterwiseLM, tokenizer, samples: pl.DataFrame, z: np.
     )
 
 
-def write_outcome_table(run_dir: str | Path, model_name: str, table: pl.DataFrame) -> Path:
-    """RUN_DIR/outcomes/<model_name>.parquet."""
-    path = Path(run_dir) / "outcomes" / f"{model_name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.write_parquet(path)
-    return path
-
-
 @dataclass
 class Calibration:
     """Brier score (and that of always predicting the observed rate, for reference) and the

@@ -183,11 +183,12 @@ def test_hetlm_on_two_processes_fits_like_one(sliced, hetlm_one_process, tmp_pat
 
 
 def test_experiment_fits_hetlm_in_two_processes_like_one(sliced, hetlm_one_process, tmp_path):
-    """`hetlm experiment` with hetlm.processes = 2 runs `hetlm fit-hetlm --processes 2` on the files of its run
+    """`hetlm experiment` with hetlm.processes = 2 fits HeTLM in 2 processes (torchrun) on the files of its run
     folder: the model it reads back equals the one-process fit of the same data, base LM and embeddings."""
     from hetlm.cluster.hetlm import HeTLMConfig
-    from hetlm.experiment import _fit_hetlm_in_processes
+    from hetlm.experiment import _fit_in_processes
     from hetlm.models import build_model
+    from hetlm.runs import RunFolder
     from hetlm.tokenizer import load_tokenizer
 
     _, one = hetlm_one_process
@@ -210,7 +211,7 @@ def test_experiment_fits_hetlm_in_two_processes_like_one(sliced, hetlm_one_proce
     torch.manual_seed(0)
     build_model("tiny", vocab).save_pretrained(run / "models" / "small")
     config = HeTLMConfig(n_clusters=3, epochs=2, batch_size=16, selector_pretrain_epochs=20, eval_every=4, seed=1)
-    model = _fit_hetlm_in_processes(config, 2, run, "hetlm_two", {"name": "projection"}, progress=False)
+    model = _fit_in_processes(RunFolder(run), "hetlm_two", config, {"name": "projection"}, 2, progress=False)
 
     history = model.info["history"]
     assert [s["LA"] for s in history["steps"]] == pytest.approx([s["LA"] for s in one["history"]["steps"]], rel=1e-5)

@@ -7,8 +7,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from hetlm.cluster.base import ClusterwiseLM
-from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, actor_loss, history_dataset, nll_matrix
+from hetlm.cluster.hetlm import HeTLM, HeTLMConfig, actor_loss
 from hetlm.cluster.kmeans import kmeans_labels
+from hetlm.cluster.likelihood import history_dataset, nll_matrix
 from hetlm.cluster.selector import Selector
 from hetlm.data import SequenceDataset, length_bucketed_batches
 from hetlm.models import Preset, build_model

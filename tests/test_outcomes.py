@@ -19,8 +19,8 @@ from hetlm.outcomes import (
     outcome_probabilities,
     outcome_table,
     row_seed,
-    write_outcome_table,
 )
+from hetlm.runs import RunFolder
 from hetlm.tokenizer import load_tokenizer
 
 from .test_score import train_micro
@@ -94,7 +94,7 @@ def test_outcome_table_format(micro, tmp_path):
     assert table.columns[:5] == ["user", "p_cart", "p_purchase", "cart", "purchase"]
     assert table["user"].to_list() == samples["user"].to_list() and table["cart"].equals(samples["cart"])
     assert table["p_cart"].is_between(0, 1).all() and set(table["p_purchase"].to_list()) <= {0, 0.25, 0.5, 0.75, 1}
-    path = write_outcome_table(tmp_path, "tiny", table)
+    path = RunFolder(tmp_path).write_artefact("outcomes", "tiny", table)
     assert path == tmp_path / "outcomes" / "tiny.parquet" and pl.read_parquet(path).equals(table)
     assert set(outcome_calibration(table)) == {"cart", "purchase"}
 

@@ -14,8 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from hetlm.cli import app
-from hetlm.experiment import artefact_path, paper_tables
-from hetlm.report import FIGURES, write_report
+from hetlm.figures import FIGURES
+from hetlm.report import write_report
+from hetlm.runs import RunFolder
+from hetlm.tables import paper_tables
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 LM_KINDS = ("single", "clusterwise")
@@ -34,21 +36,22 @@ def _resource_references(page: str) -> list[str]:
 
 
 def test_run_saves_report_and_its_artefacts(small_run):
+    folder = RunFolder(small_run)
     results = json.loads((small_run / "results.json").read_text())["results"]
     test = pl.read_parquet(small_run / "prepared" / "test.parquet")
     train = pl.read_parquet(small_run / "prepared" / "train.parquet")
     for name, r in results.items():
         if r["kind"] not in LM_KINDS:
-            assert not artefact_path(small_run, "outcomes", name).exists()
+            assert not folder.artefact("outcomes", name).exists()
             continue
-        outcomes = pl.read_parquet(artefact_path(small_run, "outcomes", name))
+        outcomes = pl.read_parquet(folder.artefact("outcomes", name))
         assert outcomes.columns[:5] == ["user", "p_cart", "p_purchase", "cart", "purchase"]
         assert outcomes["user"].to_list() == test["user"].to_list()
         assert outcomes["purchase"].to_list() == test["purchase"].to_list()
         assert outcomes["p_purchase"].is_between(0, 1).all() and outcomes["p_cart"].is_between(0, 1).all()
         if r["kind"] == "clusterwise":
-            clusters = pl.read_parquet(artefact_path(small_run, "clusters", name))
-            generated = pl.read_parquet(artefact_path(small_run, "generations", name))
+            clusters = pl.read_parquet(folder.artefact("clusters", name))
+            generated = pl.read_parquet(folder.artefact("generations", name))
             assert clusters.filter(pl.col("split") == "train")["row"].to_list() == list(range(train.height))
             routed = clusters.filter(pl.col("split") == "test")["cluster"]
             assert routed.to_list() == generated["cluster"].to_list()
@@ -82,7 +85,7 @@ def test_report_renders_in_chromium(small_run, tmp_path):
     assert found, dom.stderr[-2000:]
     probed = json.loads(html.unescape(found.group(1)))
     assert len(probed["images"]) == len(FIGURES) and all(width > 0 for width in probed["images"]), probed
-    titles = paper_tables(json.loads((small_run / "results.json").read_text()))
+    titles = paper_tables(RunFolder(small_run).read_results())
     assert set(titles) <= set(probed["tables"])
     assert sum(t.startswith("Test user") for t in probed["tables"]) == 4   # the example users
 
@@ -116,7 +119,7 @@ def test_report_of_a_run_lacking_artefacts(small_run, tmp_path):
     (run / "results.json").write_text(json.dumps(results))
     # Page names come from user logs: one that looks like markup must be shown as text.
     name = next(n for n, r in results["results"].items() if r["kind"] == "single")
-    generations = artefact_path(run, "generations", name)
+    generations = RunFolder(run).artefact("generations", name)
     pl.read_parquet(generations).with_columns(
         pl.col("generated").list.concat(pl.lit(["<script>x</script>"]))).write_parquet(generations)
 

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from ..checkpoint import save_model
 from ..encoders import encoder_from_settings
 from ..tokenizer import SPECIALS, load_tokenizer
+from .likelihood import history_dataset, likelihood_assignment
 from .selector import Selector
 
 CONFIG_FILE = "clusterwise.json"
@@ -101,8 +102,6 @@ class ClusterwiseLM:
         if routing == "likelihood":
             if input_ids is None:
                 raise ValueError("likelihood routing needs the users' input_ids")
-            from .hetlm import history_dataset, likelihood_assignment  # hetlm imports this module
-
             dataset = history_dataset(input_ids, self.max_len)
             return likelihood_assignment(self.models, dataset, self.active, max(self.active) + 1,
                                          batch_size=batch_size).numpy()

@@ -1,0 +1,47 @@
+"""The modules of hetlm/ import downward only: no import cycle, counting imports inside functions."""
+
+import ast
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "hetlm"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the hetlm modules it imports anywhere in its file (top level or inside a function)."""
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                stem = ".".join(base + ([node.module] if node.module else []))
+                # `from . import metrics` names a module, `from .train import x` an attribute of one
+                targets = [f"{stem}.{a.name}" if f"{stem}.{a.name}" in modules else stem for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_graph_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "hetlm.experiment" in graph["hetlm.cli"]  # imported inside a command's function
+    assert "hetlm.cluster.base" in graph["hetlm.cluster.hetlm"]
+    assert "hetlm.metrics" in graph["hetlm.evaluate"]  # `from . import metrics`
+
+
+def test_no_import_cycle():
+    try:
+        TopologicalSorter(import_graph()).prepare()
+    except CycleError as err:
+        raise AssertionError(f"import cycle: {' -> '.join(err.args[1])}") from None
