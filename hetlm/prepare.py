@@ -3,21 +3,18 @@
 Writes to OUT: train/val/test.parquet (samples), tokenizer/ (PreTrainedTokenizerFast), summary.json (last,
 with the fingerprints of the others: see `outputs`).
 
-Logs larger than memory: with `partitions=P` the log is read in chunks of lines, each chunk goes
-through the source's adapter and its events are hashed by user into P partition files. Every later
-step works on one partition at a time, and the few settings that depend on all users (the long-session
-cutoff, the time-split cutoffs, the vocabulary) are computed over all partitions first, from counts
-that do not grow with the log, so the samples are the same as with one partition (written partition
-after partition, so in another row order) while peak memory is that of one partition or one chunk.
+Logs larger than memory: with `partitions=P` the log is read in chunks and its events hashed by user
+into P partition files (`partitioned`). Every later step works on one partition at a time, and the few
+settings that depend on all users (the long-session cutoff, the time-split cutoffs, the vocabulary) are
+computed over all partitions first, from counts that do not grow with the log, so the samples are the
+same as with one partition (written partition after partition, so in another row order) while peak
+memory is that of one partition or one chunk.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -25,9 +22,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .ingest import MULTI_FILE as MULTI_FILE_SOURCES
-from .ingest import input_files, outcomes, read_events
-from .ingest.base import CART, PURCHASE, IngestError, merge_counts, warn_if_no_outcomes
+from .ingest.base import CART, PURCHASE
 from .sessions import (
     CleaningReport,
     DataError,
@@ -43,14 +38,10 @@ from .sessions import (
     time_split_quantiles,
 )
 from .outputs import publish_prepared, work_dir, writable_folder
+from .partitioned import Ingested, Partitions, ingest_log
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
 SPLITS = ("train", "val", "test")
-# Sources a partitioned prepare can read in chunks of lines: header lines repeated in every chunk.
-HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0, "ga4": 0, "adobe": 0}
-CSV_SOURCES = {"taobao", "rees46", "generic"}  # a newline inside a quoted field does not end a record
-ESCAPED_SOURCES = {"adobe"}  # a newline after a backslash does not end a record
-CHUNK_BYTES = 16 << 20  # raw log read per chunk by a partitioned prepare
 HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
 ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
 SAMPLE_CHUNK_TARGETS = 20_000  # targets whose samples are built and written at once
@@ -113,11 +104,9 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
     out = writable_folder(Path(out))
     clock = {"start": time.perf_counter()}
     with work_dir(out, ".prepare-") as work:
-        parts = _Partitions(work if cfg.partitions > 1 else None)
-        if cfg.partitions > 1:
-            ingested = _ingest_in_chunks(source, path, cfg, parts, source_options)
-        else:
-            ingested = _ingest_whole(source, path, cfg, parts, source_options)
+        parts = Partitions(work if cfg.partitions > 1 else None)
+        ingested = ingest_log(source, path, parts, source_options, cfg.partitions, cfg.on_bad_rows,
+                              cfg.sample_users, cfg.seed)
         clock["ingest"] = time.perf_counter()
         (work / "new").mkdir()
         summary = {"source": source, "path": str(path)} | _prepare_partitions(parts, ingested, cfg, work / "new", clock)
@@ -126,173 +115,6 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
                             f"{summary['dropped_rows']}); raise max_len or use a longer log")
         publish_prepared(work / "new", out, summary)
     return summary
-
-
-def partition_events(source: str, path: str | Path, partitions: int, folder: str | Path, on_bad_rows: str = "error",
-                     seed: int = 0, **source_options: Any) -> list[pl.LazyFrame]:
-    """The log read in chunks (CHUNK_BYTES) and its events hashed by user into `partitions` Parquet parts
-    under `folder`, as `prepare --partitions` starts: every user's events are in one part, so the parts can
-    be processed one at a time. Returns a lazy frame per non-empty part (valid while `folder` exists)."""
-    parts = _Partitions(Path(folder))
-    cfg = PrepareConfig(partitions=partitions, on_bad_rows=on_bad_rows, seed=seed)
-    _ingest_in_chunks(source, path, cfg, parts, source_options)
-    return [parts.scan("events", p) for p in parts.keys("events")]
-
-
-@dataclass
-class _Ingested:
-    events_read: int  # rows of the log, bad ones included
-    events: int       # events the adapter returned
-    skipped: dict[str, int]
-    anonymous: bool
-    event_values: dict[str, int]  # the event types seen (IngestResult.event_values)
-    notes: dict[str, int] = field(default_factory=dict)  # summed over chunks (an upper bound when partitioned)
-
-
-def _read(source: str, path, cfg: PrepareConfig, options: dict, warn_outcomes: bool = True):
-    return read_events(source, path, on_bad_rows=cfg.on_bad_rows, sample=cfg.sample_users, seed=cfg.seed,
-                       warn_outcomes=warn_outcomes, **options)
-
-
-class _Partitions:
-    """Tables by (kind, partition): in memory for an unpartitioned prepare, else Parquet files in `folder`
-    (one per put, read back in put order)."""
-
-    def __init__(self, folder: Path | None):
-        self.folder, self.frames = folder, {}
-
-    def put(self, kind: str, part: int, df: pl.DataFrame) -> None:
-        if df.height == 0:
-            return
-        stored = self.frames.setdefault((kind, part), [])
-        if self.folder is None:
-            stored.append(df)
-        else:
-            file = self.folder / f"{kind}-{part}-{len(stored)}.parquet"
-            df.write_parquet(file)
-            stored.append(file)
-
-    def keys(self, kind: str) -> list[int]:
-        return sorted(part for k, part in self.frames if k == kind)
-
-    def get(self, kind: str, part: int) -> pl.DataFrame:
-        return self.scan(kind, part).collect() if self.folder else pl.concat(self.frames[kind, part])
-
-    def scan(self, kind: str, part: int) -> pl.LazyFrame:
-        stored = self.frames[kind, part]
-        return pl.scan_parquet(stored) if self.folder else pl.concat(stored).lazy()
-
-
-def _ingest_whole(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
-    ingested = _read(source, path, cfg, options)
-    parts.put("events", 0, ingested.events)
-    return _Ingested(ingested.events.height + sum(ingested.skipped.values()), ingested.events.height,
-                     dict(ingested.skipped), ingested.anonymous, ingested.event_values, dict(ingested.notes))
-
-
-def _ingest_in_chunks(source: str, path, cfg: PrepareConfig, parts: _Partitions, options: dict) -> _Ingested:
-    """Each chunk of the log through the adapter, its events hashed by user into cfg.partitions parts."""
-    if source not in HEADER_LINES:
-        raise DataError(f"partitions: the {source} source cannot be read in chunks; "
-                         f"partitioned sources: {', '.join(HEADER_LINES)} (use partitions=1)")
-    if source == "generic" and options.get("time") is None and options.get("order") is None:
-        raise DataError("partitions: a generic log needs a time or order column (without one the row "
-                         "number is the clock, which chunks would restart)")
-    if source not in MULTI_FILE_SOURCES and not Path(path).is_file():
-        return _ingest_whole(source, path, cfg, parts, options)  # the adapter's own error
-    total = _Ingested(0, 0, {}, False, {})
-    anonymous_events = outcome_events = 0
-    records = "csv" if source in CSV_SOURCES else "escaped" if source in ESCAPED_SOURCES else "lines"
-    for file, file_options in input_files(source, path, **options):
-        for chunk, lines_before in _chunks(file, HEADER_LINES[source], parts.folder, records):
-            try:
-                got = _read(source, chunk, cfg, options | file_options, warn_outcomes=False)
-            except IngestError as e:
-                header = HEADER_LINES[source]
-                line = e.line if e.line is None or e.line <= header else e.line - header + lines_before
-                raise IngestError(file, e.problem, line, e.hint) from None
-            part = (pl.col("user").hash(cfg.seed) % cfg.partitions).alias("_part")
-            for (p,), events in got.events.with_columns(part).partition_by("_part", as_dict=True).items():
-                parts.put("events", p, events.drop("_part"))
-            total.events += got.events.height
-            total.events_read += got.events.height + sum(got.skipped.values())
-            merge_counts(total.skipped, got.skipped)
-            merge_counts(total.event_values, got.event_values)
-            merge_counts(total.notes, got.notes)
-            outcome_events += outcomes(got.events)
-            anonymous_events += got.events.height if got.anonymous else 0
-    if total.events_read == 0:
-        return _ingest_whole(source, path, cfg, parts, options)  # an empty log: the adapter's own error
-    warn_if_no_outcomes(path, total.event_values, outcome_events)
-    # The adapter decides per chunk whether users are anonymous visits; the log is if most events are.
-    total.anonymous = anonymous_events * 2 > total.events
-    return total
-
-
-def _chunks(path: Path, header_lines: int, folder: Path, records: str) -> Iterator[tuple[Path, int]]:
-    """(chunk file, lines of the log before its first data line): whole records, the header repeated."""
-    chunk = folder / ("chunk" + "".join(s for s in path.suffixes[-2:] if s.lower() != ".gz"))
-    with open(path, "rb") as raw:
-        magic = raw.read(4)
-    if chunk.suffix.lower() in (".parquet", ".pq") or magic == b"PAR1":
-        yield from _parquet_chunks(path, chunk)
-        return
-    gzipped = magic[:2] == b"\x1f\x8b"
-    with (gzip.open if gzipped else open)(path, "rb") as f:
-        header = b"".join(f.readline() for _ in range(header_lines))
-        lines_before = header_lines
-        for block in _record_blocks(f, records):
-            chunk.write_bytes(header + block)
-            yield chunk, lines_before
-            lines_before += block.count(b"\n")
-
-
-def _record_blocks(f, records: str) -> Iterator[bytes]:
-    """Whole records, about CHUNK_BYTES at a time. A last line without a newline (often a truncated one)
-    joins the block before it, so that no chunk is only a broken line."""
-    rest, ready = b"", b""
-    while block := f.read(CHUNK_BYTES):
-        data = rest + block
-        cut = _last_record_end(data, records)
-        if ready:
-            yield ready
-        ready, rest = data[:cut], data[cut:]
-    if ready + rest:
-        yield ready + rest
-
-
-def _last_record_end(data: bytes, records: str) -> int:
-    """Just past the last newline of `data` (which starts a record) that ends a record; 0 if none. records:
-    "lines" (every newline ends one), "csv" (a newline ends a record when the quotes before it are even in
-    number; "" inside a field counts two) or "escaped" (one after an odd run of backslashes does not)."""
-    cut = data.rfind(b"\n") + 1
-    if records == "escaped":
-        while cut and _backslashes_before(data, cut - 1) % 2:
-            cut = data.rfind(b"\n", 0, cut - 1) + 1
-        return cut
-    quotes = data.count(b'"', 0, cut) if records == "csv" else 0
-    while cut and quotes % 2:
-        previous = data.rfind(b"\n", 0, cut - 1) + 1
-        quotes -= data.count(b'"', previous, cut)
-        cut = previous
-    return cut
-
-
-def _backslashes_before(data: bytes, end: int) -> int:
-    start = end
-    while start and data[start - 1] == ord("\\"):
-        start -= 1
-    return end - start
-
-
-def _parquet_chunks(path: Path, chunk: Path) -> Iterator[tuple[Path, int]]:
-    import pyarrow as pa
-
-    rows_before = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_BYTES // 64):  # ~64 bytes a row
-        pq.write_table(pa.Table.from_batches([batch]), chunk)
-        yield chunk, rows_before
-        rows_before += batch.num_rows
 
 
 def _grouped_sessions(events: pl.DataFrame, cfg: PrepareConfig, report: CleaningReport) -> pl.DataFrame:
@@ -336,7 +158,7 @@ class _Counts:
         return value, rank - first
 
 
-def _time_cutoffs(parts: _Partitions, start_hours: _Counts, split: SplitSettings) -> tuple[int, int]:
+def _time_cutoffs(parts: Partitions, start_hours: _Counts, split: SplitSettings) -> tuple[int, int]:
     """time_cutoffs over all partitions' candidate targets, holding the start times of one hour only:
     the hour of each quantile from the counts per hour, then the start time of its rank in that hour."""
     cutoffs = []
@@ -349,7 +171,7 @@ def _time_cutoffs(parts: _Partitions, start_hours: _Counts, split: SplitSettings
     return cutoffs[0], cutoffs[1]
 
 
-def _prepare_partitions(parts: _Partitions, ingested: _Ingested, cfg: PrepareConfig, out: Path, clock: dict) -> dict:
+def _prepare_partitions(parts: Partitions, ingested: Ingested, cfg: PrepareConfig, out: Path, clock: dict) -> dict:
     """Sessions, splits, vocabulary and samples, one partition at a time; the summary without source/path."""
     report = CleaningReport(dict(ingested.skipped))
     mode = cfg.samples
@@ -484,7 +306,7 @@ def _sample_stats(samples: pl.DataFrame, vocab: dict[str, int]) -> dict[str, Any
     }
 
 
-def _summary(cfg, mode, ingested: _Ingested, stats: list[dict], sample_stats: list[dict], tokenizer, report, clock):
+def _summary(cfg, mode, ingested: Ingested, stats: list[dict], sample_stats: list[dict], tokenizer, report, clock):
     def total(key: str) -> int:
         return sum(s.get(key, 0) for s in stats + sample_stats)
 

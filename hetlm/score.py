@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 from .cluster.base import ClusterwiseLM, for_each_cluster, load_model
 from .ingest import read_events
 from .outputs import work_dir, writable_folder
-from .prepare import partition_events
+from .partitioned import partition_events
 from .progress import progress_bar
 from .outcomes import (
     OUTCOMES,

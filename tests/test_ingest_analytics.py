@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from hetlm import prepare as prepare_module
+from hetlm import partitioned
 from hetlm.cli import app
 from hetlm.ingest import IngestError, NoOutcomesWarning, read_events
 from hetlm.prepare import PrepareConfig, prepare
@@ -177,7 +177,7 @@ def test_adobe_partitioned_prepare_keeps_escaped_newlines_inside_records(monkeyp
         row["post_pagename"] += "\\\nx"  # a value ending in a backslash, then an escaped newline
     for day in (1, 2):
         write_adobe([r for r in rows if int(r["hit_time_gmt"]) % 2 == day % 2], tmp_path / "feed" / f"day{day}")
-    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 2_000)
+    monkeypatch.setattr(partitioned, "CHUNK_BYTES", 2_000)
     for partitions in (1, 3):
         prepare("adobe", tmp_path / "feed", tmp_path / str(partitions), PrepareConfig(partitions=partitions))
     assert_same_prepared(tmp_path / "1", tmp_path / "3")
@@ -185,7 +185,7 @@ def test_adobe_partitioned_prepare_keeps_escaped_newlines_inside_records(monkeyp
 
 def test_ga4_partitioned_prepare_equals_in_memory(monkeypatch, tmp_path):
     write_ga4(browsing(30, visits=3, days=3, seed=2), tmp_path / "export")
-    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(partitioned, "CHUNK_BYTES", 20_000)
     for partitions in (1, 4):
         prepare("ga4", tmp_path / "export", tmp_path / str(partitions), PrepareConfig(partitions=partitions))
     assert_same_prepared(tmp_path / "1", tmp_path / "4")

@@ -8,7 +8,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from hetlm import prepare as prepare_module
+from hetlm import partitioned, prepare as prepare_module
 from hetlm.data import ParquetSequences
 from hetlm.ingest import IngestError
 from hetlm.prepare import SPLITS, PrepareConfig, prepare
@@ -23,7 +23,7 @@ DIGINETICA = {"sep": ";", "user": "user_id", "session": "session_id", "page": "i
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of ~200 KB, so the logs here are read in many chunks (line offsets, repeated headers)."""
-    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 200_000)
+    monkeypatch.setattr(partitioned, "CHUNK_BYTES", 200_000)
 
 
 def assert_same_prepared(a, b) -> None:
@@ -118,7 +118,7 @@ def test_counts_quantile_is_polars_higher_quantile(high):
 def test_chunks_never_cut_inside_a_quoted_field(monkeypatch, tmp_path):
     """A generic CSV whose quoted page names hold newlines (and doubled quotes), read in chunks of ~1 KB:
     most chunk ends fall inside a quoted field, and the cut moves back to the last newline outside quotes."""
-    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(partitioned, "CHUNK_BYTES", 1000)
     rows = pl.read_csv(SHIPPED, has_header=False, new_columns=["user", "item", "category", "behavior", "time"],
                        n_rows=4000)
     quoted = rows.select("user", "time", page=pl.format('"shelf\n{} ""{}"""', "category", "behavior"))

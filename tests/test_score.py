@@ -14,7 +14,7 @@ import torch
 from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
-from hetlm import prepare as prepare_module
+from hetlm import partitioned
 from hetlm.cli import app
 from hetlm.cluster.base import ClusterwiseLM
 from hetlm.cluster.selector import Selector
@@ -137,7 +137,7 @@ def test_score_command_streams_bounded_batches(micro, tmp_path):
 
 def test_partitioned_scoring_gives_the_same_rows(micro, monkeypatch, tmp_path):
     """`--partitions 3` with ~50 KB chunks: users hashed into parts scored one at a time, the same rows."""
-    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 50_000)
+    monkeypatch.setattr(partitioned, "CHUNK_BYTES", 50_000)
     log = log_head(tmp_path / "log.csv", 6000)
     args = ["--source", "taobao", "--n-samples", "3", "--k", "4", "--max-new-tokens", "8", "--batch-users", "16"]
     for partitions in (1, 3):
