@@ -69,27 +69,42 @@ def read_generic(
     )
     check_flat(path, raw.select(named))
     skipped: dict[str, int] = {}
-    if lossy:
-        raw = bad_rows(
-            raw, not_utf8(raw, list(dict.fromkeys(named))), path, NOT_UTF8, on_bad_rows, skipped, line_of,
-            NOT_UTF8_HINT,
-        )
 
+    def drop(rows: pl.DataFrame, bad: pl.Series, problem: str, **hint: str) -> pl.DataFrame:
+        return bad_rows(rows, bad, path, problem, on_bad_rows, skipped, line_of, **hint)
+
+    if lossy:
+        raw = drop(raw, not_utf8(raw, list(dict.fromkeys(named))), NOT_UTF8, hint=NOT_UTF8_HINT)
+    raw = _with_users_and_pages(raw, drop, user, page, session, event, page_prefix, cart_events, purchase_events)
+    raw = _with_times(raw, drop, path, time, order, time_format, time_unit)
+    return _result(raw, path, page, event, page_prefix, skipped)
+
+
+def _with_users_and_pages(
+    raw: pl.DataFrame, drop: Callable[..., pl.DataFrame], user: str, page: str, session: str | None,
+    event: str | None, page_prefix: str, cart_events: str | tuple[str, ...], purchase_events: str | tuple[str, ...],
+) -> pl.DataFrame:
+    """`_user`, `_anonymous`, `_session` and `_page` added; rows without a user or a page, and views named
+    like an outcome page, dropped (or reported) by `drop`."""
     raw = raw.with_columns(_session=_blank_to_null(pl.col(session)) if session else pl.lit(None, pl.Utf8))
     raw = _with_users(raw, user)
-    raw = bad_rows(
-        raw, raw["_user"].is_null(), path, "missing user id (and no session id to stand in)",
-        on_bad_rows, skipped, line_of,
-    )
+    raw = drop(raw, raw["_user"].is_null(), "missing user id (and no session id to stand in)")
     raw = raw.with_columns(
         _page=_pages(page, event, page_prefix, event_codes(cart_events), event_codes(purchase_events))
     )
-    raw = bad_rows(raw, raw["_page"].is_null(), path, "missing page", on_bad_rows, skipped, line_of)
+    raw = drop(raw, raw["_page"].is_null(), "missing page")
     view_named_like_outcome = pl.col("_page").is_in(OUTCOME_PAGES) & _outcomes(event, cart_events, purchase_events).is_null()
-    raw = bad_rows(
-        raw, raw.select(view_named_like_outcome).to_series(), path, OUTCOME_NAMED_VIEW, on_bad_rows, skipped, line_of,
+    return drop(
+        raw, raw.select(view_named_like_outcome).to_series(), OUTCOME_NAMED_VIEW,
         hint="give the pages a --page-prefix, or pass --skip-bad-rows to drop such rows and count them",
     )
+
+
+def _with_times(
+    raw: pl.DataFrame, drop: Callable[..., pl.DataFrame], path: str | Path, time: str | None, order: str | None,
+    time_format: str | None, time_unit: str,
+) -> pl.DataFrame:
+    """`_ts` (ms) added; rows whose time does not parse, or is implausible, dropped (or reported) by `drop`."""
     try:
         raw = raw.with_columns(_ts=_clock(raw, time, order, time_format, time_unit))
     except pl.exceptions.ComputeError as e:  # no value of the column looks like a date
@@ -97,19 +112,22 @@ def read_generic(
             path, f"no date/time format fits the {time!r} column ({str(e).splitlines()[0]})",
             hint="give the format with --time-format (e.g. '%d/%m/%Y %H:%M'), or name a unix-time column",
         ) from None
-    raw = bad_rows(
-        raw, raw["_ts"].is_null(), path, f"unparsable time in {[c for c in (time, order) if c]}",
-        on_bad_rows, skipped, line_of,
+    raw = drop(
+        raw, raw["_ts"].is_null(), f"unparsable time in {[c for c in (time, order) if c]}",
         hint="give time_format / time_unit, fix the file, or pass --skip-bad-rows",
     )
-    if time is not None:
-        raw = bad_rows(
-            raw, implausible_times(raw["_ts"]), path,
-            "time out of range after unit conversion (before 1970 or after 2099, or in 1970 among later times)",
-            on_bad_rows, skipped, line_of,
-            hint=f"the column was read as {'dates' if time_format else f'unix {time_unit} if numeric'}: check "
-                 "--time-unit (s or ms; are seconds mixed with milliseconds?), or pass --skip-bad-rows",
-        )
+    if time is None:
+        return raw
+    return drop(
+        raw, implausible_times(raw["_ts"]),
+        "time out of range after unit conversion (before 1970 or after 2099, or in 1970 among later times)",
+        hint=f"the column was read as {'dates' if time_format else f'unix {time_unit} if numeric'}: check "
+             "--time-unit (s or ms; are seconds mixed with milliseconds?), or pass --skip-bad-rows",
+    )
+
+
+def _result(raw: pl.DataFrame, path: str | Path, page: str, event: str | None, page_prefix: str,
+            skipped: dict[str, int]) -> IngestResult:
     events = raw.select(user="_user", session="_session", ts="_ts", page="_page")
     fallback_users = raw.filter(pl.col("_anonymous"))["_user"].n_unique()
     anonymous = fallback_users > events["user"].n_unique() / 2
