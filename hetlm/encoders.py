@@ -145,6 +145,14 @@ class EmbeddingCache:
 class _HistoryEncoder(TransformerMixin, BaseEstimator):
     """Shared machinery: a subclass says which texts stand for a user, with which weights."""
 
+    def __init__(self, model_name_or_path: str | Path | None, batch_size: int, cache_dir: str | Path | None,
+                 show_progress: bool, device: str):
+        self.model_name_or_path = model_name_or_path
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.show_progress = show_progress
+        self.device = device
+
     def fit(self, histories: Sequence[History], y=None):
         """No-op (the SBERT is frozen); checks the parameters."""
         self._check_params()
@@ -229,13 +237,9 @@ class SessionEncoder(_HistoryEncoder):
         half_life: float = 5.0,
         device: str = "cpu",
     ):
-        self.model_name_or_path = model_name_or_path
+        super().__init__(model_name_or_path, batch_size, cache_dir, show_progress, device)
         self.pooling = pooling
-        self.batch_size = batch_size
-        self.cache_dir = cache_dir
-        self.show_progress = show_progress
         self.half_life = half_life
-        self.device = device
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -271,12 +275,8 @@ class PageBagEncoder(_HistoryEncoder):
         show_progress: bool = True,
         device: str = "cpu",
     ):
-        self.model_name_or_path = model_name_or_path
+        super().__init__(model_name_or_path, batch_size, cache_dir, show_progress, device)
         self.count_weighted = count_weighted
-        self.batch_size = batch_size
-        self.cache_dir = cache_dir
-        self.show_progress = show_progress
-        self.device = device
 
     def _weighted_texts(self, history: History) -> dict[str, float]:
         weights: dict[str, float] = {}
