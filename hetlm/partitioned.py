@@ -22,7 +22,7 @@ from .ingest import input_files, outcomes, read_events
 from .ingest.base import IngestError, merge_counts, warn_if_no_outcomes
 from .sessions import DataError
 
-# Sources a log can be read in chunks of lines from: header lines repeated in every chunk.
+# Sources whose logs can be read in chunks of lines: the header lines repeated in every chunk.
 HEADER_LINES = {"taobao": 0, "rees46": 1, "generic": 1, "otto": 0, "ga360": 0, "ga4": 0, "adobe": 0}
 CSV_SOURCES = {"taobao", "rees46", "generic"}  # a newline inside a quoted field does not end a record
 ESCAPED_SOURCES = {"adobe"}  # a newline after a backslash does not end a record
