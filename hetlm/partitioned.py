@@ -85,6 +85,9 @@ def partition_events(source: str, path: str | Path, partitions: int, folder: str
     """The log read in chunks (CHUNK_BYTES) and its events hashed by user into `partitions` Parquet parts
     under `folder`, as `prepare --partitions` starts: every user's events are in one part, so the parts can
     be processed one at a time. Returns a lazy frame per non-empty part (valid while `folder` exists)."""
+    if on_bad_rows not in ("error", "skip") or partitions < 1:  # what PrepareConfig checks for `prepare`
+        raise ValueError(f"on_bad_rows must be 'error' or 'skip' ({on_bad_rows!r}) and partitions 1 or more "
+                         f"({partitions})")
     parts = Partitions(Path(folder))
     ingest_log(source, path, parts, source_options, partitions, on_bad_rows, seed=seed)
     return [parts.scan("events", p) for p in parts.keys("events")]
