@@ -34,7 +34,7 @@ from .provenance import environment, sha256
 from .report import write_report
 from .runs import LARGER, SMALL, SPLITS, ModelResult, RunFolder, RunResult, hetlm_folder, kmeans_folder
 from .sessions import DataError
-from .single import ModelConfig, train_single
+from .single import ModelConfig, PresetName, train_single
 from .tables import tables_markdown
 from .tokenizer import load_tokenizer
 from .train import TrainConfig
@@ -89,12 +89,7 @@ class LargerConfig(BaseModel):
     # this not, the small LM and every cluster LM start from released weights and the larger LM does not.
     init_from: str | None = None
     # a named preset instead of a scaled shape (e.g. "opt-2.7b", whose released weights init_from can load)
-    preset: str | None = None
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, preset: str | None) -> str | None:
-        return preset if preset is None else one_of(preset, PRESETS, "preset")
+    preset: PresetName | None = None
 
 
 class EncoderConfig(BaseModel):

@@ -8,10 +8,11 @@ train` runs, and `hetlm experiment` for its small and larger LMs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from .cluster.base import ClusterwiseLM
@@ -25,24 +26,19 @@ from .train import TrainConfig, TrainResult, train_lm
 console = Console()
 
 
+# A preset or family name, checked against those known.
+PresetName = Annotated[str, AfterValidator(lambda name: one_of(name, PRESETS, "preset"))]
+FamilyName = Annotated[str, AfterValidator(lambda name: one_of(name, FAMILIES, "family"))]
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    preset: str = "tiny"
-    family: str | None = None
+    preset: PresetName = "tiny"
+    family: FamilyName | None = None
     init_from: str | None = Field(None, description="released weights on disk to start from (all but vocab layers)")
     # A released architecture (opt-350m, ...) trained from random weights at a fine-tuning learning rate
     # (<= 1e-5) learns next to nothing: `hetlm experiment` refuses it unless this is set.
     from_scratch: bool = False
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, preset: str) -> str:
-        return one_of(preset, PRESETS, "preset")
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, family: str | None) -> str | None:
-        return family if family is None else one_of(family, FAMILIES, "family")
 
 
 class SingleConfig(BaseModel):
