@@ -38,7 +38,7 @@ def main() -> None:
     from hetlm.cluster.base import ClusterwiseLM, load_model
     from hetlm.cluster.kmeans import fit_kmeans_clusterwise
     from hetlm.encoders import encoder_from_settings
-    from hetlm.evaluate import GenerationSettings, predict
+    from hetlm.evaluate import GenerationConfig, predict
     from hetlm.models import build_model, count_parameters, scale_preset
     from hetlm.tokenizer import load_tokenizer
     from hetlm.train import TrainConfig, train_lm
@@ -67,7 +67,7 @@ def main() -> None:
             model = load_model(Path(tmp) / path)
             z = model.embed(test["history"].to_list())
             loaded = time.perf_counter()
-            predictions = predict(model, test, tokenizer, GenerationSettings(), z, progress=False)
+            predictions = predict(model, test, tokenizer, GenerationConfig(), z, progress=False)
             done = time.perf_counter()
             params = sum(count_parameters(m) for m in model.models.values())
             rows.append({"model": name, "parameters": params, "users": test.height, "load_and_embed_s": loaded - started,

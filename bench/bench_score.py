@@ -44,7 +44,7 @@ def status_mb(field: str) -> float:
 
 
 def child(model: str, log: str, out: str, partitions: str, max_new_tokens: str, n_samples: str) -> None:
-    from hetlm.score import ScoreOptions, Scorer, score_log
+    from hetlm.score import ScoreConfig, Scorer, score_log
 
     scorer = Scorer.from_pretrained(model, max_new_tokens=int(max_new_tokens))
     loaded = status_mb("VmRSS")
@@ -52,7 +52,7 @@ def child(model: str, log: str, out: str, partitions: str, max_new_tokens: str, 
     # read at the end is the scoring's.
     Path("/proc/self/clear_refs").write_text("5")
     started = time.perf_counter()
-    summary = score_log(scorer, "taobao", log, out, ScoreOptions(n_samples=int(n_samples)), progress=False,
+    summary = score_log(scorer, "taobao", log, out, ScoreConfig(n_samples=int(n_samples)), progress=False,
                         partitions=int(partitions))
     print(json.dumps({"seconds": time.perf_counter() - started, "rss_model_loaded_mb": loaded,
                       "peak_rss_mb": status_mb("VmHWM"), "peak_rss_with_loading_mb": peak_rss_mb(),

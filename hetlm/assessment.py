@@ -22,7 +22,7 @@ from .baselines import BASELINES, HistoryOutcomes
 from .cluster.base import ClusterwiseLM
 from .encoders import load_minilm
 from .evaluate import (
-    GenerationSettings,
+    GenerationConfig,
     baseline_page_scores,
     compute_metrics,
     first_page_outcomes,
@@ -39,7 +39,7 @@ from .tokenizer import page_vocabulary
 console = Console(width=200)  # wide tables stay readable in logs and CI
 
 
-class SetDecoderSettings(BaseModel):
+class SetDecoderConfig(BaseModel):
     """The expected-IoU set decoder (hetlm.set_decoder), fitted on the validation users of each LM; its rows
     are labelled '<model> · set decoder' beside the paper's greedy rows."""
     model_config = ConfigDict(extra="forbid")
@@ -117,8 +117,8 @@ class Evaluation:
     """Every evaluated model's results (`ModelResult`, in evaluation order) and the outcome models beside the LMs;
     the generations, outcome and cluster tables go to the run folder."""
 
-    def __init__(self, data: Samples, run: RunFolder, clock: Clock, encoder, generation: GenerationSettings,
-                 set_decoder: SetDecoderSettings, outcome_samples: int, seed: int, bert_score: bool, progress: bool):
+    def __init__(self, data: Samples, run: RunFolder, clock: Clock, encoder, generation: GenerationConfig,
+                 set_decoder: SetDecoderConfig, outcome_samples: int, seed: int, bert_score: bool, progress: bool):
         self.data, self.run, self.clock, self.encoder, self.progress = data, run, clock, encoder, progress
         self.generation, self.set_decoder = generation, set_decoder
         self.outcome_samples, self.seed = outcome_samples, seed

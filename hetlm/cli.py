@@ -63,6 +63,32 @@ def _override_cleaning(scorer, **given) -> None:
     """The given (not None) options replace the scorer's cleaning settings."""
     scorer.cleaning = dataclasses.replace(scorer.cleaning, **{k: v for k, v in given.items() if v is not None})
 
+
+# Every command's settings: its config model from --config, then the typed options given, then --set.
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="JSON file of the command's settings")]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="KEY=VALUE setting, applied last (repeatable; dotted keys reach nested ones: train.lr=3e-4)")]
+
+
+def _given(ctx: typer.Context, fields: dict[str, str] | None = None, **options) -> dict:
+    """The options given on the command line (not left at their defaults), named as the config's fields
+    (`fields` maps the option names that differ)."""
+    from click.core import ParameterSource
+
+    fields = fields or {}
+    return {fields.get(name, name): value for name, value in options.items()
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+
+
+def _config(model_cls, path: Optional[Path], options: dict, overrides: Optional[list[str]]):
+    """The command's config (`hetlm.config.load_config`); a bad file, key or value stops with its message."""
+    from .config import load_config
+
+    try:
+        return load_config(model_cls, path, options, overrides or ())
+    except (ValueError, OSError) as err:
+        _fail(err)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=max(Console().width, 200))  # 20+ metric columns stay readable
 
@@ -115,6 +141,7 @@ def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
 @app.command()
 @_on_interrupt("its previous complete output, if any, is unchanged")
 def prepare(
+    ctx: typer.Context,
     source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
     path: Path = typer.Argument(..., help="the log file (ga4, adobe: or a folder, or a quoted glob)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
@@ -149,10 +176,13 @@ def prepare(
     sample_users: Optional[float] = typer.Option(None, help="keep this fraction of the users (a hash sample, "
                                                  "the same every run): to try a big log quickly"),
     seed: int = typer.Option(0),
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
     """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary.
 
-    ga4 and adobe logs may be a folder or a quoted glob of day files."""
+    ga4 and adobe logs may be a folder or a quoted glob of day files. Every setting: --config (JSON of
+    `PrepareConfig`) and --set <field>=..."""
     from pydantic import ValidationError
 
     from .ingest import IngestError
@@ -162,15 +192,16 @@ def prepare(
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
                               sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix,
                               items=items, cart_events=cart_events, purchase_events=purchase_events)
+    given = _given(ctx, {"long_percentile": "long_session_percentile", "max_train_targets": "max_train_targets_per_user",
+                         "skip_bad_rows": "on_bad_rows"},
+                   gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
+                   long_percentile=long_percentile, long_sessions=long_sessions, samples=samples, split=split,
+                   test_fraction=test_fraction, val_fraction=val_fraction, test_targets=test_targets,
+                   max_train_targets=max_train_targets, max_len=max_len, min_page_count=min_page_count,
+                   partitions=partitions, sample_users=sample_users, seed=seed,
+                   skip_bad_rows="skip" if skip_bad_rows else "error")
+    cfg = _config(PrepareConfig, config, given, overrides)
     try:
-        cfg = PrepareConfig(
-            gap_minutes=gap_minutes, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
-            long_session_percentile=long_percentile, long_sessions=long_sessions, samples=samples,
-            split=split, test_fraction=test_fraction, val_fraction=val_fraction, test_targets=test_targets,
-            max_train_targets_per_user=max_train_targets,
-            max_len=max_len, min_page_count=min_page_count, partitions=partitions, sample_users=sample_users,
-            seed=seed, on_bad_rows="skip" if skip_bad_rows else "error",
-        )
         with _warnings_shown():
             summary = run_prepare(source, path, out, cfg, **options)
     except (IngestError, ValidationError, ValueError, OSError) as err:
@@ -260,6 +291,7 @@ def _load_split(prepared: Path, split: str):
 
 @app.command()
 def train(
+    ctx: typer.Context,
     prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare`"),
     out: Path = typer.Option(..., "--out", help="run folder: best/ (save_pretrained), checkpoint/, history.json"),
     preset: str = typer.Option("tiny", help="tiny | small | base | opt-350m | opt-2.7b | qwen2.5-0.5b | qwen2.5-7b | smollm2-360m"),
@@ -277,73 +309,42 @@ def train(
     seed: int = typer.Option(0),
     stream: bool = typer.Option(False, help="stream training samples from train.parquet row group by row group"),
     processes: Processes = 1,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
     """Train a page-level LM on prepared samples (causal LM loss on history + next session).
 
-    Several processes: `--processes N`, or `torchrun --nproc_per_node N -m hetlm.cli train ...`;
-    --batch-size is the global batch, shared out over the processes."""
+    Every setting: --config (JSON of `SingleConfig`: model, train) and --set model.<field>=... or
+    train.<field>=... (any TrainConfig field). Several processes: `--processes N`, or `torchrun
+    --nproc_per_node N -m hetlm.cli train ...`; --batch-size is the global batch, shared out over the processes."""
     _become_torchrun(processes)
-    import torch
-
     from .distributed import close_distributed, init_distributed
-    from .models import build_model, count_parameters
-    from .models import init_from as load_released
+    from .single import SingleConfig, train_single
     from .tokenizer import load_tokenizer
-    from .train import TrainConfig, train_lm
 
+    model = _given(ctx, preset=preset, family=family, init_from=init_from and str(init_from))
+    training = _given(ctx, {"patience": "early_stopping_patience"}, epochs=epochs, lr=lr, batch_size=batch_size,
+                      grad_accum=grad_accum, max_steps=max_steps, bf16=bf16, eval_every=eval_every, patience=patience,
+                      seed=seed)
+    cfg = _config(SingleConfig, config, {"model": model, "train": training}, overrides)
     _check_prepared(prepared)
     _writable(out)
     main = init_distributed().is_main
     train_samples = _split_path(prepared, "train") if stream else _load_split(prepared, "train")
-    tokenizer = load_tokenizer(prepared / "tokenizer")
-    torch.manual_seed(seed)
+    if main:
+        m = cfg.model
+        _write_run_record(out, {"preset": m.preset, "family": m.family, "init_from": m.init_from,
+                                "train": cfg.train.model_dump()}, prepared)
     try:
-        model = build_model(preset, len(tokenizer), family)
+        _, result = train_single(cfg.model, cfg.train, train_samples, _load_split(prepared, "val"),
+                                 load_tokenizer(prepared / "tokenizer"), out, resume=resume, stream=stream)
     except (KeyError, ValueError) as err:
-        _fail(err)
-    if init_from:
-        report = load_released(model, init_from)
-        if main:
-            console.print(f"loaded {len(report.loaded)} tensors from {init_from}, skipped {len(report.skipped)}")
-    if main:
-        console.print(f"{preset} ({model.config.model_type}): {count_parameters(model) / 1e6:.2f}M parameters")
-    try:
-        config = TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-                             bf16=bf16, eval_every=eval_every, early_stopping_patience=patience, seed=seed)
-    except ValueError as err:
-        _fail(err)
-    if main:
-        _write_run_record(out, {"preset": preset, "family": family, "init_from": init_from and str(init_from),
-                                "train": dataclasses.asdict(config)}, prepared)
-    try:
-        result = train_lm(model, train_samples, _load_split(prepared, "val"), config, out, resume=resume, stream=stream)
-    except ValueError as err:
         _fail(err)
     finally:
         close_distributed()
     if main:
-        tokenizer.save_pretrained(out / "best" / "tokenizer")  # beside the LM: best/ loads by itself
-        _fit_set_decoder(model, _load_split(prepared, "val"), tokenizer, out / "best")
         console.print(f"{result.steps} steps, best validation next-session NLL {result.best_val_loss} at step {result.best_step}, "
                       f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
-
-
-def _fit_set_decoder(model, val, tokenizer, folder: Path) -> None:
-    """The expected-IoU set decoder of a trained LM, fitted on the validation users and kept in its folder
-    (`score` and `serve` decode with it by default)."""
-    from .cluster.base import ClusterwiseLM
-    from .evaluate import GenerationSettings, fit_set_decoder, predict
-    from .set_decoder import SetDecoder
-
-    if not val.height:
-        console.print("no validation users: no set decoder fitted (score and serve will decode greedily)")
-        return
-    evidence = predict(ClusterwiseLM.single(model, tokenizer), val, tokenizer, GenerationSettings(), progress=False,
-                       greedy=False)
-    decoder = fit_set_decoder(SetDecoder(), evidence, val, tokenizer)
-    decoder.save_pretrained(folder)
-    console.print(f"set decoder fitted on {val.height} validation users: size rule "
-                  f"{decoder.size_ or 'expected IoU per user'}, validation IoU {max(decoder.fit_iou_.values()):.3f}")
 
 
 @app.command("fit-hetlm")
@@ -352,29 +353,29 @@ def fit_hetlm(
     base: Path = typer.Option(..., help="the pre-trained LM every predictor starts from (save_pretrained folder)"),
     embeddings: Path = typer.Option(..., help=".npz with the users' embeddings of train and val (arrays 'train', 'val')"),
     out: Path = typer.Option(..., "--out", help="model folder (clusterwise, with the tokenizer)"),
-    config: Optional[Path] = typer.Option(None, help="JSON of HeTLMConfig fields (default: the paper's)"),
     encoder: Optional[Path] = typer.Option(None, help="JSON of the encoder settings, recorded in the model for routing"),
     checkpoints: Optional[Path] = typer.Option(None, help="folder for checkpoints (and --resume)"),
     resume: bool = typer.Option(False, help="continue from the latest checkpoint in --checkpoints"),
     progress: bool = typer.Option(True),
     processes: Processes = 1,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
     """HeTLM (Algorithm 1) on prepared samples and saved embeddings; with --processes N its predictors are
-    spread over N processes (torchrun; one per GPU), the selector kept the same in all."""
+    spread over N processes (torchrun; one per GPU), the selector kept the same in all. Its settings:
+    --config (JSON of `HeTLMConfig` fields; default: the paper's) and --set <field>=..."""
     _become_torchrun(processes)
-    from pydantic import TypeAdapter, ValidationError
-
     from .cluster.hetlm import HeTLMConfig
     from .distributed import close_distributed, dist_info
     from .fit_hetlm import HeTLMJob, fit_from_files
 
+    cfg = _config(HeTLMConfig, config, {}, overrides)
     try:
-        cfg = TypeAdapter(HeTLMConfig).validate_json(config.read_text()) if config else HeTLMConfig()
         settings = json.loads(encoder.read_text()) if encoder else None
         model = fit_from_files(HeTLMJob(prepared=prepared, base=base, embeddings=embeddings, out=out, config=cfg,
                                         encoder=settings, checkpoints=checkpoints, resume=resume, progress=progress))
         main = dist_info().is_main
-    except (ValidationError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:
         _fail(err)
     finally:
         close_distributed()
@@ -384,6 +385,7 @@ def fit_hetlm(
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="a model folder: one LM (e.g. RUN/best) or clusterwise"),
     prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare`"),
     out: Path = typer.Option(..., "--out", help="Parquet file of generations"),
@@ -397,16 +399,20 @@ def generate(
     top_p: float = typer.Option(1.0),
     routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
     seed: int = typer.Option(0),
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
-    """Generate each user's next session (constrained to pages, batched, KV-cached)."""
+    """Generate each user's next session (constrained to pages, batched, KV-cached). Every decoding setting:
+    --config (JSON of `GenerationConfig`) and --set <field>=..."""
     from .cluster.base import load_model
-    from .evaluate import GenerationSettings, predict, save_generations
+    from .evaluate import GenerationConfig, predict, save_generations
 
+    settings = _config(GenerationConfig, config, _given(
+        ctx, max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy, num_beams=num_beams,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed), overrides)
     _check_prepared(prepared)
     _writable(out, file=True)
     df = _load_split(prepared, split)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,
-                                  num_beams=num_beams, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:
         model = load_model(model_dir, tokenizer_dir=prepared / "tokenizer")  # the vocabulary of the samples' ids
     except (ValueError, OSError) as err:
@@ -449,27 +455,21 @@ def evaluate(
 
 @app.command()
 def experiment(
-    config: Path = typer.Argument(..., help="experiment config (JSON), e.g. configs/quick.json"),
+    config: Path = typer.Argument(..., help="experiment config (JSON of `ExperimentConfig`), e.g. configs/quick.json"),
     out: Path = typer.Option(..., "--out", help="run folder"),
     data: Optional[Path] = typer.Option(None, help="override the config's log file"),
     source: Optional[str] = typer.Option(None, help="override the config's source format"),
     progress: bool = typer.Option(True),
+    overrides: Overrides = None,
 ) -> None:
-    """The paper's Step 2: small LM, k-means, HeTLM, larger LM, baselines; Tables 2-6 and 17."""
-    from pydantic import ValidationError
-
+    """The paper's Step 2: small LM, k-means, HeTLM, larger LM, baselines; Tables 2-6 and 17. Any setting
+    of the config can be changed with --set (e.g. --set pretrain.epochs=1 --set hetlm.enabled=false)."""
     from .experiment import ExperimentConfig, run_experiment
     from .ingest import IngestError
     from .sessions import DataError
 
-    updates = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
-    try:
-        cfg = ExperimentConfig.from_file(config)
-        cfg = ExperimentConfig.model_validate(cfg.model_dump() | updates)  # overrides are validated too
-    except ValidationError as err:
-        _fail(ValueError(f"{config}: {err}"))
-    except OSError as err:
-        _fail(err)
+    given = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
+    cfg = _config(ExperimentConfig, config, given, overrides)
     try:
         run_experiment(cfg, out, progress=progress)
     except (IngestError, DataError) as err:
@@ -481,9 +481,10 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out"),
     config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "quick.json",
                                 help="the quick profile on the shipped Taobao sample"),
+    overrides: Overrides = None,
 ) -> None:
     """The main job on the dataset shipped in the repo: `experiment configs/quick.json`."""
-    experiment(config, out, None, None, True)
+    experiment(config, out, None, None, True, overrides)
 
 
 @app.command()
@@ -506,6 +507,7 @@ def report(
 @app.command()
 @_on_interrupt("the previous file, if any, is unchanged")
 def score(
+    ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="a model folder (one LM or clusterwise, with its tokenizer/)"),
     events: Path = typer.Argument(..., help="the click log to score (every user in it)"),
     source: str = typer.Option(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
@@ -541,18 +543,22 @@ def score(
     long_session_cutoff: LongCutoffOverride = None,
     skip_bad_rows: SkipBadRows = False,
     partitions: Partitions = 1,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
-    """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase)."""
+    """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase).
+    What is computed for each user: --config (JSON of `ScoreConfig`) and --set <field>=..."""
     from pydantic import ValidationError
 
     from .ingest import IngestError
-    from .score import ScoreOptions, Scorer, score_log
+    from .score import ScoreConfig, Scorer, score_log
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
                               sep=sep, time_format=time_format, time_unit=time_unit, page_prefix=page_prefix,
                               items=items, cart_events=cart_events, purchase_events=purchase_events)
+    settings = _config(ScoreConfig, config, _given(ctx, k=k, strategy=strategy, temperature=temperature,
+                                                   n_samples=n_samples, seed=seed), overrides)
     try:
-        settings = ScoreOptions(k=k, strategy=strategy, temperature=temperature, n_samples=n_samples, seed=seed)
         scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size)
         _override_cleaning(scorer, gap_minutes=gap_minutes, collapse_repeats=collapse_repeats,
@@ -568,6 +574,7 @@ def score(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="a model folder (one LM or clusterwise, with its tokenizer/)"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
@@ -583,14 +590,18 @@ def serve(
     min_session_len: MinLenOverride = None,
     long_sessions: LongOverride = None,
     long_session_cutoff: LongCutoffOverride = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
 ) -> None:
-    """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs."""
+    """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs.
+    Its limits and batching: --config (JSON of `ServeConfig`) and --set <field>=..."""
     from .score import Scorer
-    from .serve import Limits
+    from .serve import ServeConfig
     from .serve import serve as run_server
 
-    limits = Limits(max_body_bytes=max_body_bytes, max_sessions=max_sessions, max_pages=max_pages,
-                    max_batch=max_batch, max_wait_ms=max_wait_ms)
+    limits = _config(ServeConfig, config, _given(ctx, max_body_bytes=max_body_bytes, max_sessions=max_sessions,
+                                                 max_pages=max_pages, max_batch=max_batch, max_wait_ms=max_wait_ms),
+                     overrides)
     try:
         scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens)
         _override_cleaning(scorer, collapse_repeats=collapse_repeats, min_session_len=min_session_len,

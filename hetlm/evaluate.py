@@ -24,7 +24,7 @@ from .tokenizer import SPECIALS
 OUTCOME_PAGES = {"cart": CART, "purchase": PURCHASE}  # outcome column -> its page
 
 
-class GenerationSettings(BaseModel):
+class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(40, ge=1)
@@ -55,7 +55,7 @@ def _decode(tokenizer, ids: list[list[int]]) -> list[list[str]]:
     return [tokenizer.convert_ids_to_tokens(list(row)) for row in ids]
 
 
-def predict(model: ClusterwiseLM, samples: pl.DataFrame, tokenizer, settings: GenerationSettings,
+def predict(model: ClusterwiseLM, samples: pl.DataFrame, tokenizer, settings: GenerationConfig,
             z: np.ndarray | None = None, routing: str | None = None, progress: bool = True, greedy: bool = True,
             n_samples: int = 0) -> Predictions:
     """Every user's greedy next session (unless `greedy` is False) and the LM's evidence for the set decoder

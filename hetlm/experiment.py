@@ -9,80 +9,47 @@ stage one `ModelResult` per evaluated model.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import metrics as M
-from .assessment import Clock, Evaluation, Samples, SetDecoderSettings, TrainedModel, console
+from .assessment import Clock, Evaluation, Samples, SetDecoderConfig, TrainedModel, console
 from .baselines import BASELINES
 from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
 from .cluster.kmeans import fit_kmeans_clusterwise
+from .config import one_of
 from .encoders import encoder_from_settings
-from .evaluate import GenerationSettings
+from .evaluate import GenerationConfig
 from .fit_hetlm import HeTLMJob, fit_in_processes
 from .ingest import SOURCES
-from .models import (
-    FAMILIES,
-    PRESETS,
-    build_model,
-    count_parameters,
-    init_from,
-    preset_parameters,
-    scale_preset,
-)
+from .models import PRESETS, Preset, count_parameters, preset_parameters, scale_preset
 from .prepare import PrepareConfig, prepare
 from .provenance import environment, sha256
 from .report import write_report
 from .runs import LARGER, SMALL, SPLITS, ModelResult, RunFolder, RunResult, hetlm_folder, kmeans_folder
 from .sessions import DataError
+from .single import ModelConfig, PresetName, train_single
 from .tables import tables_markdown
 from .tokenizer import load_tokenizer
-from .train import TrainConfig, train_lm
+from .train import TrainConfig
 
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
 
 
-def _one_of(value: str, known, what: str) -> str:
-    if value not in known:
-        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(known)}")
-    return value
-
-
-class ModelSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    preset: str = "tiny"
-    family: str | None = None
-    init_from: str | None = Field(None, description="released weights on disk to start from (all but vocab layers)")
-    # A released architecture (opt-350m, ...) trained from random weights at a fine-tuning learning rate
-    # (<= 1e-5) learns next to nothing: refused unless this is set.
-    from_scratch: bool = False
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, preset: str) -> str:
-        return _one_of(preset, PRESETS, "preset")
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, family: str | None) -> str | None:
-        return family if family is None else _one_of(family, FAMILIES, "family")
-
-
-class KMeansSettings(BaseModel):
+class KMeansConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     n_clusters: int = Field(6, ge=2)
     finetune: TrainConfig = TrainConfig(lr=3e-4, epochs=2, early_stopping_patience=None)
 
 
-class HeTLMSettings(BaseModel):
+class HeTLMRunsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     # One HeTLM per run: an (alpha, beta) pair, or a dict of HeTLMConfig fields that replace `config`'s
@@ -94,25 +61,25 @@ class HeTLMSettings(BaseModel):
     processes: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _runs_are_configs(self) -> HeTLMSettings:
+    def _runs_are_configs(self) -> HeTLMRunsConfig:
         self.variants()  # every run must give a valid HeTLMConfig
         return self
 
     def variants(self) -> list[tuple[str, HeTLMConfig]]:
         """(label, config) per run; the label names alpha, beta and any other field the run sets."""
-        fields = {f.name for f in dataclasses.fields(HeTLMConfig)}
+        fields = set(HeTLMConfig.model_fields)
         out = []
         for i, run in enumerate(self.runs):
             changes = dict(zip(("alpha", "beta"), run)) if isinstance(run, tuple) else dict(run)
             if set(changes) - fields:
                 raise ValueError(f"runs[{i}]: unknown HeTLMConfig fields {sorted(set(changes) - fields)}")
-            cfg = TypeAdapter(HeTLMConfig).validate_python(dataclasses.asdict(self.config) | changes)
+            cfg = HeTLMConfig.model_validate(self.config.model_dump() | changes)
             others = " ".join(f"{k}={v}" for k, v in changes.items() if k not in ("alpha", "beta"))
             out.append((f"a={cfg.alpha:g} b={cfg.beta:g}" + (f" {others}" if others else ""), cfg))
         return out
 
 
-class LargerSettings(BaseModel):
+class LargerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     # x the small LM's parameters. initial_k (the paper: 6 x OPT-350M vs OPT-2.7B) = the largest initial K
@@ -122,15 +89,10 @@ class LargerSettings(BaseModel):
     # this not, the small LM and every cluster LM start from released weights and the larger LM does not.
     init_from: str | None = None
     # a named preset instead of a scaled shape (e.g. "opt-2.7b", whose released weights init_from can load)
-    preset: str | None = None
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, preset: str | None) -> str | None:
-        return preset if preset is None else _one_of(preset, PRESETS, "preset")
+    preset: PresetName | None = None
 
 
-class EncoderSettings(BaseModel):
+class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["sbert", "pagebag"] = "sbert"
     pooling: Literal["mean", "recency"] = "mean"
@@ -161,14 +123,14 @@ class ExperimentConfig(BaseModel):
     path: str = str(SHIPPED_DATA)
     source_options: dict[str, Any] = {}
     prepare: PrepareConfig = PrepareConfig()
-    model: ModelSettings = ModelSettings()
+    model: ModelConfig = ModelConfig()
     pretrain: TrainConfig = TrainConfig(epochs=3, early_stopping_patience=None)
-    larger: LargerSettings = LargerSettings()
-    kmeans: KMeansSettings = KMeansSettings()
-    hetlm: HeTLMSettings = HeTLMSettings()
-    encoder: EncoderSettings = EncoderSettings()
-    generation: GenerationSettings = GenerationSettings()
-    set_decoder: SetDecoderSettings = SetDecoderSettings()
+    larger: LargerConfig = LargerConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+    hetlm: HeTLMRunsConfig = HeTLMRunsConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    generation: GenerationConfig = GenerationConfig()
+    set_decoder: SetDecoderConfig = SetDecoderConfig()
     baselines: list[str] = list(BASELINES)
     # Every clusterwise model is also evaluated routed these ways (rows "<model> [routed by <routing>]"):
     # "selector" (HeTLM's actor, on embeddings), "centroid" (nearest cluster centroid of the embeddings),
@@ -183,12 +145,12 @@ class ExperimentConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        return _one_of(source, SOURCES, "source")
+        return one_of(source, SOURCES, "source")
 
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, names: list[str]) -> list[str]:
-        return [_one_of(name, BASELINES, "baseline") for name in names]
+        return [one_of(name, BASELINES, "baseline") for name in names]
 
     @model_validator(mode="after")
     def _fair_starts(self) -> ExperimentConfig:
@@ -218,8 +180,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
     with clock("prepare"):
         data = prepare_samples(config, run)
     with clock("small LM pre-training"):
-        small = train_single(config, f"{config.model.preset} single", config.model.preset, config.model.init_from,
-                             data, run, SMALL, progress)
+        small = fit_single(config, f"{config.model.preset} single", config.model, data, run, SMALL, progress)
     trained, encoder = [small], None
     if config.kmeans.enabled or config.hetlm.enabled:
         with clock("encoder"):
@@ -276,18 +237,15 @@ def _check_clusters_fit(config: ExperimentConfig, train_users: int) -> None:
                             f"lower it or use a larger log")
 
 
-def train_single(config: ExperimentConfig, name: str, shape: str, init: str | None, data: Samples, run: RunFolder,
-                 folder: str, progress: bool, params: int | None = None) -> TrainedModel:
-    """One LM of the preset `shape` (from released weights `init`), trained as `config.pretrain` says."""
-    torch.manual_seed(config.seed)
-    lm = build_model(shape, len(data.tokenizer), config.model.family, max_positions=config.prepare.max_len)
-    if init:
-        report = init_from(lm, init)
-        console.print(f"{name}: init from {init}: {len(report.loaded)} tensors loaded, {len(report.skipped)} skipped")
-    history = train_lm(lm, data.train, data.val, config.pretrain, run.train(folder), progress=progress).history
-    model = ClusterwiseLM.single(lm.eval(), data.tokenizer)
-    model.save_pretrained(run.model(folder))
-    return TrainedModel(name, model, run.model(folder), params or count_parameters(lm), history)
+def fit_single(config: ExperimentConfig, name: str, model: ModelConfig, data: Samples, run: RunFolder, folder: str,
+               progress: bool, shape: Preset | None = None, params: int | None = None) -> TrainedModel:
+    """One LM (`hetlm.single.train_single`) trained as `config.pretrain` says, into models/<folder>; its set
+    decoder is fitted by the evaluation stage, with the run's settings."""
+    single, result = train_single(model, config.pretrain, data.train, data.val, data.tokenizer, run.train(folder),
+                                  run.model(folder), shape, config.prepare.max_len, config.seed, fit_decoder=False,
+                                  progress=progress, name=name)
+    return TrainedModel(name, single, run.model(folder), params or count_parameters(single.models[0]),
+                        result.history)
 
 
 def embed(config: ExperimentConfig, data: Samples, run: RunFolder):
@@ -344,14 +302,15 @@ def train_larger(config: ExperimentConfig, data: Samples, run: RunFolder, progre
         factor = max(final_ks or initial_ks or [2])
     elif factor == "initial_k":
         factor = max(initial_ks or [2])
+    model, shape = config.model.model_copy(update={"init_from": config.larger.init_from}), None
     if config.larger.preset:
-        shape = config.larger.preset
-        n = preset_parameters(shape, len(data.tokenizer), config.model.family, max_len)
-        name = f"larger single ({shape}, {n / 1e6:.1f}M)"
+        model.preset = config.larger.preset
+        n = preset_parameters(model.preset, len(data.tokenizer), config.model.family, max_len)
+        name = f"larger single ({model.preset}, {n / 1e6:.1f}M)"
     else:
         shape, n = scale_preset(config.model.preset, factor, len(data.tokenizer), config.model.family, max_len)
         name = f"larger single ({n / 1e6:.1f}M, >= {factor:g}x)"
-    return train_single(config, name, shape, config.larger.init_from, data, run, LARGER, progress, params=n)
+    return fit_single(config, name, model, data, run, LARGER, progress, shape, params=n)
 
 
 def add_composites(results: dict[str, ModelResult], reference: str) -> None:

@@ -27,7 +27,7 @@ from .sessions import (
     CleaningReport,
     DataError,
     SessionCleaning,
-    SplitSettings,
+    SplitConfig,
     assign_splits,
     build_samples,
     group_sessions,
@@ -158,7 +158,7 @@ class _Counts:
         return value, rank - first
 
 
-def _time_cutoffs(parts: Partitions, start_hours: _Counts, split: SplitSettings) -> tuple[int, int]:
+def _time_cutoffs(parts: Partitions, start_hours: _Counts, split: SplitConfig) -> tuple[int, int]:
     """time_cutoffs over all partitions' candidate targets, holding the start times of one hour only:
     the hour of each quantile from the counts per hour, then the start time of its rank in that hour."""
     cutoffs = []
@@ -202,8 +202,7 @@ def _prepare_partitions(parts: Partitions, ingested: Ingested, cfg: PrepareConfi
         )
     if start_hours.n == 0:
         raise DataError("no user has two sessions after cleaning: nothing to predict")
-    split = SplitSettings(cfg.split, cfg.test_fraction, cfg.val_fraction, cfg.test_targets,
-                          cfg.max_train_targets_per_user, cfg.seed)
+    split = SplitConfig(**cfg.model_dump(include=set(SplitConfig.model_fields)))
     cutoffs = _time_cutoffs(parts, start_hours, split) if cfg.split == "time" else None
     page_counts = []
     for p in parts.keys("sessions"):

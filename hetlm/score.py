@@ -64,7 +64,7 @@ from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID
 History = Sequence[Sequence[str]]
 
 
-class ScoreOptions(BaseModel):
+class ScoreConfig(BaseModel):
     """What to compute for a user."""
 
     model_config = ConfigDict(extra="forbid")
@@ -225,11 +225,11 @@ class Scorer:
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
                      "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
         info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
-        info["default_decoder"] = self.strategy(ScoreOptions())
+        info["default_decoder"] = self.strategy(ScoreConfig())
         info["cleaning"] = asdict(self.cleaning)
         return info
 
-    def strategy(self, options: ScoreOptions) -> str:
+    def strategy(self, options: ScoreConfig) -> str:
         """The decoder a user's options ask for; an explicit 'set' needs a fitted set decoder."""
         if options.strategy is None:
             return "set" if self.set_decoder is not None else "greedy"
@@ -238,7 +238,7 @@ class Scorer:
                              "and `hetlm experiment` into the model folder); this model has none: use greedy")
         return options.strategy
 
-    def score(self, histories: Sequence[History], options: Sequence[ScoreOptions]) -> list[UserScore]:
+    def score(self, histories: Sequence[History], options: Sequence[ScoreConfig]) -> list[UserScore]:
         """One `UserScore` per history (raises ValueError if a history's last session does not fit)."""
         fitted = fit_histories(sessions_frame(histories), self.vocab, self.history_budget)
         if fitted.height < len(histories):
@@ -247,7 +247,7 @@ class Scorer:
                              f"({self.history_budget} tokens)")
         return self.score_fitted(fitted, options)
 
-    def score_fitted(self, fitted: pl.DataFrame, options: Sequence[ScoreOptions]) -> list[UserScore]:
+    def score_fitted(self, fitted: pl.DataFrame, options: Sequence[ScoreConfig]) -> list[UserScore]:
         """Scores of users whose histories are already fitted (a `fit_histories` frame)."""
         histories, inputs = fitted["history"].to_list(), fitted["input_ids"].to_list()
         clusters, cluster_probs = route_users(self.model, self.model.embed(histories), self.routing, inputs)
@@ -265,7 +265,7 @@ class Scorer:
                 for i in range(len(inputs))]
 
     def _decode(self, lm: PreTrainedModel, users: list[int], inputs: list[list[int]],
-                options: Sequence[ScoreOptions], strategies: list[str]) -> list[_Decoded]:
+                options: Sequence[ScoreConfig], strategies: list[str]) -> list[_Decoded]:
         """The decodings of these users (all routed to `lm`), in one batched `decode`."""
         owner, is_next, rows = self._rows(users, inputs, options)
         next_rows = [j for j, first in enumerate(is_next) if first]  # one per user, in the order of `users`
@@ -288,7 +288,7 @@ class Scorer:
                                 logprobs[j].numpy() if strategies[i] == "set" else None))
         return out
 
-    def _rows(self, users: list[int], inputs: list[list[int]], options: Sequence[ScoreOptions]):
+    def _rows(self, users: list[int], inputs: list[list[int]], options: Sequence[ScoreConfig]):
         """The decoded rows of these users, each one's next session then its outcome draws: the user
         of each row, whether it is the next session, and how it is decoded."""
         owner, is_next, rows = [], [], []
@@ -332,10 +332,10 @@ def log_sessions(source: str, path: str | Path, cleaning: SessionCleaning | None
     return user_sessions(events, cleaning), events.drop_nulls("page")["user"].n_unique()
 
 
-def iter_scores(scorer: Scorer, fitted: pl.DataFrame, options: ScoreOptions | None = None,
+def iter_scores(scorer: Scorer, fitted: pl.DataFrame, options: ScoreConfig | None = None,
                 batch_users: int = 64) -> Iterator[pa.Table]:
     """Arrow tables of at most `batch_users` scored users each (SCORE_SCHEMA), computed lazily."""
-    options = options or ScoreOptions()
+    options = options or ScoreConfig()
     for start in range(0, fitted.height, batch_users):
         batch = fitted.slice(start, batch_users)
         scores = scorer.score_fitted(batch, [options] * batch.height)
@@ -350,7 +350,7 @@ class ScoreSummary:
     out: str
 
 
-def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, options: ScoreOptions | None = None,
+def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, options: ScoreConfig | None = None,
               on_bad_rows: str = "error", batch_users: int = 64, progress: bool = True, partitions: int = 1,
               **source_options: Any) -> ScoreSummary:
     """Score every user of a raw log (see the module docstring) into the Parquet file `out`; sessions are

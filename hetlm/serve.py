@@ -29,17 +29,17 @@ import json
 import math
 import re
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BaseModel, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from starlette.responses import JSONResponse
 
-from .score import ScoreOptions, Scorer, UserScore
+from .score import ScoreConfig, Scorer, UserScore
 
 
 def _page_name(page: str) -> str:
@@ -58,7 +58,7 @@ Page = Annotated[StrictStr, AfterValidator(_page_name)]
 Session = Annotated[list[Page], Field(min_length=1)]
 
 
-class PredictRequest(ScoreOptions):
+class PredictRequest(ScoreConfig):
     sessions: list[Session] = Field(min_length=1, description="the user's sessions, oldest first; each a non-empty "
                                     "list of page names")
     clean: bool = Field(True, description="clean the sessions as `hetlm prepare` cleaned the training log "
@@ -88,16 +88,17 @@ class PredictResponse(BaseModel):
     cleaning: dict[str, int] = Field(description="pages removed by cleaning, by reason (as in prepare's summary)")
 
 
-@dataclass
-class Limits:
+class ServeConfig(BaseModel):
     """Request limits (413 above them) and dynamic batching settings of `create_app`."""
 
-    max_body_bytes: int = 1 << 20
-    max_sessions: int = 1000
-    max_pages: int = 20_000           # pages over all sessions of a request
-    max_batch: int = 32               # requests scored together
-    max_wait_ms: float = 5.0          # how long the first request of a batch waits for others
-    header_timeout_s: float = 10.0    # a connection whose request headers take longer is closed (`serve`)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_sessions: int = Field(1000, ge=1)
+    max_pages: int = Field(20_000, ge=1)        # pages over all sessions of a request
+    max_batch: int = Field(32, ge=1)            # requests scored together
+    max_wait_ms: float = Field(5.0, ge=0)       # how long the first request of a batch waits for others
+    header_timeout_s: float = Field(10.0, gt=0)  # a connection whose request headers take longer is closed (`serve`)
 
 
 def _number(x: float) -> float | None:
@@ -216,10 +217,10 @@ def _replay(messages: list[dict]):
 
 
 def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = None, routing: str | None = None,
-               max_new_tokens: int = 40, limits: Limits | None = None) -> FastAPI:
+               max_new_tokens: int = 40, limits: ServeConfig | None = None) -> FastAPI:
     """The service for a model folder (or an already loaded `Scorer`, shared e.g. with `hetlm score`); requests
     are cleaned by the scorer's `cleaning`."""
-    limits = limits or Limits()
+    limits = limits or ServeConfig()
     scorer = model if isinstance(model, Scorer) else Scorer.from_pretrained(
         model, tokenizer_dir, routing=routing, max_new_tokens=max_new_tokens)
     cleaning = scorer.cleaning
@@ -270,7 +271,7 @@ def create_app(model: str | Path | Scorer, tokenizer_dir: str | Path | None = No
 
     @app.get("/model")
     async def describe() -> dict:
-        return scorer.describe() | {"limits": asdict(limits)}
+        return scorer.describe() | {"limits": limits.model_dump()}
 
     return app
 
@@ -322,6 +323,6 @@ def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000,
     """Run the service with uvicorn until interrupted (options go to `create_app`)."""
     import uvicorn
 
-    limits = options.get("limits") or Limits()
+    limits = options.get("limits") or ServeConfig()
     uvicorn.run(create_app(model, **options), host=host, port=port,
                 http=header_timeout_protocol(limits.header_timeout_s))

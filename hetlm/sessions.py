@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
+from pydantic import BaseModel
 
 from .ingest.base import CART, PURCHASE
 
@@ -225,8 +226,9 @@ def split_within_sessions(sessions: pl.DataFrame, min_target_len: int = 1) -> pl
     )
 
 
-@dataclass
-class SplitSettings:
+class SplitConfig(BaseModel):
+    """How prepare splits the samples (PrepareConfig's fields of the same names, checked there)."""
+
     split: str = "time"              # "time": by target start time; "user": the paper's one sample per user
     test_fraction: float = 0.1
     val_fraction: float = 0.05
@@ -235,18 +237,18 @@ class SplitSettings:
     seed: int = 0
 
 
-def time_split_quantiles(s: SplitSettings) -> tuple[float, float]:
+def time_split_quantiles(s: SplitConfig) -> tuple[float, float]:
     """The quantiles of the candidate targets' start times that are the (test, val) cutoffs."""
     return 1 - s.test_fraction, 1 - s.test_fraction - s.val_fraction
 
 
-def time_cutoffs(starts: pl.Series, s: SplitSettings) -> tuple[int, int]:
+def time_cutoffs(starts: pl.Series, s: SplitConfig) -> tuple[int, int]:
     """(test, val) cutoffs of the time split: quantiles of the candidate targets' start times."""
     test, val = (int(starts.quantile(q, "higher")) for q in time_split_quantiles(s))
     return test, val
 
 
-def assign_splits(sessions: pl.DataFrame, s: SplitSettings,
+def assign_splits(sessions: pl.DataFrame, s: SplitConfig,
                   cutoffs: tuple[int, int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Targets table (user, session, start, split) and the sessions allowed in training.
 

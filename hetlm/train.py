@@ -14,12 +14,10 @@ Training samples can also stream from a Parquet file (ParquetSequences): only th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_model
 from torch.nn.parallel import DistributedDataParallel
@@ -50,27 +49,31 @@ from hetlm.progress import progress_bar
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 1e-3  # for random init; the paper's 1e-5 suits fine-tuning released weights
-    weight_decay: float = 0.01
-    batch_size: int = 32  # samples per forward pass over all ranks (each rank takes batch_size / world_size)
-    grad_accum: int = 1
-    epochs: int = 10
-    max_steps: int | None = None  # optimizer steps; caps the epochs and sets the schedule's length
-    warmup_ratio: float = 0.05
+class TrainConfig(BaseModel):
+    # Ranges are checked here, before any training starts, not found as NaN tables after it.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    lr: float = Field(1e-3, gt=0)  # for random init; the paper's 1e-5 suits fine-tuning released weights
+    weight_decay: float = Field(0.01, ge=0)
+    # samples per forward pass over all ranks (each rank takes batch_size / world_size)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; caps the epochs and sets the schedule's length
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up; cosine and linear end at 0
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, gt=0)
     bf16: bool = False  # bfloat16 autocast (CPU or GPU); weights and optimizer stay float32
-    eval_every: int = 200  # steps; validation also runs at the end of every epoch
-    early_stopping_patience: int | None = 5  # evaluations without improvement; None = never stop early
-    max_len: int = 512  # longer sequences keep their most recent tokens
-    bucket_batches: int = 50  # length bucketing: sort by length within chunks of this many batches
-    stream_buffer: int = 4  # streamed Parquet training samples: row groups shuffled together (2 buffers cached)
+    eval_every: int = Field(200, ge=1)  # steps; validation also runs at the end of every epoch
+    early_stopping_patience: int | None = Field(5, ge=1)  # evaluations without improvement; None = never stop early
+    max_len: int = Field(512, ge=2)  # longer sequences keep their most recent tokens
+    bucket_batches: int = Field(50, ge=1)  # length bucketing: sort by length within chunks of this many batches
+    # streamed Parquet training samples: row groups shuffled together (2 buffers cached)
+    stream_buffer: int = Field(4, ge=1)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
-    save_every: int = 500  # steps between resumable checkpoints (one is also written at the end)
+    save_every: int = Field(500, ge=1)  # steps between resumable checkpoints (one is also written at the end)
     load_best_at_end: bool = True  # leave the best validated weights in the model
     # Speed settings, defaults as measured on a CPU (bench/bench_train.py --ablate); none changes what is learned.
     # Packing gains nothing after length bucketing: little padding is left, samples of similar lengths do not
@@ -78,29 +81,6 @@ class TrainConfig:
     pack: bool = False  # a rank's share of a batch packed into rows as wide as its longest sample (pack_sequences)
     adamw: Literal["fused", "foreach", "for-loop"] = "fused"  # torch's AdamW kernel; fused steps fastest
     compile: bool = False  # torch.compile the model for training: compiling costs more than short runs gain
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule must be cosine, linear or constant, not {self.schedule!r}")
-        check_limits(self, positive=("lr", "grad_clip"), non_negative=("weight_decay", "warmup_ratio"),
-                     at_least_one=("batch_size", "grad_accum", "epochs", "max_steps", "eval_every",
-                                   "early_stopping_patience", "bucket_batches", "stream_buffer", "save_every"))
-        if self.warmup_ratio >= 1 or self.max_len < 2:
-            raise ValueError(f"warmup_ratio must be below 1 ({self.warmup_ratio}) and max_len at least 2 ({self.max_len})")
-        if self.adamw not in ("fused", "foreach", "for-loop"):
-            raise ValueError(f"adamw must be fused, foreach or for-loop, not {self.adamw!r}")
-
-
-def check_limits(config, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
-                 at_least_one: Sequence[str] = ()) -> None:
-    """A ValueError naming the first field of `config` out of its range (found before any training starts,
-    not as NaN tables after it); NaN and infinities are out of every range, None (unset) is in."""
-    for names, ok, what in ((positive, lambda v: v > 0, "above 0"), (non_negative, lambda v: v >= 0, "0 or more"),
-                            (at_least_one, lambda v: v >= 1, "1 or more")):
-        for name in names:
-            value = getattr(config, name)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"{name} must be a finite number {what}, not {value!r}")
 
 
 @dataclass
@@ -337,7 +317,7 @@ def _start(model: PreTrainedModel, train_samples, val_samples, config: TrainConf
 
     state = {"step": 0, "epoch": 0, "position": 0, "best_val_loss": None, "best_step": None,
              "evals_since_best": 0, "stopped_early": False, "train_time": 0.0, "train_tokens": 0,
-             "history": {"train": [], "val": []}, "config": dataclasses.asdict(config)}
+             "history": {"train": [], "val": []}, "config": config.model_dump()}
     if resume and has_checkpoint(out_dir):
         saved = load_checkpoint(out_dir / "checkpoint", model, optimizer)
         if saved["config"] != state["config"]:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hetlm.ingest.base import EVENT_SCHEMA, normalize_pages
 from hetlm.sessions import (
-    CleaningReport, SplitSettings, assign_splits, build_samples, clean_sessions, session_ids, sessionize,
+    CleaningReport, SplitConfig, assign_splits, build_samples, clean_sessions, session_ids, sessionize,
 )
 from hetlm.tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
@@ -108,7 +108,7 @@ def sessions_table(users) -> pl.DataFrame:
                                       "pages": pl.List(pl.Utf8)}, orient="row")
 
 
-def all_samples(sessions: pl.DataFrame, split: SplitSettings, budget: int = 10_000) -> pl.DataFrame:
+def all_samples(sessions: pl.DataFrame, split: SplitConfig, budget: int = 10_000) -> pl.DataFrame:
     targets, _ = assign_splits(sessions, split)
     vocab = {p: i + len(SPECIALS) for i, p in enumerate("abcde")}
     return build_samples(session_ids(sessions, vocab, UNK_ID, BOS_ID, EOS_ID), targets, budget)
@@ -118,7 +118,7 @@ def all_samples(sessions: pl.DataFrame, split: SplitSettings, budget: int = 10_0
 @given(session_tables, st.sampled_from([(0.1, 0.05), (0.3, 0.2), (0.5, 0.4)]), st.sampled_from(["first", "all"]))
 def test_time_split_never_leaks_val_or_test_sessions_into_training(users, fractions, test_targets):
     sessions = sessions_table(users)
-    split = SplitSettings("time", fractions[0], fractions[1], test_targets)
+    split = SplitConfig(split="time", test_fraction=fractions[0], val_fraction=fractions[1], test_targets=test_targets)
     samples = all_samples(sessions, split)
     train, val, test = (samples.filter(pl.col("split") == s) for s in ("train", "val", "test"))
     held_out = pl.concat([val, test])
@@ -152,7 +152,7 @@ def test_time_split_never_leaks_val_or_test_sessions_into_training(users, fracti
 @given(session_tables, st.integers(0, 5))
 def test_user_split_gives_each_user_one_sample_with_their_last_session(users, seed):
     sessions = sessions_table(users)
-    samples = all_samples(sessions, SplitSettings("user", 0.3, 0.2, seed=seed))
+    samples = all_samples(sessions, SplitConfig(split="user", test_fraction=0.3, val_fraction=0.2, seed=seed))
     assert sorted(samples["user"]) == sorted(sessions["user"].unique())
     last = sessions.sort("session").group_by("user").agg(pl.col("start").last())
     assert samples.join(last, on="user").select((pl.col("target_start") == pl.col("start")).all()).item()
@@ -161,7 +161,8 @@ def test_user_split_gives_each_user_one_sample_with_their_last_session(users, se
 @FAST
 @given(session_tables, st.integers(3, 20))
 def test_history_fits_the_token_budget(users, budget):
-    samples = all_samples(sessions_table(users), SplitSettings("time", 0.3, 0.2, "all"), budget)
+    split = SplitConfig(split="time", test_fraction=0.3, val_fraction=0.2, test_targets="all")
+    samples = all_samples(sessions_table(users), split, budget)
     assert (samples["input_ids"].list.len() <= budget).all()
     for ids, history in zip(samples["input_ids"], samples["history"]):
         assert len(ids) == sum(len(s) + 2 for s in history)

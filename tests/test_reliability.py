@@ -303,7 +303,7 @@ def test_a_prepare_that_leaves_no_training_sample_stops(tmp_path):
     ({"max_steps": 0}, "max_steps"), ({"eval_every": 0}, "eval_every"), ({"grad_accum": 0}, "grad_accum"),
 ])
 def test_train_settings_that_would_train_nothing_are_refused(settings, field):
-    with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+    with pytest.raises(ValueError, match=f"\n{field}\n  Input should be (greater|a finite number)"):
         TrainConfig(**settings)
 
 
@@ -318,15 +318,16 @@ def test_fewer_steps_than_eval_every_still_leave_a_validated_best_model(two_data
     with pytest.raises(ValueError, match="no training samples"):
         train_lm(model, pl.read_parquet(a / "train.parquet").head(0), None, config, tmp_path / "empty", progress=False)
     result = runner.invoke(app, ["train", str(a), "--out", str(tmp_path / "cli"), "--epochs", "0"])
-    assert result.exit_code == 2 and "epochs must be" in flat(result.output) and "Traceback" not in result.output
+    assert result.exit_code == 2 and "train.epochs Input should be greater than or equal to 1" in flat(result.output)
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("settings, problem", [
-    ({"hetlm": {"config": {"alpha": float("nan")}}}, "alpha must be a finite number"),
-    ({"hetlm": {"runs": [{"predictor_lr": -1}]}}, "predictor_lr must be a finite number above 0"),
-    ({"hetlm": {"config": {"batch_size": 0}}}, "batch_size must be"),
-    ({"pretrain": {"lr": 0}}, "lr must be a finite number above 0"),
-    ({"kmeans": {"finetune": {"batch_size": 0}}}, "batch_size must be"),
+    ({"hetlm": {"config": {"alpha": float("nan")}}}, "hetlm.config.alpha\n  Input should be a finite number"),
+    ({"hetlm": {"runs": [{"predictor_lr": -1}]}}, "predictor_lr\n  Input should be greater than 0"),
+    ({"hetlm": {"config": {"batch_size": 0}}}, "hetlm.config.batch_size\n  Input should be greater than or equal to 1"),
+    ({"pretrain": {"lr": 0}}, "pretrain.lr\n  Input should be greater than 0"),
+    ({"kmeans": {"finetune": {"batch_size": 0}}}, "kmeans.finetune.batch_size\n  Input should be greater than or equal"),
     ({"encoder": {"model_name_or_path": "/no/such/sbert"}}, "neither a SentenceTransformer folder"),
 ])
 def test_experiment_settings_are_checked_before_anything_runs(settings, problem):

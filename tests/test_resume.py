@@ -180,7 +180,7 @@ def test_half_written_checkpoint_is_ignored(prepared, tmp_path):
                              save_every=10**6, device="cpu")
         straight = HeTLM(config).fit(_micro_opt(vocab), train, z, progress=False)
         out = tmp_path / "run"
-        HeTLM(HeTLMConfig(**{**vars(config), "epochs": 1})).fit(_micro_opt(vocab), train, z, progress=False, out_dir=out)
+        HeTLM(config.model_copy(update={"epochs": 1})).fit(_micro_opt(vocab), train, z, progress=False, out_dir=out)
         # A crash inside write_dir_atomically: the newer copy is half-written in .tmp, the complete one
         # was already moved to .old.
         os.replace(out / CHECKPOINT, out / f"{CHECKPOINT}.old")

@@ -19,7 +19,7 @@ from hetlm.cli import app
 from hetlm.cluster.base import ClusterwiseLM
 from hetlm.cluster.selector import Selector
 from hetlm.models import Preset, build_model
-from hetlm.score import ScoreOptions, Scorer, fit_histories, log_sessions, route_users, sessions_frame
+from hetlm.score import ScoreConfig, Scorer, fit_histories, log_sessions, route_users, sessions_frame
 from hetlm.sessions import SessionCleaning
 from hetlm.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from hetlm.train import TrainConfig, train_lm
@@ -87,8 +87,8 @@ def test_histories_are_built_like_prepare(taobao_prepared, scorer):
 def test_batch_scores_equal_single_scores(taobao_prepared, scorer):
     histories = pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"].to_list()[:6]
     histories[2] = [*histories[2], ["never_seen_page", "Cart"]]
-    options = [ScoreOptions(k=5, n_samples=6, seed=1), ScoreOptions(k=3, n_samples=0),
-               ScoreOptions(strategy="sample", temperature=0.7, seed=4, n_samples=3)] * 2
+    options = [ScoreConfig(k=5, n_samples=6, seed=1), ScoreConfig(k=3, n_samples=0),
+               ScoreConfig(strategy="sample", temperature=0.7, seed=4, n_samples=3)] * 2
     together = scorer.score(histories, options)
     for history, option, batched in zip(histories, options, together):
         assert_same_score(scorer.score([history], [option])[0], batched)
@@ -171,7 +171,7 @@ def test_routing_probabilities():
 
 
 def test_set_decoder_is_the_default_where_the_folder_has_one(taobao_prepared, micro, tmp_path):
-    from hetlm.evaluate import GenerationSettings, fit_set_decoder, predict
+    from hetlm.evaluate import GenerationConfig, fit_set_decoder, predict
     from hetlm.set_decoder import SetDecoder
 
     prepared = taobao_prepared[0]
@@ -180,23 +180,23 @@ def test_set_decoder_is_the_default_where_the_folder_has_one(taobao_prepared, mi
     test = pl.read_parquet(prepared / "test.parquet").head(8)
     histories = test["history"].to_list()
     assert plain.describe()["default_decoder"] == "greedy"
-    assert {s.decoder for s in plain.score(histories, [ScoreOptions(n_samples=0)] * 8)} == {"greedy"}
+    assert {s.decoder for s in plain.score(histories, [ScoreConfig(n_samples=0)] * 8)} == {"greedy"}
     with pytest.raises(ValueError, match="set decoder"):
-        plain.score(histories[:1], [ScoreOptions(strategy="set")])
+        plain.score(histories[:1], [ScoreConfig(strategy="set")])
 
     val = pl.read_parquet(prepared / "val.parquet")
     lm = plain.model
-    decoder = fit_set_decoder(SetDecoder(), predict(lm, val, tokenizer, GenerationSettings(), progress=False,
+    decoder = fit_set_decoder(SetDecoder(), predict(lm, val, tokenizer, GenerationConfig(), progress=False,
                                                     greedy=False), val, tokenizer)
     decoder.save_pretrained(micro)
     try:
         scorer = Scorer.from_pretrained(micro, max_new_tokens=12)
-        scores = scorer.score(histories, [ScoreOptions(n_samples=0)] * 7 + [ScoreOptions(strategy="greedy", n_samples=0)])
+        scores = scorer.score(histories, [ScoreConfig(n_samples=0)] * 7 + [ScoreConfig(strategy="greedy", n_samples=0)])
         prompts = fit_histories(sessions_frame(histories), scorer.vocab, scorer.history_budget)  # as the scorer cuts them
-        expected = predict(lm, prompts, tokenizer, GenerationSettings(), progress=False, greedy=False)
+        expected = predict(lm, prompts, tokenizer, GenerationConfig(), progress=False, greedy=False)
         sets = [tokenizer.convert_ids_to_tokens(s) for s in decoder.predict(prompts["input_ids"].to_list(), expected.evidence)]
         assert [s.decoder for s in scores] == ["set"] * 7 + ["greedy"]
         assert [s.next_session for s in scores[:7]] == sets[:7]
-        assert scores[7].next_session == plain.score(histories[7:], [ScoreOptions(n_samples=0)])[0].next_session
+        assert scores[7].next_session == plain.score(histories[7:], [ScoreConfig(n_samples=0)])[0].next_session
     finally:
         (micro / "set_decoder.json").unlink()

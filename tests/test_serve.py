@@ -22,14 +22,14 @@ from hetlm.cluster.base import ClusterwiseLM, load_model
 from hetlm.cluster.kmeans import fit_kmeans_clusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
-from hetlm.score import ScoreOptions, Scorer, log_sessions
-from hetlm.serve import Limits, create_app, header_timeout_protocol
+from hetlm.score import ScoreConfig, Scorer, log_sessions
+from hetlm.serve import ServeConfig, create_app, header_timeout_protocol
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig
 
 from .test_score import assert_same_score, log_head, train_micro
 
-LIMITS = Limits(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20)
+LIMITS = ServeConfig(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20)
 OPTIONS = {"k": 5, "n_samples": 4, "seed": 2}
 CALIBRATOR = OutcomeCalibrator({"cart": (0.5, -1.0), "purchase": (0.8, -2.0)}, n_samples=4, n_users=50)
 
@@ -78,7 +78,7 @@ def test_model_folders_load_by_themselves(clusterwise, taobao_prepared, tmp_path
     prepared = taobao_prepared[0]
     tokenizer = load_tokenizer(prepared / "tokenizer")
     histories = pl.read_parquet(prepared / "test.parquet")["history"].to_list()[:6]
-    options = [ScoreOptions(k=5, n_samples=4, seed=1), ScoreOptions(strategy="sample", n_samples=2, seed=3)] * 3
+    options = [ScoreConfig(k=5, n_samples=4, seed=1), ScoreConfig(strategy="sample", n_samples=2, seed=3)] * 3
     single = clusterwise.parent / "model"  # the LM the k-means clusters were fine-tuned from (`train_micro`)
     for folder in (single, clusterwise):
         model = load_model(folder)

@@ -73,6 +73,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_model
 from safetensors.torch import save_model as save_weights
 from transformers import PreTrainedModel
@@ -88,7 +89,7 @@ from ..distributed import (
 )
 from ..nll import autocast, token_nll
 from ..progress import progress_bar
-from ..train import TrainConfig, check_limits, make_optimizer, resolve_device
+from ..train import TrainConfig, make_optimizer, resolve_device
 from .base import ClusterwiseLM, centroids_of
 from .kmeans import kmeans_labels
 from .likelihood import likelihood_assignment, nll_matrix
@@ -100,25 +101,26 @@ CHECKPOINT, STATE_FILE, TRAINER_STATE = "checkpoint", "state.json", "trainer_sta
 CRITIC_STATE = "critic_state.rank{rank}.pt"  # the optimizer and RNG states of one process's predictors
 
 
-@dataclass
-class HeTLMConfig:
+class HeTLMConfig(BaseModel):
     """Defaults are the paper's Table 15 values; CPU profiles override some, and say so."""
 
-    n_clusters: int = 6
-    alpha: float = 5.0
-    beta: float = 9.0
-    epochs: int = 10
-    batch_size: int = 16
-    selector_lr: float = 5e-5
-    predictor_lr: float = 1e-5
-    selector_weight_decay: float = 1e-4
-    predictor_weight_decay: float = 0.01
-    selector_hidden: int = 256
-    selector_pretrain_epochs: int = 200
-    selector_pretrain_lr: float = 1e-3
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n_clusters: int = Field(6, ge=1)
+    alpha: float = Field(5.0, ge=0)
+    beta: float = Field(9.0, ge=0)
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(16, ge=1)
+    selector_lr: float = Field(5e-5, gt=0)
+    predictor_lr: float = Field(1e-5, gt=0)
+    selector_weight_decay: float = Field(1e-4, ge=0)
+    predictor_weight_decay: float = Field(0.01, ge=0)
+    selector_hidden: int = Field(256, ge=1)
+    selector_pretrain_epochs: int = Field(200, ge=0)
+    selector_pretrain_lr: float = Field(1e-3, gt=0)
     # Not in the paper (0 = its selector "mimics" the k-means labels): a soft start lets L2 move every user
     # onto the biggest cluster in the first epoch.
-    selector_label_smoothing: float = 0.0
+    selector_label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Not in the paper: pre-training stops once the selector's argmax agrees with the k-means labels on this
     # share of the samples (None: all selector_pretrain_epochs). Trained on, the softmax saturates: L1, L2
     # and L3 then pass it almost no gradient and no user ever moves (bench/hetlm_variants.py).
@@ -126,7 +128,7 @@ class HeTLMConfig:
     # Not in the paper: epochs in which each predictor first trains on its k-means cluster alone, before
     # any actor step. With identical predictors, the one of the largest cluster otherwise gets ahead
     # and L1 can pull every user to it.
-    critic_warmup_epochs: int = 0
+    critic_warmup_epochs: int = Field(0, ge=0)
     # L1's l_ik: the NLL of the next session only ("target": pages and [EOS], as nll.sequence_nll; the
     # history sessions are training data, so their NLL measures memorisation) or of history + next session
     # ("all"), summed over its tokens as the paper's L_LLM = -sum O_i log P_i ("sum") or per token ("mean",
@@ -143,7 +145,7 @@ class HeTLMConfig:
     # Not in the paper: L2 minus this weight x the entropy of the batch's mean assignment (weight 1: minus the
     # mutual information of user and cluster, as in RIM/IMSAT clustering). The paper's L2 alone (0) is
     # lowered fastest by raising one cluster's output bias for everyone, which also collapses K.
-    l2_balance: float = 0.0
+    l2_balance: float = Field(0.0, ge=0)
     # Critic steps of equal weight whatever a cluster's share of the batch: "accumulate" gradients until a
     # predictor has seen batch_size samples, then step; "share": step at predictor_lr x its share of the
     # batch; "none" (Algorithm 1 as written): a step per batch on however few samples it was assigned, so
@@ -155,45 +157,29 @@ class HeTLMConfig:
     # the model can also route by embedding; alpha, beta and L1's options do not apply.
     assignment: Literal["selector", "likelihood"] = "selector"
     l3: Literal["paper", "scaled"] = "scaled"
-    l3_tau: float | None = None        # scaled L3 temperature; None = mean pairwise L1 distance of the k-means centroids
-    eval_every: int = 50               # steps between validation points (paper Figure 3)
+    # scaled L3 temperature; None = mean pairwise L1 distance of the k-means centroids
+    l3_tau: float | None = Field(None, gt=0)
+    eval_every: int = Field(50, ge=1)              # steps between validation points (paper Figure 3)
     # How L1's NLL matrix is computed: one pass per predictor, or one vmapped pass of all (same numbers;
     # no consistent gain on a CPU; may help on an accelerator, where K small launches cost more than the work).
     nll_pass: Literal["batched", "sequential"] = "sequential"
     # Not exact (None = Algorithm 1): L1 from the NLL matrix of this many random rows of each batch, an
     # unbiased estimate of it at actor_rows / batch_size of the cost; L2 and L3 still use the whole batch.
-    actor_rows: int | None = None
-    save_every: int = 500              # batches between resumable checkpoints when fit has an out_dir
-    max_len: int = 512
+    actor_rows: int | None = Field(None, ge=1)
+    save_every: int = Field(500, ge=1)             # batches between resumable checkpoints when fit has an out_dir
+    max_len: int = Field(512, ge=1)
     bf16: bool = False
     seed: int = 0
     device: str = "auto"
 
-    def __post_init__(self):
-        for name, allowed in (("l1", ("paper", "centered")), ("l1_tokens", ("target", "all")),
-                              ("l1_reduce", ("sum", "mean")), ("l1_nll", ("before_critic", "after_critic")),
-                              ("critic_balance", ("accumulate", "share", "none")),
-                              ("assignment", ("selector", "likelihood"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.l2_balance < 0:
-            raise ValueError(f"l2_balance must be >= 0, not {self.l2_balance}")
-        if self.nll_pass not in ("batched", "sequential"):
-            raise ValueError(f"nll_pass must be 'batched' or 'sequential', not {self.nll_pass!r}")
+    @model_validator(mode="after")
+    def _trains_something(self) -> HeTLMConfig:
         if self.assignment == "likelihood" and self.critic_warmup_epochs < 1:
             raise ValueError("assignment='likelihood' needs critic_warmup_epochs >= 1: predictors that are still "
                              "identical copies give every user to the first one")
-        if self.actor_rows is not None and self.actor_rows < 1:
-            raise ValueError(f"actor_rows must be a positive number of rows or None, not {self.actor_rows}")
-        check_limits(self, positive=("selector_lr", "predictor_lr", "selector_pretrain_lr", "l3_tau"),
-                     non_negative=("alpha", "beta", "l2_balance", "selector_weight_decay", "predictor_weight_decay",
-                                   "selector_pretrain_epochs", "selector_label_smoothing", "critic_warmup_epochs",
-                                   "epochs"),
-                     at_least_one=("n_clusters", "batch_size", "selector_hidden", "eval_every", "save_every", "max_len"))
-        if self.selector_label_smoothing >= 1:
-            raise ValueError(f"selector_label_smoothing must be below 1, not {self.selector_label_smoothing}")
         if self.epochs + self.critic_warmup_epochs < 1:
             raise ValueError("epochs + critic_warmup_epochs must be 1 or more: nothing would be trained")
+        return self
 
 
 @dataclass
@@ -331,7 +317,7 @@ class HeTLM:
             m.eval()
         final = self._assign(run, train_set, z_train)
         sizes = {k: int((final == k).sum()) for k in models}
-        info = {"config": asdict(c), "tau": self.tau, "selector_pretrain_agreement": self.pretrain_agreement,
+        info = {"config": c.model_dump(), "tau": self.tau, "selector_pretrain_agreement": self.pretrain_agreement,
                 "initial_k": c.n_clusters, "final_k": len(models), "seconds": time.perf_counter() - started,
                 "history": asdict(self.history)}
         self.result_ = ClusterwiseLM("hetlm", models, centroids_of(z_train, final, c.n_clusters), selector=selector,
@@ -373,7 +359,7 @@ class HeTLM:
         state = {"epoch": 0, "position": 0, "step": 0, "seconds": 0.0,
                  "tau": c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean()),
                  "pretrain_agreement": float((selector.predict(z_train) == labels).mean()),
-                 "kmeans_labels": labels.tolist(), "config": asdict(c)}
+                 "kmeans_labels": labels.tolist(), "config": c.model_dump()}
         broadcast_module(selector.net)  # same seed, same fit on every rank; this makes sure
         models = {k: copy.deepcopy(base_model).to(device).train() for k in owned_clusters(c.n_clusters, self.dist)}
         self.history = HeTLMHistory()
@@ -412,7 +398,7 @@ class HeTLM:
         """The run saved in `path`, by any number of processes: each rank loads the predictors it owns now.
         Safetensors for the weights; the .pt files hold only tensors and plain types."""
         state = json.loads((path / STATE_FILE).read_text())
-        if state["config"] != json.loads(json.dumps(asdict(self.config))):
+        if state["config"] != json.loads(json.dumps(self.config.model_dump())):
             log.warning("resuming %s with a different HeTLMConfig than it was started with", path)
         selector = Selector.from_pretrained(path / "selector")
         owned = set(owned_clusters(self.config.n_clusters, self.dist))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ def fit_kmeans_clusterwise(
             continue
         model = copy.deepcopy(base_model)
         result = train_lm(model, train.filter(pl.Series(mask)), val.filter(pl.Series(val_labels == k)),
-                          replace(config, seed=config.seed + k), Path(out_dir) / f"train_cluster_{k}",
+                          config.model_copy(update={"seed": config.seed + k}), Path(out_dir) / f"train_cluster_{k}",
                           progress=progress)
         models[k], sizes[k], histories[k] = model.eval(), int(mask.sum()), result.history
     return ClusterwiseLM("kmeans", models, centroids, routing="centroid", encoder=encoder or {}, sizes=sizes,

@@ -1,0 +1,98 @@
+"""One page LM trained on prepared samples, from its config to a self-contained model folder: what `hetlm
+train` runs, and `hetlm experiment` for its small and larger LMs.
+
+    build (preset, family; released weights) -> train_lm -> ClusterwiseLM.single with its tokenizer
+    -> set decoder fitted on the validation users -> model folder (loads with `load_model`)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from .cluster.base import ClusterwiseLM
+from .config import one_of
+from .distributed import init_distributed
+from .evaluate import GenerationConfig, fit_set_decoder, predict
+from .models import FAMILIES, PRESETS, Preset, build_model, count_parameters, init_from
+from .set_decoder import SetDecoder
+from .train import TrainConfig, TrainResult, train_lm
+
+console = Console()
+
+
+# A preset or family name, checked against those known.
+PresetName = Annotated[str, AfterValidator(lambda name: one_of(name, PRESETS, "preset"))]
+FamilyName = Annotated[str, AfterValidator(lambda name: one_of(name, FAMILIES, "family"))]
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: PresetName = "tiny"
+    family: FamilyName | None = None
+    init_from: str | None = Field(None, description="released weights on disk to start from (all but vocab layers)")
+    # A released architecture (opt-350m, ...) trained from random weights at a fine-tuning learning rate
+    # (<= 1e-5) learns next to nothing: `hetlm experiment` refuses it unless this is set.
+    from_scratch: bool = False
+
+
+class SingleConfig(BaseModel):
+    """`hetlm train`'s settings: the LM and how it is trained (3 epochs unless told otherwise)."""
+    model_config = ConfigDict(extra="forbid")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(epochs=3)
+
+
+def train_single(model: ModelConfig, config: TrainConfig, train, val: pl.DataFrame, tokenizer, out_dir: str | Path,
+                 model_dir: str | Path | None = None, shape: Preset | None = None, max_positions: int = 512,
+                 seed: int | None = None, resume: bool = False, stream: bool = False, fit_decoder: bool = True,
+                 progress: bool = True, name: str | None = None) -> tuple[ClusterwiseLM, TrainResult]:
+    """Build the LM `model` describes (or of `shape`, a preset's shape, instead of `model.preset`), with torch
+    seeded by `seed` (default config.seed) or from the released weights `model.init_from`, train it on the
+    `train` samples (a frame, or a Parquet file with stream=True) into out_dir (best/, checkpoint/, history.json)
+    and return it as a single-LM `ClusterwiseLM` with `tokenizer`, beside the training result.
+
+    The model folder carries the tokenizer: `model_dir`, where the trained weights are saved, or by default
+    out_dir/best, where `train_lm` left the best validated ones. With fit_decoder, the expected-IoU set
+    decoder fitted on the validation users goes there too (score and serve decode with it by default).
+    Under torchrun every process calls this alike; process 0 writes the folder.
+    """
+    name = name or model.preset
+    main = init_distributed().is_main
+    torch.manual_seed(config.seed if seed is None else seed)
+    lm = build_model(shape or model.preset, len(tokenizer), model.family, max_positions=max_positions)
+    if model.init_from:
+        report = init_from(lm, model.init_from)
+        if main:
+            console.print(f"{name}: init from {model.init_from}: {len(report.loaded)} tensors loaded, "
+                          f"{len(report.skipped)} skipped")
+    if main:
+        console.print(f"{name} ({lm.config.model_type}): {count_parameters(lm) / 1e6:.2f}M parameters")
+    result = train_lm(lm, train, val, config, out_dir, resume=resume, progress=progress, stream=stream)
+    single = ClusterwiseLM.single(lm.eval(), tokenizer)
+    folder = Path(model_dir) if model_dir is not None else Path(out_dir) / "best"
+    if main:
+        if model_dir is None:
+            tokenizer.save_pretrained(folder / "tokenizer")  # beside the best weights: best/ loads by itself
+        else:
+            single.save_pretrained(folder)
+        if fit_decoder:
+            _fit_set_decoder(single, val, folder)
+    return single, result
+
+
+def _fit_set_decoder(model: ClusterwiseLM, val: pl.DataFrame, folder: Path) -> None:
+    """The expected-IoU set decoder with its default settings, fitted on the validation users, into `folder`."""
+    if not val.height:
+        console.print("no validation users: no set decoder fitted (score and serve will decode greedily)")
+        return
+    evidence = predict(model, val, model.tokenizer, GenerationConfig(), progress=False, greedy=False)
+    decoder = fit_set_decoder(SetDecoder(), evidence, val, model.tokenizer)
+    decoder.save_pretrained(folder)
+    console.print(f"set decoder fitted on {val.height} validation users: size rule "
+                  f"{decoder.size_ or 'expected IoU per user'}, validation IoU {max(decoder.fit_iou_.values()):.3f}")
