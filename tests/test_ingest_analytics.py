@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import warnings
 
@@ -12,7 +13,6 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from hetlm import prepare as prepare_module
 from hetlm.cli import app
 from hetlm.ingest import IngestError, NoOutcomesWarning, read_events
 from hetlm.prepare import PrepareConfig, prepare
@@ -21,6 +21,8 @@ from .analytics_exports import (
     adobe_rows, browsing, ga4_event, ga4_param, write_adobe, write_ga4,
 )
 from .test_prepare_streaming import assert_same_prepared
+
+prepare_module = importlib.import_module("hetlm.prepare")  # `hetlm.prepare` is the function
 
 T0 = 1_609_459_200_000_000  # 2021-01-01 00:00 UTC in microseconds
 

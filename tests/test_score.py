@@ -2,6 +2,7 @@
 streaming one bounded row group per batch of users, and the routing probabilities."""
 
 import gzip
+import importlib
 import itertools
 import math
 from dataclasses import asdict
@@ -14,7 +15,6 @@ import torch
 from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
-from hetlm import prepare as prepare_module
 from hetlm.cli import app
 from hetlm.cluster.base import ClusterwiseLM
 from hetlm.cluster.selector import Selector
@@ -25,6 +25,8 @@ from hetlm.tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from hetlm.train import TrainConfig, train_lm
 
 from .conftest import SHIPPED
+
+prepare_module = importlib.import_module("hetlm.prepare")  # `hetlm.prepare` is the function
 
 MICRO = Preset(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
