@@ -41,13 +41,13 @@ def heavy_user_log(path: Path, events: int) -> None:
 
 
 def run(events: int) -> dict:
-    import hetlm.prepare  # the libraries' memory is the baseline
+    from hetlm.prepare import prepare  # the libraries' memory is the baseline
 
     baseline = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         heavy_user_log(Path(tmp) / "log.csv", events)
         started = time.perf_counter()
-        summary = hetlm.prepare.prepare("taobao", Path(tmp) / "log.csv", Path(tmp) / "out")
+        summary = prepare("taobao", Path(tmp) / "log.csv", Path(tmp) / "out")
     return {"events": events, "seconds": round(time.perf_counter() - started, 2),
             "samples": sum(summary["samples"].values()), "peak_mb": round(peak_rss_mb(), 1),
             "peak_above_imports_mb": round(peak_rss_mb() - baseline, 1)}

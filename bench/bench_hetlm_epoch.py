@@ -58,7 +58,7 @@ def main() -> None:
         def hetlm_epoch(**options) -> float:
             cfg = HeTLMConfig(n_clusters=args.clusters, epochs=1, batch_size=args.batch_size, selector_lr=1e-3,
                               predictor_lr=1e-3, **options)
-            return HeTLM(cfg).fit(base, train, z, progress=False).info["seconds"]
+            return HeTLM(cfg, progress=False).fit(base, train, z).model_.info["seconds"]
 
         # The single LM runs first and last: on a shared machine the load drifts, and the mean of the two
         # is the reference for the ratios.

@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from hetlm.cluster.base import ClusterwiseLM, load_model
-    from hetlm.cluster.kmeans import fit_kmeans_clusterwise
+    from hetlm.cluster.kmeans import KMeansClusterwise
     from hetlm.encoders import encoder_from_settings
     from hetlm.evaluate import GenerationConfig, predict
     from hetlm.models import build_model, count_parameters, scale_preset
@@ -52,9 +52,9 @@ def main() -> None:
     config = TrainConfig(max_steps=args.train_steps, save_every=10**9, device="cpu")
     larger_shape, _ = scale_preset("tiny", args.clusters, len(tokenizer))
     with tempfile.TemporaryDirectory() as tmp:
-        clusterwise = fit_kmeans_clusterwise(
+        clusterwise = KMeansClusterwise(args.clusters, Path(tmp) / "kmeans", config, progress=False).fit(
             small, train, encoder.transform(train["history"].to_list()), val, encoder.transform(val["history"].to_list()),
-            args.clusters, config, Path(tmp) / "kmeans", encoder=settings, progress=False)
+            encoder=settings)
         clusterwise.save_pretrained(Path(tmp) / "kmeans_model", tokenizer)
         torch.manual_seed(0)
         larger = build_model(larger_shape, len(tokenizer))

@@ -96,7 +96,7 @@ def check_hetlm(shape: str | Preset, vocab: int, train: pl.DataFrame, args, devi
     base = build_model(shape, vocab)
     config = HeTLMConfig(n_clusters=3, epochs=1, batch_size=args.batch_size, selector_pretrain_epochs=20,
                          predictor_lr=1e-4, selector_lr=1e-3, bf16=args.bf16, device=str(device))
-    fitted = HeTLM(config).fit(base, train, z, progress=False)
+    fitted = HeTLM(config, progress=False).fit(base, train, z).model_
     return row(check=f"HeTLM epoch, 3 clusters of {args.hetlm_preset}, {train.height} samples",
                parameters=3 * count_parameters(base), seconds=fitted.info["seconds"],
                samples_per_s=train.height / fitted.info["seconds"], peak_gpu_gb=peak_memory_gb(device))

@@ -134,8 +134,8 @@ def main() -> None:
                 if name != "planted" and variant not in args.variants:
                     continue
                 epochs = {} if name == "planted" else {"epochs": args.epochs}
-                model = HeTLM(HeTLMConfig(**log["config"] | epochs | options)).fit(
-                    copy.deepcopy(log["base"]), log["train"], z, progress=False)
+                model = HeTLM(HeTLMConfig(**log["config"] | epochs | options), progress=False).fit(
+                    copy.deepcopy(log["base"]), log["train"], z).model_
                 sizes = sorted(model.sizes.values(), reverse=True)
                 row = {"log": name, "variant": variant, "K": len(model.models), "largest_share": sizes[0] / sum(sizes),
                        "sizes": "/".join(map(str, sizes))}

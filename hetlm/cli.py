@@ -12,14 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that spin while waiting slow torch 10x or more when the CPU is shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
+import typer
+from rich.console import Console
 
 # How a log is read and cut into sessions: options shared by `prepare`, `score` and `serve`.
 UserColumn = Annotated[Optional[str], typer.Option(help="generic: user column; ga4: user_pseudo_id (default) or user_id")]
@@ -103,9 +97,21 @@ def _become_torchrun(processes: int) -> None:
                                   f"--nproc_per_node={processes}", "-m", "hetlm.cli", *sys.argv[1:]])
 
 
+def _environment_defaults() -> None:
+    """The environment every command runs in, unless the user set otherwise: nothing downloaded, and no
+    tokenizer or OpenMP threads competing with torch. Set when a command runs (not when this module is
+    imported), before any command imports transformers or torch, which read it at their import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP threads that spin while waiting slow torch 10x or more when the CPU is shared.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @app.callback()
 def _root() -> None:
     """hetlm: learn the language of browsing from click logs."""
+    _environment_defaults()
 
 
 def _fail(err: Exception) -> None:

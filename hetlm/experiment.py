@@ -22,7 +22,7 @@ from .assessment import Clock, Evaluation, Samples, SetDecoderConfig, TrainedMod
 from .baselines import BASELINES
 from .cluster.base import ClusterwiseLM
 from .cluster.hetlm import HeTLM, HeTLMConfig
-from .cluster.kmeans import fit_kmeans_clusterwise
+from .cluster.kmeans import KMeansClusterwise
 from .config import one_of
 from .encoders import encoder_from_settings
 from .evaluate import GenerationConfig
@@ -261,12 +261,11 @@ def embed(config: ExperimentConfig, data: Samples, run: RunFolder):
 def fit_kmeans(config: ExperimentConfig, small: TrainedModel, data: Samples, run: RunFolder,
                progress: bool) -> TrainedModel:
     k, folder = config.kmeans.n_clusters, kmeans_folder(config.kmeans.n_clusters)
-    km = fit_kmeans_clusterwise(small.lm, data.train, data.z["train"], data.val, data.z["val"], k,
-                                config.kmeans.finetune, run.train(folder), config.encoder.model_dump(), progress)
-    history = km.info.pop("histories")
+    km = KMeansClusterwise(k, run.train(folder), config.kmeans.finetune, progress).fit(
+        small.lm, data.train, data.z["train"], data.val, data.z["val"], config.encoder.model_dump())
     km.save_pretrained(run.model(folder), data.tokenizer)
-    return TrainedModel(f"{config.model.preset} k-means K={k}", km, run.model(folder),
-                        sum(count_parameters(m) for m in km.models.values()), history)
+    return TrainedModel(f"{config.model.preset} k-means K={k}", km.model_, run.model(folder),
+                        sum(count_parameters(m) for m in km.model_.models.values()), km.histories_)
 
 
 def fit_hetlm(config: ExperimentConfig, label: str, cfg: HeTLMConfig, small: TrainedModel, data: Samples,
@@ -276,8 +275,8 @@ def fit_hetlm(config: ExperimentConfig, label: str, cfg: HeTLMConfig, small: Tra
     if config.hetlm.processes > 1:
         het = _fit_in_processes(run, folder, cfg, config.encoder.model_dump(), config.hetlm.processes, progress)
     else:
-        het = HeTLM(cfg).fit(small.lm, data.train, data.z["train"], data.val, data.z["val"],
-                             config.encoder.model_dump(), progress, run.train(folder))
+        het = HeTLM(cfg, run.train(folder), progress=progress).fit(
+            small.lm, data.train, data.z["train"], data.val, data.z["val"], config.encoder.model_dump()).model_
         het.save_pretrained(run.model(folder), data.tokenizer)
     return TrainedModel(f"{config.model.preset} HeTLM {label}", het, run.model(folder),
                         sum(count_parameters(m) for m in het.models.values()), het.info["history"])

@@ -45,8 +45,8 @@ def fit_from_files(job: HeTLMJob) -> ClusterwiseLM:
     train, val = (pl.read_parquet(job.prepared / f"{split}.parquet") for split in ("train", "val"))
     z = np.load(job.embeddings)
     base = AutoModelForCausalLM.from_pretrained(job.base, use_safetensors=True)
-    model = HeTLM(job.config).fit(base, train, z["train"], val, z["val"], job.encoder, job.progress, job.checkpoints,
-                                  job.resume)
+    model = HeTLM(job.config, job.checkpoints, job.resume, job.progress).fit(base, train, z["train"], val, z["val"],
+                                                                           job.encoder).model_
     if dist_info().is_main:
         model.save_pretrained(job.out, load_tokenizer(job.prepared / "tokenizer"))
     return model

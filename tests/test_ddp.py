@@ -131,8 +131,8 @@ def embed(samples):  # the user's pages, randomly projected: a cheap, fixed enco
 torch.manual_seed(0)
 base = build_model("tiny", vocab)
 config = HeTLMConfig(n_clusters=3, epochs=epochs, batch_size=16, selector_pretrain_epochs=20, eval_every=4, seed=1)
-result = HeTLM(config).fit(base, train, embed(train), val, embed(val), progress=False, out_dir=checkpoints,
-                           resume=checkpoints is not None)
+result = HeTLM(config, checkpoints, resume=checkpoints is not None, progress=False).fit(
+    base, train, embed(train), val, embed(val)).model_
 info = result.info
 weights = {k: float(sum(p.detach().double().sum() for p in m.parameters())) for k, m in result.models.items()}
 json.dump({"history": info["history"], "sizes": result.sizes, "weights": weights,

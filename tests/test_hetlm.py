@@ -40,8 +40,8 @@ def test_hetlm_recovers_planted_groups_and_shrinks_k(planted, tmp_path, loss):
     kmeans_ari = adjusted_rand_score(groups, kmeans_labels(z, 6)[0])
     cfg = HeTLMConfig(**dict(n_clusters=6, epochs=6, batch_size=16, selector_lr=1e-2, predictor_lr=3e-3,
                              selector_pretrain_epochs=300, device="cpu") | loss)
-    model = HeTLM(cfg).fit(base, df, z, progress=False)
-    input_ids = df["input_ids"].to_list()
+    fitted = HeTLM(cfg, progress=False).fit(base, df, z)
+    model, input_ids = fitted.model_, df["input_ids"].to_list()
     ari = adjusted_rand_score(groups, model.route(z, input_ids=input_ids))
     # 3 planted groups, noisy embeddings: k-means with K=6 splits them (ARI ~0.56 with seed 0).
     # HeTLM must move users to the predictor that models their transitions best, which merges the
@@ -52,6 +52,10 @@ def test_hetlm_recovers_planted_groups_and_shrinks_k(planted, tmp_path, loss):
     assert ari > 0.85 and ari > kmeans_ari + 0.2, (ari, kmeans_ari)
     sizes = model.info["history"]["cluster_sizes"]
     assert len(sizes[-1]["sizes"]) == len(model.models) < len(sizes[0]["sizes"]) == 6
+    # the estimator's fitted attributes describe the same model
+    assert fitted.n_clusters_ == len(model.models) and fitted.history_.cluster_sizes == sizes
+    assert {int(k): int((fitted.labels_ == k).sum()) for k in model.active} == model.sizes
+    np.testing.assert_array_equal(fitted.predict(z, input_ids), model.route(z, input_ids=input_ids))
 
     tokenizer = build_tokenizer([f"page_{i}" for i in range(base.config.vocab_size - len(SPECIALS))])
     model.save_pretrained(tmp_path / "hetlm", tokenizer)
@@ -88,7 +92,7 @@ def test_balanced_critic_steps(planted, tmp_path, balance):
     df, _, z, base = planted
     cfg = HeTLMConfig(n_clusters=3, epochs=0, critic_warmup_epochs=1, batch_size=16, predictor_lr=3e-3,
                       selector_pretrain_epochs=10, critic_balance=balance, device="cpu")
-    HeTLM(cfg).fit(base, df, z, progress=False, out_dir=tmp_path)
+    HeTLM(cfg, tmp_path, progress=False).fit(base, df, z)
     saved = torch.load(tmp_path / "checkpoint" / "critic_state.rank0.pt", weights_only=True)
     steps = {k: max(int(s["step"]) for s in opt["state"].values()) for k, opt in saved["critic"].items()}
     sizes = np.bincount(kmeans_labels(z, 3)[0], minlength=3)
@@ -176,7 +180,7 @@ def test_critic_warmup_specialises_each_predictor_on_its_kmeans_cluster(planted)
     df, _, z, base = planted
     cfg = HeTLMConfig(n_clusters=3, epochs=0, critic_warmup_epochs=2, batch_size=16, predictor_lr=3e-3,
                       selector_pretrain_epochs=100, device="cpu")
-    model = HeTLM(cfg).fit(base, df, z, progress=False)
+    model = HeTLM(cfg, progress=False).fit(base, df, z).model_
     labels = kmeans_labels(z, 3)[0]
     for k, lm in model.models.items():
         own = df.filter(pl.Series(labels == k))
@@ -209,7 +213,7 @@ def test_fit_with_batched_nll_equals_sequential(planted):
     for nll_pass in ("batched", "sequential"):
         cfg = HeTLMConfig(n_clusters=4, epochs=1, batch_size=16, selector_lr=1e-2, predictor_lr=3e-3,
                           selector_pretrain_epochs=50, nll_pass=nll_pass, device="cpu")
-        histories[nll_pass] = HeTLM(cfg).fit(base, df, z, df, z, progress=False).info["history"]
+        histories[nll_pass] = HeTLM(cfg, progress=False).fit(base, df, z, df, z).model_.info["history"]
     batched, sequential = histories["batched"], histories["sequential"]
     assert len(batched["steps"]) == len(sequential["steps"]) == 8
     for a, b in zip(batched["steps"], sequential["steps"]):

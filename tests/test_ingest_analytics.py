@@ -22,6 +22,7 @@ from .analytics_exports import (
 )
 from .test_prepare_streaming import assert_same_prepared
 
+
 T0 = 1_609_459_200_000_000  # 2021-01-01 00:00 UTC in microseconds
 
 

@@ -1,5 +1,6 @@
 """A partitioned prepare (logs larger than memory) gives exactly the samples of the in-memory one."""
 
+import importlib
 import json
 import math
 
@@ -8,12 +9,14 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from hetlm import partitioned, prepare as prepare_module
+from hetlm import partitioned
 from hetlm.data import ParquetSequences
 from hetlm.ingest import IngestError
 from hetlm.prepare import SPLITS, PrepareConfig, prepare
 
 from .conftest import SHIPPED
+
+prepare_module = importlib.import_module("hetlm.prepare")  # `hetlm.prepare` is the function
 
 RUN_SPECIFIC = ("config", "seconds", "events_per_second", "fingerprints")  # files: same rows, other order
 DIGINETICA = {"sep": ";", "user": "user_id", "session": "session_id", "page": "item_id", "page_prefix": "item ",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib
 import itertools
 import json
 import os
@@ -26,7 +27,6 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-import hetlm.prepare
 from hetlm.cli import app
 from hetlm.cluster.base import ClusterwiseLM
 from hetlm.experiment import ExperimentConfig, run_experiment
@@ -60,7 +60,7 @@ def test_heavy_user_memory_grows_no_faster_than_events():
 def test_samples_built_in_chunks_equal_samples_built_at_once(tmp_path, monkeypatch):
     heavy_user_log(tmp_path / "log.csv", 3_000)
     once = prepare("taobao", tmp_path / "log.csv", tmp_path / "once")
-    monkeypatch.setattr(hetlm.prepare, "SAMPLE_CHUNK_TARGETS", 7)
+    monkeypatch.setattr(importlib.import_module("hetlm.prepare"), "SAMPLE_CHUNK_TARGETS", 7)
     chunks = prepare("taobao", tmp_path / "log.csv", tmp_path / "chunks")
     timing = ("seconds", "events_per_second", "path", "fingerprints")  # the files: the same rows, other row groups
     assert {k: v for k, v in once.items() if k not in timing} == {k: v for k, v in chunks.items() if k not in timing}

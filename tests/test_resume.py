@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetlm.cluster.hetlm import CHECKPOINT, STATE_FILE, HeTLM, HeTLMConfig, latest_checkpoint
+from hetlm.cluster.hetlm import HeTLM, HeTLMConfig
+from hetlm.cluster.hetlm_state import CHECKPOINT, STATE_FILE, latest_checkpoint
 from hetlm.models import Preset, build_model
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig, train_lm
@@ -72,7 +73,7 @@ def run_single(prepared: str, out: str, resume: bool = False) -> None:
 def run_hetlm(prepared: str, out: str, resume: bool = False) -> None:
     torch.set_num_threads(1)
     train, val, z, zv, vocab = _slices(Path(prepared))
-    model = HeTLM(HETLM).fit(_micro_opt(vocab), train, z, val, zv, progress=False, out_dir=out, resume=resume)
+    model = HeTLM(HETLM, out, resume, progress=False).fit(_micro_opt(vocab), train, z, val, zv)
     model.save_pretrained(Path(out) / "final", load_tokenizer(Path(prepared) / "tokenizer"))
 
 
@@ -178,19 +179,19 @@ def test_half_written_checkpoint_is_ignored(prepared, tmp_path):
         train, _, z, _, vocab = _slices(Path(prepared))
         config = HeTLMConfig(n_clusters=3, epochs=2, batch_size=16, predictor_lr=3e-3, selector_pretrain_epochs=10,
                              save_every=10**6, device="cpu")
-        straight = HeTLM(config).fit(_micro_opt(vocab), train, z, progress=False)
+        straight = HeTLM(config, progress=False).fit(_micro_opt(vocab), train, z)
         out = tmp_path / "run"
-        HeTLM(config.model_copy(update={"epochs": 1})).fit(_micro_opt(vocab), train, z, progress=False, out_dir=out)
+        HeTLM(config.model_copy(update={"epochs": 1}), out, progress=False).fit(_micro_opt(vocab), train, z)
         # A crash inside write_dir_atomically: the newer copy is half-written in .tmp, the complete one
         # was already moved to .old.
         os.replace(out / CHECKPOINT, out / f"{CHECKPOINT}.old")
         shutil.copytree(out / f"{CHECKPOINT}.old", out / f"{CHECKPOINT}.tmp")
         (out / f"{CHECKPOINT}.tmp" / STATE_FILE).write_text('{"epoch": 2, "posi')
         assert latest_checkpoint(out) == out / f"{CHECKPOINT}.old"
-        resumed = HeTLM(config).fit(_micro_opt(vocab), train, z, progress=False, out_dir=out, resume=True)
+        resumed = HeTLM(config, out, resume=True, progress=False).fit(_micro_opt(vocab), train, z)
     finally:
         torch.set_num_threads(threads)
-    assert [s["LA"] for s in resumed.info["history"]["steps"]] == pytest.approx(
-        [s["LA"] for s in straight.info["history"]["steps"]], abs=1e-6)
+    assert [s["LA"] for s in resumed.history_.steps] == pytest.approx(
+        [s["LA"] for s in straight.history_.steps], abs=1e-6)
     assert latest_checkpoint(out) == out / CHECKPOINT and not (out / f"{CHECKPOINT}.tmp").exists()
     assert _state(out / CHECKPOINT)["epoch"] == 2

@@ -26,6 +26,7 @@ from hetlm.train import TrainConfig, train_lm
 
 from .conftest import SHIPPED
 
+
 MICRO = Preset(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
 

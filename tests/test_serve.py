@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from hetlm.cli import app as cli
 from hetlm.cluster.base import ClusterwiseLM, load_model
-from hetlm.cluster.kmeans import fit_kmeans_clusterwise
+from hetlm.cluster.kmeans import KMeansClusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
 from hetlm.score import ScoreConfig, Scorer, log_sessions
@@ -64,8 +64,8 @@ def clusterwise(taobao_prepared, tmp_path_factory):
     embed = encoder_from_settings(encoder).set_params(show_progress=False).transform
     config = TrainConfig(max_steps=3, batch_size=32, max_len=128, eval_every=10_000, save_every=10_000,
                          early_stopping_patience=None)
-    model = fit_kmeans_clusterwise(base, train, embed(train["history"].to_list()), val, embed(val["history"].to_list()),
-                                   2, config, folder / "train_clusters", encoder, progress=False)
+    model = KMeansClusterwise(2, folder / "train_clusters", config, progress=False).fit(
+        base, train, embed(train["history"].to_list()), val, embed(val["history"].to_list()), encoder)
     model.save_pretrained(folder / "kmeans", load_tokenizer(prepared / "tokenizer"))
     CALIBRATOR.save_pretrained(folder / "kmeans")  # as `hetlm experiment` leaves one in each model folder
     return folder / "kmeans"

@@ -40,65 +40,46 @@ same numbers; on a CPU the work is already compute-bound (and CPU attention has 
 default stays "sequential". `actor_rows` (off by default) is the approximation that is faster: L1 on a
 random subset of each batch's rows.
 
-Resume: with `out_dir`, `fit` writes out_dir/checkpoint/ (atomically) every `save_every` batches and at
-each epoch end; `fit(..., resume=True)` continues from it to the same result as an uninterrupted run:
-    state.json          progress (epoch, position in the epoch's batch order, step), tau, k-means labels, history
-    selector/           the actor (Selector.save_pretrained; its mask holds the retired clusters)
-    cluster_<k>/        model.safetensors: each active predictor's weights (written by the rank that owns it)
-    trainer_state.pt    AdamW state of the actor
-    critic_state.rank<r>.pt   AdamW states of the predictors process r trained, its RNG states and the
-                              gradients they gathered but have not stepped on (critic_balance="accumulate")
-Over several processes every rank writes its own predictors into the folder before rank 0 swaps it in, and
-a run can resume on another number of processes (each loads the predictors it owns then).
+Resume and checkpoints: hetlm_state.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import polars as pl
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     TextColumn,
     TimeElapsedColumn,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_model
-from safetensors.torch import save_model as save_weights
 from transformers import PreTrainedModel
 
-from ..checkpoint import rng_state, set_rng_state, swap_in
 from ..data import SequenceDataset, length_bucketed_batches, pad_sequences, sorted_batches
-from ..distributed import (
-    barrier,
-    broadcast_module,
-    gather_objects,
-    init_distributed,
-    owned_clusters,
-)
+from ..distributed import gather_objects, init_distributed
 from ..nll import autocast, token_nll
 from ..progress import progress_bar
-from ..train import TrainConfig, make_optimizer, resolve_device
-from .base import ClusterwiseLM, centroids_of
-from .kmeans import kmeans_labels
+from ..train import resolve_device
+from .base import ClusterwiseEstimator, ClusterwiseLM, centroids_of
+from .hetlm_state import (
+    CHECKPOINT,
+    HeTLMRun,
+    collect_predictors,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    start_run,
+)
 from .likelihood import likelihood_assignment, nll_matrix
-from .selector import Selector
-
-log = logging.getLogger(__name__)
-
-CHECKPOINT, STATE_FILE, TRAINER_STATE = "checkpoint", "state.json", "trainer_state.pt"
-CRITIC_STATE = "critic_state.rank{rank}.pt"  # the optimizer and RNG states of one process's predictors
 
 
 class HeTLMConfig(BaseModel):
@@ -166,7 +147,7 @@ class HeTLMConfig(BaseModel):
     # Not exact (None = Algorithm 1): L1 from the NLL matrix of this many random rows of each batch, an
     # unbiased estimate of it at actor_rows / batch_size of the cost; L2 and L3 still use the whole batch.
     actor_rows: int | None = Field(None, ge=1)
-    save_every: int = Field(500, ge=1)             # batches between resumable checkpoints when fit has an out_dir
+    save_every: int = Field(500, ge=1)             # batches between resumable checkpoints when the HeTLM has an out_dir
     max_len: int = Field(512, ge=1)
     bf16: bool = False
     seed: int = 0
@@ -180,17 +161,6 @@ class HeTLMConfig(BaseModel):
         if self.epochs + self.critic_warmup_epochs < 1:
             raise ValueError("epochs + critic_warmup_epochs must be 1 or more: nothing would be trained")
         return self
-
-
-@dataclass
-class HeTLMHistory:
-    """Everything plotted in the report: losses per step, validation per eval, cluster sizes per epoch.
-    Plain JSON types (cluster ids as string keys), so a resumed history equals an uninterrupted one."""
-
-    steps: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
-    cluster_sizes: list[dict] = field(default_factory=list)
-    retired: list[dict] = field(default_factory=list)
 
 
 def actor_loss(pi: torch.Tensor, nll: torch.Tensor, z: torch.Tensor, alpha: float, beta: float,
@@ -223,61 +193,73 @@ def actor_loss(pi: torch.Tensor, nll: torch.Tensor, z: torch.Tensor, alpha: floa
     return loss, {"L1": l1.item(), "L2": l2.item(), "L3": l3_value.item(), "LA": loss.item()}
 
 
-@dataclass
-class _Run:
-    """Everything Algorithm 1 updates; `state` is plain data (state.json of a checkpoint)."""
+class HeTLM(ClusterwiseEstimator):
+    """Endogenous clusterwise LMs, an estimator in scikit-learn's manner: the settings in the constructor, the
+    data in `fit`, which runs Algorithm 1 and returns self with the fitted attributes
 
-    selector: Selector
-    models: dict[int, PreTrainedModel]
-    optimizers: dict[int, torch.optim.Optimizer]
-    actor_opt: torch.optim.Optimizer
-    state: dict
-    pending: dict[int, int] = field(default_factory=dict)  # samples in each predictor's accumulated gradient
+        model_          the trained ClusterwiseLM (kind "hetlm"; `save_pretrained`, `route`)
+        history_        HeTLMHistory: losses per step, validation per evaluation, cluster sizes per epoch
+        labels_         each training sample's final cluster
+        n_clusters_     the final K, after empty clusters were retired
+        tau_, pretrain_agreement_   the L3 temperature used, the pre-trained selector's agreement with k-means
 
+    `out_dir` (checkpoint/ and hetlm_history.json) and `resume` are constructor settings, as scikit-learn's
+    `warm_start` and `verbose` are: how a fit runs, not what it is fitted on, so that a resumed fit is the same
+    call on the same data.
+    """
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """out_dir/checkpoint, or the `.old` twin a crash between the two renames leaves; a `.tmp` is never complete."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        if (Path(out_dir) / name / STATE_FILE).exists():
-            return Path(out_dir) / name
-    return None
-
-
-class HeTLM:
-    """Endogenous clusterwise LMs. `fit` runs Algorithm 1; `result_` is the trained ClusterwiseLM."""
-
-    def __init__(self, config: HeTLMConfig | None = None):
+    def __init__(self, config: HeTLMConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
+                 progress: bool = True):
         self.config = config or HeTLMConfig()
-        self.history = HeTLMHistory()
-
-    def _critic_config(self) -> TrainConfig:
-        c = self.config
-        return TrainConfig(lr=c.predictor_lr, weight_decay=c.predictor_weight_decay, batch_size=c.batch_size)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.resume = resume      # continue from the latest checkpoint in out_dir (or start afresh if none)
+        self.progress = progress
 
     def fit(self, base_model: PreTrainedModel, train: pl.DataFrame, z_train: np.ndarray,
-            val: pl.DataFrame | None = None, z_val: np.ndarray | None = None, encoder: dict | None = None,
-            progress: bool = True, out_dir: str | Path | None = None, resume: bool = False) -> ClusterwiseLM:
-        """Algorithm 1. With out_dir, checkpoints go to out_dir/checkpoint; resume=True continues from the
-        latest one (or starts afresh when there is none)."""
+            val: pl.DataFrame | None = None, z_val: np.ndarray | None = None, encoder: dict | None = None) -> HeTLM:
+        """Algorithm 1 from `base_model` (each predictor starts as a copy of it) on the training samples and
+        their users' embeddings z_train (validated on val, z_val); `encoder`: the settings of the encoder that
+        made z, recorded in the model for routing new users."""
         c = self.config
-        self.dist = init_distributed()  # under torchrun: this rank trains the predictors it owns
+        self._dist = init_distributed()  # under torchrun: this rank trains the predictors it owns
         device = resolve_device(c.device)
         train_set = SequenceDataset.from_samples(train, c.max_len)
         val_set = SequenceDataset.from_samples(val, c.max_len) if val is not None and val.height else None
-        z = torch.as_tensor(z_train, dtype=torch.float32)
         zv = torch.as_tensor(z_val, dtype=torch.float32) if val_set is not None else None
-        out_dir = Path(out_dir) if out_dir is not None else None
-        checkpoint = latest_checkpoint(out_dir) if resume and out_dir is not None else None
-        run = self._resume(checkpoint, base_model, device) if checkpoint else self._start(base_model, z_train, device)
-        s = run.state
-        self.tau, self.pretrain_agreement = s["tau"], s["pretrain_agreement"]
-        kmeans_assigned = torch.as_tensor(s["kmeans_labels"])
+        checkpoint = latest_checkpoint(self.out_dir) if self.resume and self.out_dir is not None else None
+        run = (load_checkpoint(checkpoint, c, base_model, device, self._dist) if checkpoint
+               else start_run(c, base_model, z_train, device, self._dist))
+        started = time.perf_counter() - run.state["seconds"]
+        self._train(run, train_set, z_train, val_set, zv, device, started)
 
+        selector, models = run.selector, collect_predictors(run, base_model, device, self._dist)
+        selector.net.eval()
+        for m in models.values():
+            m.eval()
+        self.labels_ = self._assign(run, train_set, z_train)
+        self.history_, self.n_clusters_ = run.history, len(models)
+        self.tau_, self.pretrain_agreement_ = run.state["tau"], run.state["pretrain_agreement"]
+        info = {"config": c.model_dump(), "tau": self.tau_, "selector_pretrain_agreement": self.pretrain_agreement_,
+                "initial_k": c.n_clusters, "final_k": self.n_clusters_, "seconds": time.perf_counter() - started,
+                "history": asdict(self.history_)}
+        routing = "likelihood" if c.assignment == "likelihood" else "selector"
+        self.model_ = ClusterwiseLM("hetlm", models, centroids_of(z_train, self.labels_, c.n_clusters),
+                                    selector=selector, routing=routing, encoder=encoder or {},
+                                    sizes={k: int((self.labels_ == k).sum()) for k in models}, info=info)
+        if self.out_dir is not None and self._dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "hetlm_history.json").write_text(json.dumps(asdict(self.history_)))
+        return self
+
+    def _train(self, run: HeTLMRun, train_set: SequenceDataset, z_train: np.ndarray, val_set: SequenceDataset | None,
+               zv: torch.Tensor | None, device: torch.device, started: float) -> None:
+        """The critic warm-up and actor-critic epochs, from wherever `run` stands."""
+        c, s = self.config, run.state
+        z, kmeans_assigned = torch.as_tensor(z_train, dtype=torch.float32), torch.as_tensor(s["kmeans_labels"])
         n_batches = math.ceil(len(train_set) / c.batch_size)
         total_epochs = c.critic_warmup_epochs + c.epochs
-        started = time.perf_counter() - s["seconds"]
         bar = progress_bar(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                       TimeElapsedColumn(), disable=not (progress and self.dist.is_main))
+                           TimeElapsedColumn(), disable=not (self.progress and self._dist.is_main))
         with bar:
             task = bar.add_task("hetlm", total=total_epochs * n_batches, info="",
                                 completed=s["epoch"] * n_batches + s["position"])
@@ -294,13 +276,12 @@ class HeTLM:
                     else:
                         parts = self._actor_critic_step(run, train_set, z, batch, device, key)
                         s["step"] += 1
-                        self.history.steps.append({"step": s["step"], "epoch": epoch, **parts})
+                        run.history.steps.append({"step": s["step"], "epoch": epoch, **parts})
                         if val_set is not None and s["step"] % c.eval_every == 0:
                             self._validate(run, val_set, zv)
                     s["position"] += 1
-                    if out_dir is not None and s["position"] < len(batches) and \
-                            (s["epoch"] * n_batches + s["position"]) % c.save_every == 0:
-                        self._save(run, out_dir / CHECKPOINT, started)
+                    if s["position"] < len(batches) and (s["epoch"] * n_batches + s["position"]) % c.save_every == 0:
+                        self._checkpoint(run, started)
                     status = "warm-up" if warmup else f"LA {parts['LA']:.3f} K={len(run.selector.active_clusters)}"
                     bar.update(task, advance=1, info=status)
                 if not warmup:
@@ -308,122 +289,16 @@ class HeTLM:
                         self._validate(run, val_set, zv)
                     self._retire_empty(run, train_set, z_train, epoch + 1)
                 s["epoch"], s["position"] = s["epoch"] + 1, 0
-                if out_dir is not None:
-                    self._save(run, out_dir / CHECKPOINT, started)
+                self._checkpoint(run, started)
 
-        selector, models = run.selector, self._collect_predictors(run, base_model, device)
-        selector.net.eval()
-        for m in models.values():
-            m.eval()
-        final = self._assign(run, train_set, z_train)
-        sizes = {k: int((final == k).sum()) for k in models}
-        info = {"config": c.model_dump(), "tau": self.tau, "selector_pretrain_agreement": self.pretrain_agreement,
-                "initial_k": c.n_clusters, "final_k": len(models), "seconds": time.perf_counter() - started,
-                "history": asdict(self.history)}
-        self.result_ = ClusterwiseLM("hetlm", models, centroids_of(z_train, final, c.n_clusters), selector=selector,
-                                     routing="likelihood" if c.assignment == "likelihood" else "selector",
-                                     encoder=encoder or {}, sizes=sizes, info=info)
-        if out_dir is not None and self.dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "hetlm_history.json").write_text(json.dumps(asdict(self.history)))
-        return self.result_
+    # ------------------------------------------------------------ checkpoints
 
-    def _collect_predictors(self, run: _Run, base_model: PreTrainedModel, device) -> dict[int, PreTrainedModel]:
-        """Every active predictor on every rank, each from the rank that trained it (a no-op in one process)."""
-        if self.dist.world_size == 1:
-            return run.models
-        models = {}
-        for k in run.selector.active_clusters:
-            models[k] = run.models.get(k) or copy.deepcopy(base_model).to(device)
-            broadcast_module(models[k], src=k % self.dist.world_size)
-        return models
+    def _checkpoint(self, run: HeTLMRun, started: float) -> None:
+        """A resumable checkpoint in out_dir/checkpoint (none without an out_dir)."""
+        if self.out_dir is not None:
+            run.state["seconds"] = time.perf_counter() - started
+            save_checkpoint(run, self.out_dir / CHECKPOINT, self._dist)
 
-    # ------------------------------------------------------------ set-up and checkpoints
-
-    def _optimizers(self, selector: Selector, models: dict[int, PreTrainedModel], state: dict) -> _Run:
-        c = self.config
-        critic_cfg = self._critic_config()
-        selector.net.train()
-        actor_opt = torch.optim.AdamW(selector.net.parameters(), lr=c.selector_lr, weight_decay=c.selector_weight_decay)
-        return _Run(selector, models, {k: make_optimizer(m, critic_cfg) for k, m in models.items()}, actor_opt, state)
-
-    def _start(self, base_model: PreTrainedModel, z_train: np.ndarray, device: torch.device) -> _Run:
-        """Steps 1-3: k-means on z, the selector pre-trained on its labels, predictors copied from the base LM."""
-        c = self.config
-        torch.manual_seed(c.seed)
-        labels, km_centroids = kmeans_labels(z_train, c.n_clusters, c.seed)
-        selector = Selector(c.n_clusters, hidden=c.selector_hidden, lr=c.selector_pretrain_lr,
-                            weight_decay=c.selector_weight_decay, epochs=c.selector_pretrain_epochs,
-                            label_smoothing=c.selector_label_smoothing, seed=c.seed,
-                            stop_at_agreement=c.selector_pretrain_agreement).fit(z_train, labels)
-        state = {"epoch": 0, "position": 0, "step": 0, "seconds": 0.0,
-                 "tau": c.l3_tau or float(torch.pdist(torch.as_tensor(km_centroids), p=1).mean()),
-                 "pretrain_agreement": float((selector.predict(z_train) == labels).mean()),
-                 "kmeans_labels": labels.tolist(), "config": c.model_dump()}
-        broadcast_module(selector.net)  # same seed, same fit on every rank; this makes sure
-        models = {k: copy.deepcopy(base_model).to(device).train() for k in owned_clusters(c.n_clusters, self.dist)}
-        self.history = HeTLMHistory()
-        self._record_sizes(selector.predict(z_train), selector.active_clusters, epoch=0)
-        return self._optimizers(selector, models, state)
-
-    def _save(self, run: _Run, path: Path, started: float) -> None:
-        """Every rank writes its own predictors and their optimizer states into one folder; rank 0 adds the
-        selector, the actor's optimizer and state.json, then swaps the folder in (one process: the same)."""
-        run.state["seconds"] = time.perf_counter() - started
-        tmp, rank = path.with_name(path.name + ".tmp"), self.dist.rank
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        for k, model in run.models.items():
-            # safetensors directly: transformers' save_pretrained writes on rank 0 only under torch.distributed
-            (tmp / f"cluster_{k}").mkdir()
-            save_weights(model, tmp / f"cluster_{k}" / "model.safetensors")
-        # with critic_balance="accumulate": the gradients a predictor has gathered and not stepped on yet
-        pending = {k: {"samples": n, "grads": [p.grad for p in run.models[k].parameters()]}
-                   for k, n in run.pending.items() if n}
-        torch.save({"critic": {k: opt.state_dict() for k, opt in run.optimizers.items()}, "rng": rng_state(),
-                    "pending": pending}, tmp / CRITIC_STATE.format(rank=rank))
-        barrier()
-        if self.dist.is_main:
-            run.selector.save_pretrained(tmp / "selector")
-            torch.save({"actor": run.actor_opt.state_dict()}, tmp / TRAINER_STATE)
-            state = {**run.state, "active": run.selector.active_clusters, "world_size": self.dist.world_size,
-                     "history": asdict(self.history)}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
-            swap_in(tmp, path)
-        barrier()  # nobody reads a checkpoint before it is complete
-
-    def _resume(self, path: Path, base_model: PreTrainedModel, device: torch.device) -> _Run:
-        """The run saved in `path`, by any number of processes: each rank loads the predictors it owns now.
-        Safetensors for the weights; the .pt files hold only tensors and plain types."""
-        state = json.loads((path / STATE_FILE).read_text())
-        if state["config"] != json.loads(json.dumps(self.config.model_dump())):
-            log.warning("resuming %s with a different HeTLMConfig than it was started with", path)
-        selector = Selector.from_pretrained(path / "selector")
-        owned = set(owned_clusters(self.config.n_clusters, self.dist))
-        models = {}
-        for k in (k for k in state.pop("active") if k in owned):
-            models[k] = copy.deepcopy(base_model).to(device).train()
-            load_model(models[k], path / f"cluster_{k}" / "model.safetensors", device=str(device))
-        self.history = HeTLMHistory(**state.pop("history"))
-        run = self._optimizers(selector, models, state)
-        saved = [torch.load(path / CRITIC_STATE.format(rank=r), map_location="cpu", weights_only=True)
-                 for r in range(state.pop("world_size"))]
-        critic = {k: opt for part in saved for k, opt in part["critic"].items()}
-        for k, opt in run.optimizers.items():
-            opt.load_state_dict(critic[k])
-        for k, part in ((k, part) for saved_rank in saved for k, part in saved_rank.get("pending", {}).items()):
-            if k in run.models:
-                run.pending[k] = part["samples"]
-                for p, grad in zip(run.models[k].parameters(), part["grads"]):
-                    p.grad = None if grad is None else grad.to(p.device)
-        run.actor_opt.load_state_dict(torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)["actor"])
-        # last: loading the selector re-seeds torch. Dropout is re-seeded every step (`_seed`), so a run resumed
-        # on another number of processes still follows the same path.
-        set_rng_state(saved[min(self.dist.rank, len(saved) - 1)]["rng"])
-        log.info("resumed %s at step %d (epoch %d)", path, state["step"], state["epoch"])
-        return run
 
     # ------------------------------------------------------------ one batch
 
@@ -432,7 +307,7 @@ class HeTLM:
         the same numbers whichever process runs which predictor."""
         torch.manual_seed(int(np.random.SeedSequence([self.config.seed, *key, stream]).generate_state(1)[0]))
 
-    def _actor_critic_step(self, run: _Run, dataset: SequenceDataset, z: torch.Tensor, batch: list[int],
+    def _actor_critic_step(self, run: HeTLMRun, dataset: SequenceDataset, z: torch.Tensor, batch: list[int],
                            device: torch.device, key: tuple[int, int]) -> dict:
         c, net = self.config, run.selector.net
         self._seed(key, 0)
@@ -459,8 +334,8 @@ class HeTLM:
             nll = l1_nll() if c.l1_nll == "before_critic" else None
             critic = self._critic_step(run, dataset, batch, assigned, device, key)
             nll = l1_nll() if nll is None else nll
-            loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, self.tau, rows, c.l1, c.l2_balance)
-        if self.dist.world_size > 1:  # every predictor's loss in the history, whichever rank trained it
+            loss, parts = actor_loss(pi, nll, z[batch], c.alpha, c.beta, c.l3, run.state["tau"], rows, c.l1, c.l2_balance)
+        if self._dist.world_size > 1:  # every predictor's loss in the history, whichever rank trained it
             critic = dict(sorted(((k, v) for part in gather_objects(critic) for k, v in part.items()),
                                  key=lambda kv: int(kv[0])))
         run.actor_opt.zero_grad()
@@ -468,7 +343,7 @@ class HeTLM:
         run.actor_opt.step()
         return {**parts, "critic": critic}
 
-    def _critic_step(self, run: _Run, dataset: SequenceDataset, batch: list[int], assigned: torch.Tensor,
+    def _critic_step(self, run: HeTLMRun, dataset: SequenceDataset, batch: list[int], assigned: torch.Tensor,
                      device: torch.device, key: tuple[int, int]) -> dict[str, float]:
         """An NLL gradient of each (of this rank's) predictors on the batch samples assigned to it, and a step
         as `critic_balance` says."""
@@ -499,7 +374,7 @@ class HeTLM:
     # ------------------------------------------------------------ per evaluation, per epoch
 
     @torch.no_grad()
-    def _validate(self, run: _Run, val_set: SequenceDataset, zv: torch.Tensor) -> None:
+    def _validate(self, run: HeTLMRun, val_set: SequenceDataset, zv: torch.Tensor) -> None:
         """Selector loss L_A and each predictor's NLL of the next session (target tokens, per token: what
         generation is judged on) on the validation users routed to it."""
         c, net = self.config, run.selector.net
@@ -520,16 +395,16 @@ class HeTLM:
             parts = {"LA": float(torch.nn.functional.cross_entropy(torch.log(pi.clamp_min(1e-12)), routed))}
         else:
             l1 = nll if (c.l1_tokens, c.l1_reduce) == ("target", "mean") else matrix(c.l1_tokens, c.l1_reduce)
-            _, parts = actor_loss(pi, l1, zv, c.alpha, c.beta, c.l3, self.tau, l1=c.l1, l2_balance=c.l2_balance)
+            _, parts = actor_loss(pi, l1, zv, c.alpha, c.beta, c.l3, run.state["tau"], l1=c.l1, l2_balance=c.l2_balance)
             routed = pi.argmax(1)
         per_cluster = {str(k): float(nll[routed == k, k].mean()) for k in run.selector.active_clusters
                        if (routed == k).any()}
         combined = float(nll[torch.arange(len(routed)), routed].mean())
-        self.history.val.append({"step": run.state["step"], **{f"selector_{k}": v for k, v in parts.items()},
+        run.history.val.append({"step": run.state["step"], **{f"selector_{k}": v for k, v in parts.items()},
                                  "predictor": per_cluster, "combined_nll": combined})
         net.train()
 
-    def _assign(self, run: _Run, train_set: SequenceDataset, z_train: np.ndarray) -> np.ndarray:
+    def _assign(self, run: HeTLMRun, train_set: SequenceDataset, z_train: np.ndarray) -> np.ndarray:
         """Each training sample's cluster now: the selector's argmax (without dropout) or, with
         assignment="likelihood", the predictor that best predicts its history."""
         if self.config.assignment == "likelihood":
@@ -541,17 +416,14 @@ class HeTLM:
         run.selector.net.train(mode)
         return assigned
 
-    def _record_sizes(self, assigned: np.ndarray, active: list[int], epoch: int) -> None:
-        self.history.cluster_sizes.append({"epoch": epoch, "sizes": {str(k): int((assigned == k).sum()) for k in active}})
-
-    def _retire_empty(self, run: _Run, train_set: SequenceDataset, z_train: np.ndarray, epoch: int) -> None:
+    def _retire_empty(self, run: HeTLMRun, train_set: SequenceDataset, z_train: np.ndarray, epoch: int) -> None:
         """Endogenous K: a cluster no training sample is assigned to is retired with its predictor."""
         assigned = self._assign(run, train_set, z_train)
-        self._record_sizes(assigned, run.selector.active_clusters, epoch)
+        run.history.record_sizes(assigned, run.selector.active_clusters, epoch)
         empty = [k for k in run.selector.active_clusters if not (assigned == k).any()]
         if empty and len(empty) < len(run.selector.active_clusters):
             run.selector.retire(empty)
             for k in set(empty) & set(run.models):
                 del run.models[k], run.optimizers[k]
                 run.pending.pop(k, None)
-            self.history.retired.append({"epoch": epoch, "clusters": empty})
+            run.history.retired.append({"epoch": epoch, "clusters": empty})
