@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, record
 from bench.logs import LOGS, describe, prepared_log
-from bench.peers.inputs import flat_pages, write_inputs
+from bench.peers.inputs import write_inputs
 
 # isort: split
 import numpy as np

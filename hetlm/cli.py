@@ -1,4 +1,8 @@
-"""The `hetlm` command line: a thin layer over the Python API, one command per stage."""
+"""The `hetlm` command line: a thin layer over the Python API, one command per stage.
+
+Over 450 lines because it declares every command's options (typer reads them from the signatures; the
+log-reading options are shared as annotated types, but each command that reads a log must still list them);
+the work is done by the modules each command calls."""
 
 from __future__ import annotations
 
