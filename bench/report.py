@@ -188,6 +188,12 @@ def _cell(row: dict, key: str) -> str:
     return fmt(row[key]) if _number(row.get(key)) else "-"
 
 
+def _interval(paired: dict | None) -> str:
+    if not paired:
+        return "-"
+    return f"{paired['gap']:+.4f} [{paired['lo']:+.4f}, {paired['hi']:+.4f}]"
+
+
 def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
     m, settings = peers["machine"], peers["settings"]
     out = ["\n### PEERS: RecBole sequential recommenders beside hetlm\n",
@@ -220,17 +226,22 @@ def peers_section(peers: dict, hetlm_rows: dict[str, list[dict]]) -> str:
             best_peer = max(peer_rows, key=lambda r: r[metric])
             lms = [row for row in ours if _number(row.get(metric)) and _is_hetlm(row)]
             if not lms:
-                targets.append(f"| {log} | {metric} | pending | {fmt(best_peer[metric])} ({best_peer['peer']}) | pending |")
+                targets.append(f"| {log} | {metric} | pending | {fmt(best_peer[metric])} ({best_peer['peer']}) | pending | - |")
                 continue
             best = max(lms, key=lambda row: row[metric])
             gap = best[metric] - best_peer[metric]
             met = gap > 0 if metric in PEERS_BEAT else gap >= 0
             targets.append(f"| {log} | {metric} | {fmt(best[metric])} ({best.get('model', '?')}) | "
                            f"{fmt(best_peer[metric])} ({best_peer['peer']}) | "
-                           f"{'met' if met else f'**not met** (gap {fmt(-gap)})'} |")
+                           f"{'met' if met else f'**not met** (gap {fmt(-gap)})'} | "
+                           f"{_interval(best_peer.get('paired', {}).get(best.get('model'), {}).get(metric))} |")
     out += ["\n#### Target: the best hetlm model matches the best peer on the first page's ranking, and beats "
             "every peer's top-m set on IoU\n",
-            "| log | metric | best hetlm | best peer | met |", "|---|---|---|---|---|", *targets]
+            "Paired 95% interval: of the per-user difference (best hetlm row - best peer) over the same test users, "
+            f"{settings.get('bootstrap', '?')} bootstrap resamples of users; an interval across 0 is a difference "
+            "these test users cannot tell from chance.\n",
+            "| log | metric | best hetlm | best peer | met | paired 95% interval |", "|---|---|---|---|---|---|",
+            *targets]
     return "\n".join(out)
 
 

@@ -295,15 +295,9 @@ def bert_score(generated: Sequence[Sequence[str]], actual: Sequence[Sequence[str
 # ---------------------------------------------------------------- ranking and probabilities
 
 
-def ranking_metrics(
-    scores: np.ndarray, true_first_page_ids: np.ndarray, ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, float]:
-    """Recall@k, NDCG@k and MRR of the actual first next page under per-user page scores.
-
-    Rank = number of pages scored >= the true page (ties ranked ahead of it, so a constant scorer
-    gets no credit). With one relevant page, NDCG@k = 1/log2(rank + 1) when rank <= k, else 0.
-    Users without a first page must be left out by the caller.
-    """
+def page_ranks(scores: np.ndarray, true_first_page_ids: np.ndarray) -> np.ndarray:
+    """Each user's rank of its actual first next page under its page scores: the number of pages scored
+    >= the true page (ties ranked ahead of it, so a constant scorer gets no credit)."""
     scores = np.asarray(scores, dtype=float)
     ids = np.asarray(true_first_page_ids, dtype=int)
     if scores.ndim != 2 or ids.shape != (scores.shape[0],):
@@ -313,12 +307,25 @@ def ranking_metrics(
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
     true_scores = scores[np.arange(len(ids)), ids]
-    ranks = (scores >= true_scores[:, None]).sum(axis=1)
+    return (scores >= true_scores[:, None]).sum(axis=1)
+
+
+def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user NDCG@k with one relevant page: 1/log2(rank + 1) when rank <= k, else 0."""
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1), 0.0)
+
+
+def ranking_metrics(
+    scores: np.ndarray, true_first_page_ids: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k, NDCG@k and MRR of the actual first next page under per-user page scores (ranks as
+    `page_ranks` counts them). Users without a first page must be left out by the caller.
+    """
+    ranks = page_ranks(scores, true_first_page_ids)
     out: dict[str, float] = {}
     for k in ks:
-        hit = ranks <= k
-        out[f"Recall@{k}"] = float(hit.mean())
-        out[f"NDCG@{k}"] = float(np.mean(np.where(hit, 1.0 / np.log2(ranks + 1), 0.0)))
+        out[f"Recall@{k}"] = float(np.mean(ranks <= k))
+        out[f"NDCG@{k}"] = float(np.mean(ndcg_at(ranks, k)))
     out["MRR"] = float(np.mean(1.0 / ranks))
     return out
 
