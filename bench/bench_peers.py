@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from hetlm.cluster.base import load_model
-from hetlm.metrics import evaluate_generations, ndcg_at, page_ranks, ranking_metrics
+from hetlm.metrics import EvalResult, evaluate_generations, ndcg_at, page_ranks, ranking_metrics
 from hetlm.runs import RunFolder
 from hetlm.set_decoder import SetDecoder
 from hetlm.tokenizer import SPECIALS, load_tokenizer, page_vocabulary
@@ -71,7 +71,8 @@ def top_pages(scores: np.ndarray, m: int, names: np.ndarray) -> list[list[str]]:
     return names[best].tolist()
 
 
-def set_scores(scores: np.ndarray, samples: pl.DataFrame, m: int, names: np.ndarray, vocabulary: set[str]):
+def set_scores(scores: np.ndarray, samples: pl.DataFrame, m: int, names: np.ndarray,
+               vocabulary: set[str]) -> EvalResult:
     history = [[page for session in h for page in session] for h in samples["history"].to_list()]
     return evaluate_generations(top_pages(scores, m, names), samples["target"].to_list(), history, vocabulary)
 
@@ -108,10 +109,9 @@ def hetlm_per_user(run: Path, prepared: Path) -> dict[str, dict[str, np.ndarray]
     (`per_user`): the single LM ranks by its first-page log-probabilities, its set-decoder row by the
     decoder's page scores, as the run scored them. Empty when the run is missing or was prepared differently."""
     folder = RunFolder(run)
-    test = pl.read_parquet(prepared / "test.parquet")
     if not (run / "results.json").exists() or not (folder.model("small") / "set_decoder.json").exists():
         return {}
-    ran = pl.read_parquet(run / "prepared" / "test.parquet")
+    test, ran = (pl.read_parquet(path / "test.parquet") for path in (prepared, run / "prepared"))
     if ran["user"].to_list() != test["user"].to_list() or ran["input_ids"].to_list() != test["input_ids"].to_list():
         return {}
     results = folder.read_results().results

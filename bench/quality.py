@@ -134,7 +134,8 @@ def run_log(name: str, spec: dict, work: Path) -> None:
     has_outcomes = any(_number(r.get("AUC-cart")) or _number(r.get("AUC-purchase")) for r in rows)
     settings = {"log": name, "source": spec["source"], "path": path, "subsample": spec.get("subsample", "all"),
                 "split": config.prepare.split, "samples": data["samples"], "users": data["users"], "pages": data["pages"],
-                "pretrain": config.pretrain.model_dump(include=PRETRAIN_SHOWN), "preset": config.model.preset, "seconds": round(time.perf_counter() - started, 1),
+                "pretrain": config.pretrain.model_dump(include=PRETRAIN_SHOWN), "preset": config.model.preset,
+                "seconds": round(time.perf_counter() - started, 1),
                 "set_decoder": next((r.decoder for r in run.results.values() if r.decoder is not None), None)}
     record("quality", settings, rows, {"verdicts": verdicts(rows, has_outcomes)})
 

@@ -60,8 +60,8 @@ def latest_per_log(name: str) -> dict[str, dict]:
     return found
 
 
-QUALITY_COLUMNS = ["model", "kind", "HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase", "Recall@1", "Recall@10", "NDCG@10", "MRR",
-                   "AUC-cart", "AUC-purchase", "Brier-cart", "Brier-purchase"]
+QUALITY_COLUMNS = ["model", "kind", "HR", "IoA", "IoP", "IoU", "F1-Cart/Purchase", "Recall@1", "Recall@10", "NDCG@10",
+                   "MRR", "AUC-cart", "AUC-purchase", "Brier-cart", "Brier-purchase"]
 
 
 def quality_section(per_log: dict[str, dict]) -> str:
