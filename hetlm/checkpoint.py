@@ -4,6 +4,7 @@ bars, and resumable checkpoints (model, optimizer, each rank's RNG streams, the 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -20,10 +22,19 @@ from hetlm.distributed import barrier, dist_info, gather_objects
 
 
 def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temp dir, then swap it in with renames: a crash leaves `final` or `final.old` complete."""
+    """Fill a temp dir, then swap it in with renames: a crash leaves `final` or `final.old` complete. A failed
+    write (a full disk, Ctrl-C) removes the temp dir; writers' own errors for a failed write (safetensors',
+    torch's "unexpected pos") become an OSError naming the folder."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (SafetensorError, RuntimeError)):
+            free = shutil.disk_usage(final.parent).free
+            raise OSError(errno.ENOSPC if free < 1 << 20 else errno.EIO, f"writing failed ({err})", str(final)) from err
+        raise
     swap_in(tmp, final)
 
 

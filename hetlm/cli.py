@@ -119,7 +119,9 @@ def _root() -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    from .outputs import os_error_message
+
+    console.print(f"[bold red]error:[/] {os_error_message(err) if isinstance(err, OSError) else err}")
     raise typer.Exit(2)
 
 
@@ -471,6 +473,7 @@ def experiment(
     source: Optional[str] = typer.Option(None, help="override the config's source format"),
     progress: bool = typer.Option(True),
     overrides: Overrides = None,
+    overwrite: bool = typer.Option(False, help="replace a run of another config that --out holds"),
 ) -> None:
     """The paper's Step 2: small LM, k-means, HeTLM, larger LM, baselines; Tables 2-6 and 17. Any setting
     of the config can be changed with --set (e.g. --set pretrain.epochs=1 --set hetlm.enabled=false)."""
@@ -479,11 +482,16 @@ def experiment(
     from .sessions import DataError
 
     given = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
+    from .runs import RunFolder
+
     cfg = _config(ExperimentConfig, config, given, overrides)
     try:
-        run_experiment(cfg, out, progress=progress)
-    except (IngestError, DataError) as err:
+        run_experiment(cfg, out, progress=progress, overwrite=overwrite)
+    except (IngestError, DataError, ValueError, OSError) as err:
         _fail(err)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted:[/] {RunFolder(out).describe()}")
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -494,7 +502,7 @@ def demo(
     overrides: Overrides = None,
 ) -> None:
     """The main job on the dataset shipped in the repo: `experiment configs/quick.json`."""
-    experiment(config, out, None, None, True, overrides)
+    experiment(config, out, None, None, True, overrides, False)
 
 
 @app.command()
@@ -507,7 +515,7 @@ def report(
 
     try:
         result = write_report(run_dir, out)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         _fail(err)
     for note in result.notes:
         console.print(f"[yellow]{note}")

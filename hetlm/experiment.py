@@ -10,7 +10,7 @@ stage one `ModelResult` per evaluated model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -30,7 +30,8 @@ from .fit_hetlm import HeTLMJob, fit_in_processes
 from .ingest import SOURCES
 from .models import PRESETS, Preset, count_parameters, preset_parameters, scale_preset
 from .prepare import PrepareConfig, prepare
-from .provenance import environment, sha256
+from .outputs import os_error_message, write_atomically, writable_folder
+from .provenance import environment, fingerprint, sha256
 from .report import write_report
 from .runs import LARGER, SMALL, SPLITS, ModelResult, RunFolder, RunResult, hetlm_folder, kmeans_folder
 from .sessions import DataError
@@ -84,7 +85,8 @@ class LargerConfig(BaseModel):
     enabled: bool = True
     # x the small LM's parameters. initial_k (the paper: 6 x OPT-350M vs OPT-2.7B) = the largest initial K
     # of the clusterwise runs, what HeTLM and k-means start with; final_k = the largest final K of HeTLM.
-    factor: float | Literal["initial_k", "final_k"] = "initial_k"
+    # A number must be finite and > 1 (else the "larger" LM is the small one's size); 100 x bounds the search.
+    factor: Annotated[float, Field(gt=1, le=100, allow_inf_nan=False)] | Literal["initial_k", "final_k"] = "initial_k"
     # released weights for the larger LM (a shape of the small LM's family): with model.init_from set and
     # this not, the small LM and every cluster LM start from released weights and the larger LM does not.
     init_from: str | None = None
@@ -172,10 +174,16 @@ class ExperimentConfig(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True) -> RunResult:
-    run, clock = RunFolder(out), Clock()
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.config_file.write_text(config.model_dump_json(indent=2))
+class RunFolderInUse(ValueError):
+    """--out holds another run, and replacing it was not asked for."""
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = True,
+                   overwrite: bool = False) -> RunResult:
+    """The whole experiment into the run folder `out`. A folder that holds a run of another config is
+    refused unless `overwrite`; a run of the same config is started again. Either way the old run's files
+    are removed first, so the folder never mixes two runs."""
+    run, clock = start_run(config, out, overwrite), Clock()
     torch.manual_seed(config.seed)
     with clock("prepare"):
         data = prepare_samples(config, run)
@@ -211,10 +219,35 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: bool = T
         name=config.name, reference=reference, outcome_samples=config.outcome_samples, data=data.summary,
         results=evaluation.results, outcome_baselines=evaluation.outcome_baselines, seconds=clock.seconds,
         histories={t.name: t.history for t in trained}, environment=environment(),
-        data_fingerprint={"input": sha256(config.path)}
-        | {f"prepared/{s}.parquet": sha256(run.split(s)) for s in SPLITS})
+        data_fingerprint=run_fingerprints(config, run))
     write_run(result, run, clock)
     return result
+
+
+def start_run(config: ExperimentConfig, out: str | Path, overwrite: bool) -> RunFolder:
+    """The run folder, emptied of any earlier run (see `run_experiment`), with this run's config.json."""
+    run = RunFolder(out)
+    writable_folder(run.path)
+    if run.holds_run():
+        same = run.config_file.is_file() and run.config_file.read_text() == config.model_dump_json(indent=2)
+        if not (same or overwrite):
+            raise RunFolderInUse(f"--out {run.path} holds another run (its config.json differs from this one); "
+                                 f"choose another --out, or pass --overwrite to replace that run")
+        console.print(f"replacing the run in {run.path}")
+        run.clear()
+    write_atomically(run.config_file, config.model_dump_json(indent=2))
+    return run
+
+
+def run_fingerprints(config: ExperimentConfig, run: RunFolder) -> dict[str, str]:
+    """sha256 of the input log (a file, or a folder's or glob's files: `provenance.fingerprint`), of the
+    prepared samples and of config.json; `hetlm report` checks the last two against the folder."""
+    found = {f"prepared/{s}.parquet": sha256(run.split(s)) for s in SPLITS} | {"config.json": sha256(run.config_file)}
+    try:
+        return {"input": fingerprint(config.path)} | found
+    except OSError as err:  # the log moved or changed since prepare: the run is still recorded
+        console.print(f"[yellow]warning:[/] the input log is not fingerprinted ({os_error_message(err)})")
+        return found
 
 
 def prepare_samples(config: ExperimentConfig, run: RunFolder) -> Samples:
@@ -322,12 +355,22 @@ def add_composites(results: dict[str, ModelResult], reference: str) -> None:
 
 
 def write_run(result: RunResult, run: RunFolder, clock: Clock) -> None:
-    """results.json, tables.md and the report."""
+    """results.json first, then tables.md and the report: a failing extra is a message, never a lost run."""
     run.write_results(result)
-    run.tables_file.write_text(tables_markdown(result))
-    report = write_report(run.path)
+    extras = {run.tables_file.name: lambda: write_atomically(run.tables_file, tables_markdown(result)),
+              run.report_file.name: lambda: write_report(run.path)}
+    failed = []
+    for name, write in extras.items():
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 (results.json is written: report any failure, keep going)
+            failed.append(name)
+            reason = os_error_message(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+            console.print(f"[bold yellow]warning:[/] {name} not written ({reason})")
     console.print(M.format_table({n: r.combined | r.extra for n, r in result.results.items()},
                                  metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
                                           "MRR"], title="Combined over test users"))
     console.print(f"stage times (s): {clock.seconds}")
-    console.print(f"run folder: {run.path}  (tables.md, results.json, {report.html.name})")
+    written = [f.name for f in (run.results_file, run.tables_file, run.report_file) if f.name not in failed]
+    retry = f"; rerun `hetlm report {run.path}` for the report" if run.report_file.name in failed else ""
+    console.print(f"run folder: {run.path}  ({', '.join(written)}{retry})")

@@ -54,6 +54,30 @@ def _running(pid: int) -> bool:
     return True
 
 
+def write_atomically(path: str | Path, data: str | bytes) -> Path:
+    """Write `path` whole or not at all: into `.<name>.tmp` beside it, then renamed onto it; on failure (a
+    full disk, Ctrl-C) the temp file is removed and the previous file, if any, is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def os_error_message(err: OSError) -> str:
+    """An OSError as one line for the user: what failed on which file, and what to do for a full or
+    read-only disk."""
+    where = f" {err.filename}" if err.filename else ""
+    advice = {28: ": the disk is full; free space (or choose another --out) and rerun",
+              30: ": the file system is read-only; choose another --out"}.get(err.errno, "")
+    return f"{err.strerror or err}{':' if where else ''}{where}{advice}"
+
+
 def writable_folder(folder: Path, what: str = "--out") -> Path:
     """`folder`, created if needed; a clear error when it is a file or cannot be written."""
     if folder.exists() and not folder.is_dir():

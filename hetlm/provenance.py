@@ -6,6 +6,7 @@ resolved config, so a result can be tied to the exact code and bytes it came fro
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import platform
@@ -48,3 +49,19 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fingerprint(path: str | Path) -> str:
+    """Fingerprint of a log given as a file, a folder (every file under it) or a glob: a file's sha256, else
+    the sha256 of the sorted list of member files' relative names and sha256s (renaming a member changes it)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256(path)
+    if path.is_dir():
+        root, members = path, [f for f in path.rglob("*") if f.is_file()]
+    else:  # a glob ("ga4/events_2021*.json.gz"): names relative to its folder part
+        root, members = Path(os.path.dirname(str(path))), [Path(f) for f in glob.glob(str(path)) if Path(f).is_file()]
+    if not members:
+        raise FileNotFoundError(f"{path}: no files to fingerprint")
+    listing = "".join(f"{f.relative_to(root).as_posix()}\t{sha256(f)}\n" for f in sorted(members))
+    return hashlib.sha256(listing.encode()).hexdigest()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .figures import FinishedRun, ReportFigure, render_figures
+from .outputs import write_atomically
 from .tables import BERTSCORE_NOTE, paper_tables
 
 
@@ -67,6 +68,22 @@ def settings_table(d: dict) -> str:
     rows = "".join(f"<tr><th scope='row'>{_esc(k)}</th><td class='text'>{_esc(v if isinstance(v, str) else json.dumps(v))}"
                    f"</td></tr>" for k, v in _flatten(d))
     return f"<div class='scroll'><table class='settings'><tbody>{rows}</tbody></table></div>"
+
+
+PATH_KEYS = {"path", "cache_dir", "model_name_or_path", "init_from"}
+
+
+def without_local_paths(d: dict, run_dir: Path) -> dict:
+    """`d` with every absolute path (the values of PATH_KEYS, at any depth) shown relative to the run folder
+    when inside it, else by its name alone: a shared report does not disclose the local file system."""
+    def shown(key, value):
+        if isinstance(value, dict):
+            return without_local_paths(value, run_dir)
+        if key in PATH_KEYS and isinstance(value, str) and Path(value).is_absolute():
+            path = Path(value)
+            return str(path.relative_to(run_dir.resolve())) if path.is_relative_to(run_dir.resolve()) else path.name
+        return value
+    return {k: shown(k, v) for k, v in d.items()}
 
 
 def _pages(pages: list[str], actual: set[str]) -> str:
@@ -149,8 +166,9 @@ def _read_json(file: Path) -> dict | None:
 
 def render_html(run: FinishedRun, figures: list[ReportFigure]) -> str:
     result, data = run.result, run.result.data
-    summary = _read_json(run.folder.prepared / "summary.json") or data
+    summary = without_local_paths(_read_json(run.folder.prepared / "summary.json") or data, run.folder.path)
     config = _read_json(run.folder.config_file)
+    config = config and without_local_paths(config, run.folder.path)
     sections: list[tuple[str, str, str]] = []   # (anchor, title, body)
     sections.append(("figures", "Figures", "".join(_figure_html(f) for f in figures)))
     tables = "".join(f"<h3>{_esc(title)}</h3>{html_table(rows)}" for title, rows in paper_tables(result).items())
@@ -183,6 +201,10 @@ def render_html(run: FinishedRun, figures: list[ReportFigure]) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     """Write the report of a finished run (default RUN/report.html; figures in RUN/report/figures/)."""
     run = FinishedRun(run_dir)
+    changed = run.folder.mismatches(run.result)
+    if changed:
+        raise ValueError(f"{', '.join(changed)} in {run.folder.path} differ from what results.json recorded: the folder "
+                         f"mixes two runs or changed since the run; rerun `hetlm experiment` into a new --out")
     out = Path(out) if out else run.folder.report_file
     figures = render_figures(run)
     run.folder.figures_dir.mkdir(parents=True, exist_ok=True)
@@ -192,8 +214,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
         if fig.png is None:
             png.unlink(missing_ok=True)   # no stale figure from an earlier report
         else:
-            png.write_bytes(fig.png)
+            write_atomically(png, fig.png)
             written.append(png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(run, figures), encoding="utf-8")
+    write_atomically(out, render_html(run, figures))  # whole or absent: never a page cut off by a full disk
     return Report(out, written, [f"{f.title}: {f.note}" for f in figures if f.png is None])

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict
+
+from .outputs import write_atomically
+from .provenance import sha256
 
 Artefact = Literal["generations", "outcomes", "clusters"]
 Metrics = dict[str, float | int]
@@ -86,10 +90,56 @@ class RunFolder:
     def read_results(self) -> RunResult:
         if not self.results_file.is_file():
             raise ValueError(f"{self.results_file} not found: not a finished `hetlm experiment` run folder")
-        return RunResult.from_json(self.results_file.read_text())
+        try:
+            return RunResult.from_json(self.results_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:  # JSON and pydantic errors are ValueErrors
+            raise ValueError(f"{self.results_file} is not a readable results file (truncated or edited?): "
+                             f"{str(err).splitlines()[0]}") from None
 
     def write_results(self, run: RunResult) -> None:
-        self.results_file.write_text(run.to_json())
+        write_atomically(self.results_file, run.to_json())
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds (part of) a run: any entry of the layout above."""
+        return any(p.exists() for p in self._layout())
+
+    def _layout(self) -> list[Path]:
+        return [self.results_file, self.config_file, self.prepared, self.embeddings, self.embedding_cache,
+                self.tables_file, self.report_file, self.path / "report"] + [
+                self.path / kind for kind in ("models", "train", "generations", "outcomes", "clusters")]
+
+    def clear(self) -> None:
+        """Remove the run's entries (results.json first, so a folder half cleared never reads as finished);
+        other files in the folder stay."""
+        for entry in self._layout():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def mismatches(self, result: RunResult) -> list[str]:
+        """The folder's files whose sha256 differs from the one results.json recorded (a folder that mixes
+        two runs, or changed since); config.json is recorded since fingerprints of it were written."""
+        changed = []
+        for name, digest in result.data_fingerprint.items():
+            if name == "input":
+                continue
+            path = self.path / name
+            if not path.is_file() or sha256(path) != digest:
+                changed.append(name)
+        return changed
+
+    def describe(self) -> str:
+        """What the folder holds, for a message after an interrupted or failed run."""
+        if self.results_file.is_file():
+            missing = [f.name for f in (self.tables_file, self.report_file) if not f.is_file()]
+            return (f"{self.path} holds a finished run (results.json)"
+                    + (f"; missing {', '.join(missing)}: `hetlm report {self.path}` writes the report" if missing else ""))
+        if self.holds_run():
+            kept = [p.name for p in (self.prepared, self.path / "models") if p.exists()]
+            return (f"{self.path} holds an unfinished run ({', '.join(kept) or 'config.json'}; no results.json): "
+                    f"rerun with --overwrite to start it again")
+        return f"nothing was written to {self.path}"
 
 
 class ModelResult(BaseModel):

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..checkpoint import save_model
+from ..checkpoint import save_model, write_dir_atomically
 from ..encoders import encoder_from_settings
 from ..tokenizer import SPECIALS, load_tokenizer
 from .likelihood import history_dataset, likelihood_assignment
@@ -118,6 +118,10 @@ class ClusterwiseLM:
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
         if tokenizer is None:
             raise ValueError(f"no tokenizer to save in {path}: a model folder carries its page tokenizer")
+        # Written whole or not at all (a full disk must not leave a config without its weights).
+        write_dir_atomically(path, lambda tmp: self._write(tmp, tokenizer))
+
+    def _write(self, path: Path, tokenizer) -> None:
         path.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(path / TOKENIZER_DIR)
         if not self.routed:
