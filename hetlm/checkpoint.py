@@ -92,13 +92,21 @@ def save_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.O
     barrier()  # nobody reads a checkpoint before it is complete
 
 
-def load_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    expect: dict | None = None) -> dict:
     """Restore model, optimizer and this rank's RNG from `path` (or its `.old` twin left by a crash mid-swap).
-    A rank the saved run did not have takes rank 0's RNG."""
+    A rank the saved run did not have takes rank 0's RNG. `expect`: what the checkpoint's recorded
+    "identity" must equal (checkpoints written before identities were recorded are not checked)."""
+    shown = path
     if not path.exists():
         path = path.with_name(path.name + ".old")
-    load_model(model, path / "model.safetensors", device=str(model.device))  # resolves tied weights
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)  # RNG states live on the CPU
+    saved = state.get("identity")
+    if expect is not None and saved is not None and saved != expect:
+        differ = ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in expect.items() if saved.get(k) != v)
+        raise ValueError(f"{shown} belongs to another run, so it cannot be resumed: its {differ}; train without "
+                         "--resume to start afresh, or into another --out")
+    load_model(model, path / "model.safetensors", device=str(model.device))  # resolves tied weights
     optimizer.load_state_dict(state.pop("optimizer"))
     rng = state.pop("rng")
     rng = [rng] if isinstance(rng, dict) else rng  # checkpoints written before multi-process training

@@ -141,13 +141,14 @@ def _on_interrupt(left: str):
 
 def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
     """out/run.json: the resolved settings, versions, git revision and the prepared data's fingerprints."""
+    from .outputs import write_atomically
     from .provenance import environment, sha256
 
     out.mkdir(parents=True, exist_ok=True)
     data = {f"{s}.parquet": sha256(prepared / f"{s}.parquet") for s in ("train", "val")
             if (prepared / f"{s}.parquet").exists()}
     record = {"config": config, "data": str(prepared), "data_fingerprint": data, "environment": environment()}
-    (out / "run.json").write_text(json.dumps(record, indent=1))
+    write_atomically(out / "run.json", json.dumps(record, indent=1))
 
 
 @app.command()
@@ -278,12 +279,13 @@ def _writable(out: Path, file: bool = False) -> None:
         _fail(err)
 
 
-def _check_prepared(prepared: Path) -> None:
-    """Stop unless `prepared` is a complete, unchanged output of `hetlm prepare` (`outputs.check_prepared`)."""
+def _check_prepared(prepared: Path) -> dict:
+    """Its summary; stop unless `prepared` is a complete, unchanged output of `hetlm prepare`
+    (`outputs.check_prepared`)."""
     from .outputs import IncompleteOutput, check_prepared
 
     try:
-        check_prepared(prepared)
+        return check_prepared(prepared)
     except IncompleteOutput as err:
         _fail(err)
 
@@ -333,30 +335,42 @@ def train(
     from .distributed import close_distributed, init_distributed
     from .single import SingleConfig, train_single
     from .tokenizer import load_tokenizer
+    from .train import TrainingInterrupted
 
     model = _given(ctx, preset=preset, family=family, init_from=init_from and str(init_from))
     training = _given(ctx, {"patience": "early_stopping_patience"}, epochs=epochs, lr=lr, batch_size=batch_size,
                       grad_accum=grad_accum, max_steps=max_steps, bf16=bf16, eval_every=eval_every, patience=patience,
                       seed=seed)
     cfg = _config(SingleConfig, config, {"model": model, "train": training}, overrides)
-    _check_prepared(prepared)
+    prepared_with = _check_prepared(prepared).get("config", {})  # a folder made by hand may say nothing
     _writable(out)
     main = init_distributed().is_main
     train_samples = _split_path(prepared, "train") if stream else _load_split(prepared, "train")
+    val = _load_split(prepared, "val")
+    if main and val.height == 0:
+        console.print(f"[bold yellow]warning:[/] {prepared / 'val.parquet'} holds no samples: nothing is validated, "
+                      "training does not stop early and best/ is the model after the last step. To validate, "
+                      f"prepare again with --split user, a larger --val-fraction (now "
+                      f"{prepared_with.get('val_fraction', '?')}) or a longer log.", highlight=False)
     if main:
         m = cfg.model
         _write_run_record(out, {"preset": m.preset, "family": m.family, "init_from": m.init_from,
                                 "train": cfg.train.model_dump()}, prepared)
     try:
-        _, result = train_single(cfg.model, cfg.train, train_samples, _load_split(prepared, "val"),
-                                 load_tokenizer(prepared / "tokenizer"), out, resume=resume, stream=stream)
-    except (KeyError, ValueError) as err:
+        _, result = train_single(cfg.model, cfg.train, train_samples, val, load_tokenizer(prepared / "tokenizer"), out,
+                                 max_positions=prepared_with.get("max_len", 512), resume=resume, stream=stream)
+    except (KeyError, ValueError, OSError) as err:
         _fail(err)
+    except TrainingInterrupted as stopped:
+        console.print(f"[bold red]interrupted:[/] {stopped}; continue with `hetlm train {prepared} --out {out} "
+                      "--resume` (the same settings)")
+        raise typer.Exit(130) from None
     finally:
         close_distributed()
     if main:
-        console.print(f"{result.steps} steps, best validation next-session NLL {result.best_val_loss} at step {result.best_step}, "
-                      f"{result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
+        validated = (f"best validation next-session NLL {result.best_val_loss:.4f} at step {result.best_step}"
+                     if result.best_val_loss is not None else "not validated (best/ is the last step)")
+        console.print(f"{result.steps} steps, {validated}, {result.tokens_per_s:,.0f} tokens/s -> {out / 'best'}")
 
 
 @app.command("fit-hetlm")

@@ -329,7 +329,7 @@ def train_larger(config: ExperimentConfig, data: Samples, run: RunFolder, progre
     """The single LM with as many parameters as `larger.factor` small LMs (or of the preset `larger.preset`)."""
     initial_ks = [config.kmeans.n_clusters] if config.kmeans.enabled else []
     initial_ks += [cfg.n_clusters for _, cfg in config.hetlm.variants()] if config.hetlm.enabled else []
-    factor, max_len = config.larger.factor, config.prepare.max_len
+    factor, max_len = config.larger.factor, config.model.max_positions or config.prepare.max_len
     if factor == "final_k":
         factor = max(final_ks or initial_ks or [2])
     elif factor == "initial_k":

@@ -7,6 +7,8 @@ train` runs, and `hetlm experiment` for its small and larger LMs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +23,7 @@ from .distributed import init_distributed
 from .evaluate import GenerationConfig, fit_set_decoder, predict
 from .models import FAMILIES, PRESETS, Preset, build_model, count_parameters, init_from
 from .set_decoder import SetDecoder
-from .train import TrainConfig, TrainResult, train_lm
+from .train import TrainConfig, TrainingInterrupted, TrainResult, train_lm
 
 console = Console()
 
@@ -39,6 +41,9 @@ class ModelConfig(BaseModel):
     # A released architecture (opt-350m, ...) trained from random weights at a fine-tuning learning rate
     # (<= 1e-5) learns next to nothing: `hetlm experiment` refuses it unless this is set.
     from_scratch: bool = False
+    # Positions of the LM; None: the prepared samples' max_len (more would never be trained, and score and
+    # serve would feed histories into them).
+    max_positions: int | None = Field(None, ge=8)
 
 
 class SingleConfig(BaseModel):
@@ -55,7 +60,9 @@ def train_single(model: ModelConfig, config: TrainConfig, train, val: pl.DataFra
     """Build the LM `model` describes (or of `shape`, a preset's shape, instead of `model.preset`), with torch
     seeded by `seed` (default config.seed) or from the released weights `model.init_from`, train it on the
     `train` samples (a frame, or a Parquet file with stream=True) into out_dir (best/, checkpoint/, history.json)
-    and return it as a single-LM `ClusterwiseLM` with `tokenizer`, beside the training result.
+    and return it as a single-LM `ClusterwiseLM` with `tokenizer`, beside the training result. The LM has
+    `model.max_positions` positions, else `max_positions` (callers pass the prepared max_len); training
+    sequences are cut to them. A resumed run must have the same vocabulary (pages and ids) as its checkpoint.
 
     The model folder carries the tokenizer: `model_dir`, where the trained weights are saved, or by default
     out_dir/best, where `train_lm` left the best validated ones. With fit_decoder, the expected-IoU set
@@ -65,7 +72,9 @@ def train_single(model: ModelConfig, config: TrainConfig, train, val: pl.DataFra
     name = name or model.preset
     main = init_distributed().is_main
     torch.manual_seed(config.seed if seed is None else seed)
-    lm = build_model(shape or model.preset, len(tokenizer), model.family, max_positions=max_positions)
+    positions = model.max_positions or max_positions
+    config = config.model_copy(update={"max_len": min(config.max_len, positions)})
+    lm = build_model(shape or model.preset, len(tokenizer), model.family, max_positions=positions)
     if model.init_from:
         report = init_from(lm, model.init_from)
         if main:
@@ -73,9 +82,15 @@ def train_single(model: ModelConfig, config: TrainConfig, train, val: pl.DataFra
                           f"{len(report.skipped)} skipped")
     if main:
         console.print(f"{name} ({lm.config.model_type}): {count_parameters(lm) / 1e6:.2f}M parameters")
-    result = train_lm(lm, train, val, config, out_dir, resume=resume, progress=progress, stream=stream)
-    single = ClusterwiseLM.single(lm.eval(), tokenizer)
     folder = Path(model_dir) if model_dir is not None else Path(out_dir) / "best"
+    try:
+        result = train_lm(lm, train, val, config, out_dir, resume=resume, progress=progress, stream=stream,
+                          data={"vocabulary": vocabulary_fingerprint(tokenizer)})
+    except TrainingInterrupted:
+        if main and model_dir is None and folder.exists():
+            tokenizer.save_pretrained(folder / "tokenizer")  # the best weights so far load by themselves
+        raise
+    single = ClusterwiseLM.single(lm.eval(), tokenizer)
     if main:
         if model_dir is None:
             tokenizer.save_pretrained(folder / "tokenizer")  # beside the best weights: best/ loads by itself
@@ -84,6 +99,11 @@ def train_single(model: ModelConfig, config: TrainConfig, train, val: pl.DataFra
         if fit_decoder:
             _fit_set_decoder(single, val, folder)
     return single, result
+
+
+def vocabulary_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's pages and their ids."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
 
 
 def _fit_set_decoder(model: ClusterwiseLM, val: pl.DataFrame, folder: Path) -> None:

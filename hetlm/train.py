@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -290,8 +293,16 @@ class _Run:
         )
 
 
+def identity(model: PreTrainedModel, data: dict | None = None) -> dict:
+    """What a checkpoint must share with a run to be resumed by it: the model's shape and `data` (e.g. the
+    vocabulary's fingerprint: another log with as many pages names other pages by the same ids)."""
+    c = model.config
+    return {"model_type": c.model_type, "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
+            "parameters": sum(p.numel() for p in model.parameters())} | (data or {})
+
+
 def _start(model: PreTrainedModel, train_samples, val_samples, config: TrainConfig, out_dir: Path, resume: bool,
-           stream: bool) -> _Run:
+           stream: bool, data: dict | None = None) -> _Run:
     """Device, process group, datasets, optimizer and progress: fresh (seeded) or from out_dir's checkpoint."""
     device = resolve_device(config.device)
     info = init_distributed("nccl" if device.type == "cuda" else "gloo")
@@ -317,9 +328,12 @@ def _start(model: PreTrainedModel, train_samples, val_samples, config: TrainConf
 
     state = {"step": 0, "epoch": 0, "position": 0, "best_val_loss": None, "best_step": None,
              "evals_since_best": 0, "stopped_early": False, "train_time": 0.0, "train_tokens": 0,
-             "history": {"train": [], "val": []}, "config": config.model_dump()}
+             "history": {"train": [], "val": []}, "config": config.model_dump(), "identity": identity(model, data)}
+    if not resume and info.is_main:
+        _remove_previous_run(out_dir)
+    barrier()
     if resume and has_checkpoint(out_dir):
-        saved = load_checkpoint(out_dir / "checkpoint", model, optimizer)
+        saved = load_checkpoint(out_dir / "checkpoint", model, optimizer, expect=state["identity"])
         if saved["config"] != state["config"]:
             log.warning("resuming %s with a different TrainConfig than it was started with", out_dir)
         state.update({k: v for k, v in saved.items() if k != "config"})
@@ -336,8 +350,54 @@ def _start(model: PreTrainedModel, train_samples, val_samples, config: TrainConf
                 steps_per_epoch, total_steps, state)
 
 
+def _remove_previous_run(out_dir: Path) -> None:
+    """A fresh run into a used out_dir: the old run's checkpoint, best/ and history go first, so a run stopped
+    before its first save never leaves them beside its own files as if they were its."""
+    old = [out_dir / name for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "best.old", "best.tmp")
+           if (out_dir / name).exists()]
+    if old:
+        log.warning("starting afresh in %s (no resume): removing the previous run's %s", out_dir,
+                    ", ".join(p.name for p in old))
+    for path in old:
+        shutil.rmtree(path)
+    (out_dir / "history.json").unlink(missing_ok=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a whole step, once a checkpoint (and best/, if validated) was saved."""
+
+    def __init__(self, out_dir: Path, step: int, best_step: int | None):
+        super().__init__(f"stopped at step {step}: {out_dir / 'checkpoint'} saved"
+                         + (f", best/ holds step {best_step}" if best_step is not None else ", no best/ yet"))
+        self.out_dir, self.step, self.best_step = out_dir, step, best_step
+
+
+class _StopRequest:
+    """The first Ctrl-C (SIGINT) asks training to stop after the current step and save; the second stops at
+    once. Only in a single process's main thread: under torchrun every rank would have to agree."""
+
+    def __init__(self, info: DistInfo):
+        self.requested = False
+        self.active = info.world_size == 1 and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _StopRequest:
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        log.warning("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainConfig, out_dir: str | Path,
-             resume: bool = False, progress: bool = True, stream: bool = False) -> TrainResult:
+             resume: bool = False, progress: bool = True, stream: bool = False,
+             data: dict | None = None) -> TrainResult:
     """Train `model` in place; out_dir gets checkpoint/ (resumable), best/ (save_pretrained) and history.json.
 
     Samples: a frame with input_ids / target_ids columns, (input_ids, target_ids) pairs, a
@@ -351,13 +411,13 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
     loss, so early stopping agrees); rank 0 writes the run folder and shows progress.
     """
     out_dir = Path(out_dir)
-    run = _start(model, train_samples, val_samples, config, out_dir, resume, stream)
+    run = _start(model, train_samples, val_samples, config, out_dir, resume, stream, data)
     state, history = run.state, run.state["history"]
     bar = progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and run.info.is_main))
-    with bar:
+    with bar, _StopRequest(run.info) as stop:
         task = bar.add_task("train", total=run.total_steps, completed=state["step"], info="")
-        while state["step"] < run.total_steps and not state["stopped_early"]:
+        while state["step"] < run.total_steps and not (state["stopped_early"] or stop.requested):
             batches, loader = run.epoch_loader()
             for step_batches, micro_batches in zip(groups(batches, config.grad_accum), groups(loader, config.grad_accum)):
                 loss, tokens_per_s, epoch_end = run.step(step_batches, micro_batches)
@@ -365,11 +425,15 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
                 last = state["step"] >= run.total_steps
                 if run.val_set is not None and (state["step"] % config.eval_every == 0 or epoch_end or last):
                     run.validate()
-                finished = state["step"] >= run.total_steps or state["stopped_early"]
+                finished = state["step"] >= run.total_steps or state["stopped_early"] or stop.requested
                 if state["step"] % config.save_every == 0 or finished:
                     save_checkpoint(out_dir / "checkpoint", model, run.optimizer, state)
                 val = f" val {history['val'][-1]['val_loss']:.3f}" if history["val"] else ""
                 bar.update(task, completed=state["step"], info=f"loss {loss:.3f}{val} {tokens_per_s:,.0f} tok/s")
                 if finished:
                     break
+    if stop.requested:
+        if run.info.is_main:
+            (out_dir / "history.json").write_text(json.dumps(history))
+        raise TrainingInterrupted(out_dir, state["step"], state["best_step"])
     return run.finish()

@@ -140,3 +140,96 @@ def test_larger_factor_is_checked_before_anything_runs(factor, tmp_path, taobao_
                               "--set", f"larger.factor={factor}"])
     assert out.exit_code == 2 and "larger.factor" in out.output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- hetlm train into a run folder
+
+
+def prepared_from(log, out, **settings):
+    from hetlm.prepare import PrepareConfig, prepare
+
+    prepare("taobao", log, out, PrepareConfig(max_len=64, **settings))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared_a(taobao_log, tmp_path_factory):
+    return prepared_from(taobao_log, tmp_path_factory.mktemp("prepA") / "prep")
+
+
+@pytest.fixture(scope="module")
+def prepared_renamed(taobao_log, tmp_path_factory):
+    """The same log with its category ids permuted: as many pages, each id now another page."""
+    lines = taobao_log.read_text().splitlines()
+    categories = sorted({line.split(",")[2] for line in lines})
+    renamed = dict(zip(categories, categories[1:] + categories[:1]))
+    log = tmp_path_factory.mktemp("renamed") / "log.csv"
+    log.write_text("".join(",".join(f[:2] + [renamed[f[2]]] + f[3:]) + "\n" for f in (l.split(",") for l in lines)))
+    return prepared_from(log, tmp_path_factory.mktemp("prepB") / "prep")
+
+
+TRAIN = ["--max-steps", "4", "--eval-every", "2", "--batch-size", "16", "--set", "train.save_every=2"]
+
+
+def train(prepared, out, *extra):
+    return runner.invoke(app, ["train", str(prepared), "--out", str(out), *TRAIN, *extra])
+
+
+def test_train_gives_the_model_the_prepared_max_len(prepared_a, tmp_path):
+    out = train(prepared_a, tmp_path / "run")
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["max_position_embeddings"] == 64
+
+
+def test_resume_refuses_a_checkpoint_of_another_vocabulary(prepared_a, prepared_renamed, tmp_path):
+    from hetlm.tokenizer import load_tokenizer
+
+    assert len(load_tokenizer(prepared_a / "tokenizer")) == len(load_tokenizer(prepared_renamed / "tokenizer"))
+    assert train(prepared_a, tmp_path / "run").exit_code == 0
+    out = train(prepared_renamed, tmp_path / "run", "--resume")
+    assert out.exit_code == 2 and "belongs to another run" in out.output and "vocabulary" in out.output
+    out = train(prepared_a, tmp_path / "run", "--resume", "--preset", "small")  # another shape: no size-mismatch traceback
+    assert out.exit_code == 2 and "belongs to another run" in out.output
+
+
+def test_a_fresh_run_stopped_before_its_first_save_leaves_no_old_checkpoint(prepared_a, tmp_path, monkeypatch):
+    assert train(prepared_a, tmp_path / "run").exit_code == 0
+
+    def crash(self, *args):
+        raise ValueError("stopped before the first save")
+    monkeypatch.setattr("hetlm.train._Run.step", crash)
+    out = train(prepared_a, tmp_path / "run", "--lr", "3e-4")
+    assert out.exit_code == 2
+    assert not any((tmp_path / "run" / name).exists() for name in ("checkpoint", "best", "history.json"))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["train"]["lr"] == 3e-4
+
+
+def test_ctrl_c_in_train_saves_a_checkpoint_and_says_how_to_resume(prepared_a, tmp_path, monkeypatch):
+    import signal
+
+    from hetlm.train import _Run
+
+    step = _Run.step
+
+    def interrupted_at_3(self, *args):
+        result = step(self, *args)
+        if self.state["step"] == 3:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C: caught, training stops after this step
+        return result
+    monkeypatch.setattr("hetlm.train._Run.step", interrupted_at_3)
+    run = tmp_path / "run"
+    out = train(prepared_a, run)
+    assert out.exit_code == 130 and "stopped at step 3" in out.output and "--resume" in out.output
+    assert "best/ holds step 2" in out.output and (run / "best" / "tokenizer").is_dir()
+    monkeypatch.setattr("hetlm.train._Run.step", step)
+    out = train(prepared_a, run, "--resume")
+    assert out.exit_code == 0 and "4 steps" in out.output, out.output
+    assert json.loads((run / "history.json").read_text())["train"][-1]["step"] == 4
+
+
+def test_train_without_validation_samples_says_what_to_do(taobao_log, tmp_path):
+    prepared = prepared_from(taobao_log, tmp_path / "prep", val_fraction=0.0)
+    out = train(prepared, tmp_path / "run")
+    assert out.exit_code == 0, out.output
+    assert "holds no samples" in out.output and "--split user" in out.output
+    assert "None" not in out.output and "not validated" in out.output
