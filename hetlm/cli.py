@@ -463,7 +463,19 @@ def evaluate(
     from .tokenizer import load_tokenizer, page_vocabulary
 
     _check_prepared(prepared)
-    df = pl.read_parquet(generations)
+    if not generations.is_file():
+        _fail(FileNotFoundError(f"{generations} not found: write it with `hetlm generate MODEL {prepared} --out "
+                                f"{generations}`"))
+    try:
+        df = pl.read_parquet(generations)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        _fail(ValueError(f"{generations} is not readable Parquet ({str(err).splitlines()[0]})"))
+    missing = {"generated", "target", "history", "cluster"} - set(df.columns)
+    if missing:
+        _fail(ValueError(f"{generations} is not a generations file written by `hetlm generate` (no columns "
+                         f"{sorted(missing)})"))
+    if df.height == 0:
+        _fail(ValueError(f"{generations} holds no generations: nothing to evaluate"))
     vocabulary = set(page_vocabulary(load_tokenizer(prepared / "tokenizer")))
     encoder = None
     if bert_score:
@@ -602,6 +614,8 @@ def score(
     except (IngestError, ValidationError, ValueError, OSError) as err:
         _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()

@@ -156,6 +156,11 @@ def sessions_frame(histories: Sequence[History]) -> pl.DataFrame:
                         schema={"user": pl.Int64, "session": pl.Int64, "start": pl.Int64, "pages": pl.List(pl.Utf8)})
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+
+
 @dataclass
 class _Decoded:
     """One user's decodings by its cluster's LM."""
@@ -181,6 +186,13 @@ class Scorer:
     outcome_ids: dict[str, int | None] = field(init=False)
 
     def __post_init__(self):
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("max_new_tokens", self.max_new_tokens)
+        positions = min(lm.config.max_position_embeddings for lm in self.model.models.values())
+        if self.history_budget < 1:  # checked now: else no user fits, or every request fails
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} leaves no room for a history: the model has "
+                             f"{positions} positions for history, [BOS] and the generated session; use at most "
+                             f"{positions - 2}")
         if self.routing not in (None, "selector", "centroid"):
             raise ValueError(f"routing must be 'selector' or 'centroid', not {self.routing!r}")
         if self.routing and not self.model.routed:
@@ -336,6 +348,7 @@ def iter_scores(scorer: Scorer, fitted: pl.DataFrame, options: ScoreConfig | Non
                 batch_users: int = 64) -> Iterator[pa.Table]:
     """Arrow tables of at most `batch_users` scored users each (SCORE_SCHEMA), computed lazily."""
     options = options or ScoreConfig()
+    _check_positive("batch_users", batch_users)
     for start in range(0, fitted.height, batch_users):
         batch = fitted.slice(start, batch_users)
         scores = scorer.score_fitted(batch, [options] * batch.height)
@@ -348,6 +361,27 @@ class ScoreSummary:
     users_in_log: int
     users_scored: int
     out: str
+    notes: list[str] = field(default_factory=list)  # why columns are NaN, why users got no row
+
+
+def score_notes(scorer: Scorer, options: ScoreConfig, users_in_log: int, users_scored: int) -> list[str]:
+    """What a scores file leaves empty, and why (its NaN columns, the users with no row)."""
+    notes = []
+    if users_scored < users_in_log:
+        notes.append(f"{users_in_log - users_scored} users have no row: no session left after cleaning, or their "
+                     f"last session is longer than the model's history budget ({scorer.history_budget} tokens "
+                     f"beside max_new_tokens {scorer.max_new_tokens})")
+    missing = [OUTCOMES[name] for name, i in scorer.outcome_ids.items() if i is None]
+    if options.n_samples == 0:
+        notes.append("p_cart, p_purchase are NaN: n_samples is 0 (no sessions drawn to estimate them)")
+    elif missing:
+        notes.append(f"{', '.join(missing)} is not a page of the model's vocabulary (its training log has no such "
+                     "outcome events): its probability is NaN")
+    if scorer.calibrator is None:
+        notes.append("p_cart_calibrated, p_purchase_calibrated are NaN: the model folder has no outcome calibration "
+                     f"({OutcomeCalibrator.FILE}, fitted by `hetlm experiment` on its test users); use p_cart, "
+                     "p_purchase (uncalibrated)")
+    return notes
 
 
 def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, options: ScoreConfig | None = None,
@@ -362,6 +396,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
     session does not fit the model's context, get no row (users_in_log - users_scored of them).
     """
     out = Path(out)
+    _check_positive("batch_users", batch_users)  # before the log is read
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the path of a Parquet file")
     writable_folder(out.parent, "the folder of --out")
@@ -394,4 +429,5 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
         if writer is None:  # no user to score: still an empty file with the schema
             pl.DataFrame(schema=SCORE_SCHEMA).write_parquet(partial)
         os.replace(partial, out)
-    return ScoreSummary(users_in_log, scored, str(out))
+    return ScoreSummary(users_in_log, scored, str(out), score_notes(scorer, options or ScoreConfig(), users_in_log,
+                                                                     scored))

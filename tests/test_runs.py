@@ -233,3 +233,49 @@ def test_train_without_validation_samples_says_what_to_do(taobao_log, tmp_path):
     assert out.exit_code == 0, out.output
     assert "holds no samples" in out.output and "--split user" in out.output
     assert "None" not in out.output and "not validated" in out.output
+
+
+# ---------------------------------------------------------------- score and evaluate: messages, not tracebacks
+
+
+def score(finished, log, out, *extra):
+    return runner.invoke(app, ["score", str(finished.model("small")), str(log), "--source", "taobao", "--out",
+                               str(out), "--n-samples", "2", "--max-new-tokens", "4", *extra])
+
+
+@pytest.mark.parametrize("option", [["--batch-users", "-1"], ["--batch-users", "0"], ["--batch-size", "-3"],
+                                    ["--batch-size", "0"]])
+def test_score_batch_settings_must_be_positive(option, finished, taobao_log, tmp_path):
+    out = score(finished, taobao_log, tmp_path / "s.parquet", *option)
+    assert out.exit_code == 2 and "must be a whole number >= 1" in out.output, out.output
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_max_new_tokens_beyond_the_models_positions_is_refused_up_front(finished, taobao_log, tmp_path):
+    from hetlm.score import Scorer
+
+    out = score(finished, taobao_log, tmp_path / "s.parquet", "--max-new-tokens", "600")
+    assert out.exit_code == 2 and "leaves no room for a history" in out.output and "use at most 62" in out.output
+    with pytest.raises(ValueError, match="leaves no room"):  # what `hetlm serve` starts with
+        Scorer.from_pretrained(finished.model("small"), max_new_tokens=600)
+
+
+def test_score_says_why_columns_are_nan(finished, taobao_log, tmp_path):
+    out = score(finished, taobao_log, tmp_path / "s.parquet")
+    assert out.exit_code == 0, out.output
+    assert "p_cart_calibrated, p_purchase_calibrated are NaN: the model folder has no outcome calibration" in out.output
+
+
+def test_evaluate_on_a_missing_or_empty_generations_file(finished, tmp_path):
+    import polars as pl
+
+    prepared = str(finished.prepared)
+    out = runner.invoke(app, ["evaluate", str(tmp_path / "none.parquet"), prepared])
+    assert out.exit_code == 2 and "not found" in out.output and "hetlm generate" in out.output
+    empty = pl.read_parquet(next((finished.path / "generations").iterdir())).head(0)
+    empty.write_parquet(tmp_path / "empty.parquet")
+    out = runner.invoke(app, ["evaluate", str(tmp_path / "empty.parquet"), prepared])
+    assert out.exit_code == 2 and "holds no generations" in out.output
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 not really")
+    out = runner.invoke(app, ["evaluate", str(tmp_path / "cut.parquet"), prepared])
+    assert out.exit_code == 2 and "not readable Parquet" in out.output
