@@ -119,12 +119,17 @@ def test_truncated_results_json_is_named(finished, tmp_path):
     assert out.exit_code == 2 and "results.json is not a readable results file" in out.output
 
 
-def test_report_on_a_read_only_folder_is_a_message(finished, tmp_path, monkeypatch):
-    def read_only(path, data):
-        raise OSError(30, "Read-only file system", str(path))
-    monkeypatch.setattr("hetlm.report.write_atomically", read_only)
-    out = runner.invoke(app, ["report", str(finished.path)])
-    assert out.exit_code == 2 and "read-only" in out.output and "Traceback" not in out.output
+def test_report_and_experiment_on_a_read_only_folder_are_messages(finished, taobao_log, small_disk, tmp_path):
+    import subprocess
+
+    disk = small_disk("8m")
+    shutil.copytree(finished.path, disk / "run", ignore=shutil.ignore_patterns("train", "models"))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    out = runner.invoke(app, ["report", str(disk / "run")])
+    assert out.exit_code == 2 and "read-only" in out.output, out.output
+    (tmp_path / "c.json").write_text(tiny_config(taobao_log).model_dump_json())
+    out = runner.invoke(app, ["experiment", str(tmp_path / "c.json"), "--out", str(disk / "new")])
+    assert out.exit_code == 2 and "read-only" in out.output.lower(), out.output
 
 
 def test_report_shows_no_absolute_local_paths(finished):
@@ -179,6 +184,9 @@ def test_train_gives_the_model_the_prepared_max_len(prepared_a, tmp_path):
     out = train(prepared_a, tmp_path / "run")
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["max_position_embeddings"] == 64
+    from hetlm.score import Scorer
+
+    assert Scorer.from_pretrained(tmp_path / "run" / "best").history_budget == 64 - 40 - 1  # no untrained positions
 
 
 def test_resume_refuses_a_checkpoint_of_another_vocabulary(prepared_a, prepared_renamed, tmp_path):
@@ -279,3 +287,58 @@ def test_evaluate_on_a_missing_or_empty_generations_file(finished, tmp_path):
     (tmp_path / "cut.parquet").write_bytes(b"PAR1 not really")
     out = runner.invoke(app, ["evaluate", str(tmp_path / "cut.parquet"), prepared])
     assert out.exit_code == 2 and "not readable Parquet" in out.output
+
+
+# ---------------------------------------------------------------- a full disk: whole or absent, and a message
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that size (skipped where mounting is not permitted)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_file_written_on_a_full_disk_is_the_old_one_or_absent(small_disk):
+    import errno
+
+    from hetlm.outputs import write_atomically
+
+    disk = small_disk("64k")
+    write_atomically(disk / "results.json", "old")
+    with pytest.raises(OSError) as err:
+        write_atomically(disk / "results.json", "x" * 200_000)
+    assert err.value.errno == errno.ENOSPC
+    assert [p.name for p in disk.iterdir()] == ["results.json"] and (disk / "results.json").read_text() == "old"
+
+
+def test_a_model_folder_on_a_full_disk_is_absent_not_half_written(finished, small_disk):
+    from hetlm.cluster.base import load_model
+
+    disk = small_disk("256k")  # the tokenizer and config fit, the weights (2.4 MB) do not
+    with pytest.raises(OSError):
+        load_model(finished.model("small")).save_pretrained(disk / "small")
+    assert list(disk.iterdir()) == []
+
+
+def test_report_and_train_on_a_full_disk_say_so(finished, prepared_a, small_disk):
+    disk = small_disk("32k")
+    out = runner.invoke(app, ["report", str(finished.path), "--out", str(disk / "report.html")])
+    assert out.exit_code == 2 and "the disk is full" in out.output, out.output
+    assert list(disk.iterdir()) == []
+    out = train(prepared_a, disk / "run")
+    assert out.exit_code == 2 and "the disk is full" in out.output, out.output
+    assert not any(p.name.endswith(".tmp") for p in (disk / "run").iterdir())
