@@ -119,15 +119,9 @@ class RunFolder:
 
     def mismatches(self, result: RunResult) -> list[str]:
         """The folder's files whose sha256 differs from the one results.json recorded (a folder that mixes
-        two runs, or changed since); config.json is recorded since fingerprints of it were written."""
-        changed = []
-        for name, digest in result.data_fingerprint.items():
-            if name == "input":
-                continue
-            path = self.path / name
-            if not path.is_file() or sha256(path) != digest:
-                changed.append(name)
-        return changed
+        two runs, or changed since). A file that is gone is not one (the report notes what it cannot show)."""
+        return [name for name, digest in result.data_fingerprint.items()
+                if name != "input" and (self.path / name).is_file() and sha256(self.path / name) != digest]
 
     def describe(self) -> str:
         """What the folder holds, for a message after an interrupted or failed run."""
