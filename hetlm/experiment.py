@@ -228,6 +228,9 @@ def start_run(config: ExperimentConfig, out: str | Path, overwrite: bool) -> Run
     """The run folder, emptied of any earlier run (see `run_experiment`), with this run's config.json."""
     run = RunFolder(out)
     writable_folder(run.path)
+    if not run.holds_run() and run.layout_entries():  # never remove files that no run of ours wrote
+        names = ", ".join(p.name for p in run.layout_entries())
+        raise RunFolderInUse(f"--out {run.path} holds {names} but no run's config.json: choose another --out")
     if run.holds_run():
         same = run.config_file.is_file() and run.config_file.read_text() == config.model_dump_json(indent=2)
         if not (same or overwrite):

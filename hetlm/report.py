@@ -203,8 +203,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     run = FinishedRun(run_dir)
     changed = run.folder.mismatches(run.result)
     if changed:
-        raise ValueError(f"{', '.join(changed)} in {run.folder.path} differ from what results.json recorded: the folder "
-                         f"mixes two runs or changed since the run; rerun `hetlm experiment` into a new --out")
+        raise ValueError(f"{', '.join(changed)} in {run.folder.path} differ from what results.json recorded: the "
+                         f"folder mixes two runs or changed since the run; rerun `hetlm experiment` into a new --out")
     out = Path(out) if out else run.folder.report_file
     figures = render_figures(run)
     run.folder.figures_dir.mkdir(parents=True, exist_ok=True)

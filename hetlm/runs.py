@@ -100,8 +100,12 @@ class RunFolder:
         write_atomically(self.results_file, run.to_json())
 
     def holds_run(self) -> bool:
-        """Whether the folder holds (part of) a run: any entry of the layout above."""
-        return any(p.exists() for p in self._layout())
+        """Whether the folder holds (part of) a run: its config.json, written first, or results.json."""
+        return self.config_file.is_file() or self.results_file.is_file()
+
+    def layout_entries(self) -> list[Path]:
+        """The entries of the layout above that exist (results.json first)."""
+        return [p for p in self._layout() if p.exists()]
 
     def _layout(self) -> list[Path]:
         return [self.results_file, self.config_file, self.prepared, self.embeddings, self.embedding_cache,
@@ -111,7 +115,7 @@ class RunFolder:
     def clear(self) -> None:
         """Remove the run's entries (results.json first, so a folder half cleared never reads as finished);
         other files in the folder stay."""
-        for entry in self._layout():
+        for entry in self.layout_entries():
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
@@ -127,12 +131,12 @@ class RunFolder:
         """What the folder holds, for a message after an interrupted or failed run."""
         if self.results_file.is_file():
             missing = [f.name for f in (self.tables_file, self.report_file) if not f.is_file()]
-            return (f"{self.path} holds a finished run (results.json)"
-                    + (f"; missing {', '.join(missing)}: `hetlm report {self.path}` writes the report" if missing else ""))
+            rewrite = f"; missing {', '.join(missing)}: `hetlm report {self.path}` writes the report" if missing else ""
+            return f"{self.path} holds a finished run (results.json){rewrite}"
         if self.holds_run():
             kept = [p.name for p in (self.prepared, self.path / "models") if p.exists()]
             return (f"{self.path} holds an unfinished run ({', '.join(kept) or 'config.json'}; no results.json): "
-                    f"rerun with --overwrite to start it again")
+                    f"the same command starts it again (the folder's run files are replaced)")
         return f"nothing was written to {self.path}"
 
 

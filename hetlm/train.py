@@ -47,6 +47,7 @@ from hetlm.data import (
 )
 from hetlm.distributed import DistInfo, all_reduce_sum, barrier, dist_info, init_distributed, shard
 from hetlm.nll import autocast, target_mask, token_nll
+from hetlm.outputs import write_atomically
 from hetlm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,7 @@ class _Run:
         log.info("step %d: val next-session NLL %.4f (best %.4f at step %d), all tokens %.4f", state["step"],
                  loss.target, state["best_val_loss"], state["best_step"], loss.all_tokens)
         if self.info.is_main:
-            (self.out_dir / "history.json").write_text(json.dumps(state["history"]))
+            write_atomically(self.out_dir / "history.json", json.dumps(state["history"]))
 
     def finish(self) -> TrainResult:
         """best/ complete on every rank (the final model when nothing was validated), loaded if asked."""
@@ -285,7 +286,7 @@ class _Run:
         if self.val_set is not None and self.config.load_best_at_end and (self.out_dir / "best").exists():
             load_model(self.model, self.out_dir / "best" / "model.safetensors", device=str(self.device))
         if self.info.is_main:
-            (self.out_dir / "history.json").write_text(json.dumps(history))
+            write_atomically(self.out_dir / "history.json", json.dumps(history))
         return TrainResult(
             steps=state["step"], epochs=state["epoch"], best_val_loss=state["best_val_loss"], best_step=state["best_step"],
             stopped_early=state["stopped_early"], tokens_per_s=state["train_tokens"] / max(state["train_time"], 1e-9),
@@ -434,6 +435,6 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
                     break
     if stop.requested:
         if run.info.is_main:
-            (out_dir / "history.json").write_text(json.dumps(history))
+            write_atomically(out_dir / "history.json", json.dumps(history))
         raise TrainingInterrupted(out_dir, state["step"], state["best_step"])
     return run.finish()

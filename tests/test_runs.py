@@ -109,7 +109,20 @@ def test_ctrl_c_in_experiment_says_what_the_folder_holds(taobao_log, tmp_path, m
     (tmp_path / "c.json").write_text(tiny_config(taobao_log).model_dump_json())
     out = runner.invoke(app, ["experiment", str(tmp_path / "c.json"), "--out", str(tmp_path / "run")])
     assert out.exit_code == 130
-    assert "unfinished run (prepared; no results.json)" in out.output and "--overwrite" in out.output
+    assert "unfinished run (prepared; no results.json)" in out.output
+    assert "the same command starts it again" in out.output
+    # which it does: a run of the same config replaces the unfinished one
+    monkeypatch.undo()
+    out = runner.invoke(app, ["experiment", str(tmp_path / "c.json"), "--out", str(tmp_path / "run")])
+    assert out.exit_code == 0 and RunFolder(tmp_path / "run").read_results().name == "tiny"
+
+
+def test_an_out_holding_other_files_named_like_a_runs_is_left_alone(taobao_log, tmp_path):
+    (tmp_path / "out" / "models").mkdir(parents=True)
+    (tmp_path / "out" / "models" / "mine.bin").write_text("not ours")
+    with pytest.raises(ValueError, match="holds models but no run's config.json"):
+        run_experiment(tiny_config(taobao_log), tmp_path / "out", progress=False, overwrite=True)
+    assert (tmp_path / "out" / "models" / "mine.bin").read_text() == "not ours"
 
 
 def test_truncated_results_json_is_named(finished, tmp_path):
@@ -196,7 +209,7 @@ def test_resume_refuses_a_checkpoint_of_another_vocabulary(prepared_a, prepared_
     assert train(prepared_a, tmp_path / "run").exit_code == 0
     out = train(prepared_renamed, tmp_path / "run", "--resume")
     assert out.exit_code == 2 and "belongs to another run" in out.output and "vocabulary" in out.output
-    out = train(prepared_a, tmp_path / "run", "--resume", "--preset", "small")  # another shape: no size-mismatch traceback
+    out = train(prepared_a, tmp_path / "run", "--resume", "--preset", "small")  # another shape: no traceback
     assert out.exit_code == 2 and "belongs to another run" in out.output
 
 
