@@ -106,7 +106,11 @@ def load_checkpoint(path: Path, model: PreTrainedModel, optimizer: torch.optim.O
         differ = ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in expect.items() if saved.get(k) != v)
         raise ValueError(f"{shown} belongs to another run, so it cannot be resumed: its {differ}; train without "
                          "--resume to start afresh, or into another --out")
-    load_model(model, path / "model.safetensors", device=str(model.device))  # resolves tied weights
+    try:
+        load_model(model, path / "model.safetensors", device=str(model.device))  # resolves tied weights
+    except RuntimeError as err:  # a checkpoint from before identities were recorded, of another shape
+        raise ValueError(f"{shown} holds a model of another shape, so it cannot be resumed "
+                         f"({str(err).splitlines()[0]}); train without --resume, or into another --out") from None
     optimizer.load_state_dict(state.pop("optimizer"))
     rng = state.pop("rng")
     rng = [rng] if isinstance(rng, dict) else rng  # checkpoints written before multi-process training

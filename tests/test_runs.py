@@ -211,6 +211,14 @@ def test_resume_refuses_a_checkpoint_of_another_vocabulary(prepared_a, prepared_
     assert out.exit_code == 2 and "belongs to another run" in out.output and "vocabulary" in out.output
     out = train(prepared_a, tmp_path / "run", "--resume", "--preset", "small")  # another shape: no traceback
     assert out.exit_code == 2 and "belongs to another run" in out.output
+    import torch  # a checkpoint saved before identities were recorded
+
+    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["identity"]
+    torch.save(state, state_file)
+    out = train(prepared_a, tmp_path / "run", "--resume", "--preset", "small")
+    assert out.exit_code == 2 and "holds a model of another shape" in out.output
 
 
 def test_a_fresh_run_stopped_before_its_first_save_leaves_no_old_checkpoint(prepared_a, tmp_path, monkeypatch):
@@ -355,3 +363,19 @@ def test_report_and_train_on_a_full_disk_say_so(finished, prepared_a, small_disk
     out = train(prepared_a, disk / "run")
     assert out.exit_code == 2 and "the disk is full" in out.output, out.output
     assert not any(p.name.endswith(".tmp") for p in (disk / "run").iterdir())
+
+
+def test_a_folder_or_glob_log_is_fingerprinted_by_its_files(tmp_path):
+    from hetlm.provenance import fingerprint, sha256
+
+    folder = tmp_path / "ga4"
+    folder.mkdir()
+    (folder / "events_20240101.json").write_text("a")
+    (folder / "events_20240102.json").write_text("b")
+    assert fingerprint(folder / "events_20240101.json") == sha256(folder / "events_20240101.json")
+    whole = fingerprint(folder)
+    assert fingerprint(str(folder / "events_2024*.json")) == whole  # the same files, named alike
+    (folder / "events_20240102.json").rename(folder / "events_20240103.json")
+    assert fingerprint(folder) != whole  # a renamed day is another log
+    with pytest.raises(FileNotFoundError):
+        fingerprint(tmp_path / "none_*.json")
