@@ -58,10 +58,11 @@ def fingerprint(path: str | Path) -> str:
     if path.is_file():
         return sha256(path)
     if path.is_dir():
-        root, members = path, [f for f in path.rglob("*") if f.is_file()]
-    else:  # a glob ("ga4/events_2021*.json.gz"): names relative to its folder part
-        root, members = Path(os.path.dirname(str(path))), [Path(f) for f in glob.glob(str(path)) if Path(f).is_file()]
+        members = [f for f in path.rglob("*") if f.is_file()]
+    else:  # a glob ("ga4/events_2021*.json.gz")
+        members = [Path(f) for f in glob.glob(str(path)) if Path(f).is_file()]
     if not members:
         raise FileNotFoundError(f"{path}: no files to fingerprint")
+    root = Path(os.path.commonpath([f.parent for f in members]))  # names relative to the members' common folder
     listing = "".join(f"{f.relative_to(root).as_posix()}\t{sha256(f)}\n" for f in sorted(members))
     return hashlib.sha256(listing.encode()).hexdigest()

@@ -379,7 +379,8 @@ def score_notes(scorer: Scorer, options: ScoreConfig, users_in_log: int, users_s
                      "outcome events): its probability is NaN")
     if scorer.calibrator is None:
         notes.append("p_cart_calibrated, p_purchase_calibrated are NaN: the model folder has no outcome calibration "
-                     f"({OutcomeCalibrator.FILE}, fitted by `hetlm experiment` on its test users); use p_cart, "
+                     f"({OutcomeCalibrator.FILE}: `hetlm experiment` fits one on the validation users when "
+                     "outcome_samples > 0); use p_cart, "
                      "p_purchase (uncalibrated)")
     return notes
 
