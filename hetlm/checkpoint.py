@@ -30,10 +30,12 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
     except BaseException as err:
+        # safetensors names the OS error; torch's writer does not, so also look at the space left, before the
+        # temp dir frees its share
+        full = "os error 28" in str(err) or shutil.disk_usage(final.parent).free < 1 << 20
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, (SafetensorError, RuntimeError)):
-            free = shutil.disk_usage(final.parent).free
-            raise OSError(errno.ENOSPC if free < 1 << 20 else errno.EIO, f"writing failed ({err})", str(final)) from err
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"writing failed ({err})", str(final)) from err
         raise
     swap_in(tmp, final)
 

@@ -63,6 +63,9 @@ def write_atomically(path: str | Path, data: str | bytes) -> Path:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
+    except OSError as err:  # a failed write() names no file
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, err.filename or str(path)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
