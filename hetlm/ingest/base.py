@@ -11,6 +11,8 @@ Event table (polars DataFrame), one row per page view, in log order:
 
 from __future__ import annotations
 
+import glob
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -193,3 +195,47 @@ def not_utf8(raw: pl.DataFrame, columns: list[str]) -> pl.Series:
 def seconds_out_of_range(seconds: pl.Series) -> pl.Series:
     """Unix times (s) beyond year 9999 or before -9999: corrupt, and they would overflow in ms."""
     return (seconds.abs() > MAX_SECONDS).fill_null(False)
+
+
+def is_parquet(path: str | Path) -> bool:
+    """Whether the file is Parquet (by its magic bytes, not its name)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+def export_files(path: str | Path, table: str, what: str) -> list[Path]:
+    """The files of a daily BigQuery export to read, in name (so date) order: `path` itself, its folder's
+    `table`_* files, or a glob's. A `table`_intraday_YYYYMMDD file is left out when the day's
+    `table`_YYYYMMDD is there: Google deletes the intraday table once the daily one is complete, so both hold
+    the same rows."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.startswith(f"{table}_"))
+    else:
+        files = sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
+    if not files:
+        raise IngestError(path, f"no {what} export files here (expected {table}_YYYYMMDD files)",
+                          hint=f"point at an exported {table}_* file, a folder of them, or a quoted glob")
+    daily = {m.group(1) for f in files if (m := re.match(rf"{table}_(\d{{8}})", f.name))}
+    return [f for f in files if not ((m := re.match(rf"{table}_intraday_(\d{{8}})", f.name)) and m.group(1) in daily)]
+
+
+def conform(expr: pl.Expr, have: pl.DataType | None, want: pl.DataType) -> pl.Expr:
+    """`expr`, of type `have` (None: the column is absent), as type `want`: struct fields matched by name,
+    absent or null-typed ones null, lists element by element, scalars cast (null where they do not parse).
+    The daily files of one export differ in such details (a sub-field all null on a day is typed null)."""
+    if have is None or have == pl.Null:
+        return pl.lit(None, want)
+    if isinstance(want, pl.Struct):
+        if not isinstance(have, pl.Struct):
+            raise pl.exceptions.SchemaError(f"expected a struct, found {have}")
+        fields = {f.name: f.dtype for f in have.fields}
+        return pl.struct([conform(expr.struct.field(f.name), fields.get(f.name), f.dtype).alias(f.name)
+                          for f in want.fields])
+    if isinstance(want, pl.List):
+        if not isinstance(have, pl.List):
+            raise pl.exceptions.SchemaError(f"expected a list, found {have}")
+        return expr.list.eval(conform(pl.element(), have.inner, want.inner))
+    return expr.cast(want, strict=False)

@@ -27,9 +27,7 @@ microsecond.
 
 from __future__ import annotations
 
-import glob
 import io
-import re
 from pathlib import Path
 
 import polars as pl
@@ -37,8 +35,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from .base import (
-    CART, PURCHASE, IngestError, IngestResult, bad_rows, event_codes, finish, most_frequent, normalize_pages,
-    seconds_out_of_range,
+    CART, PURCHASE, IngestError, IngestResult, bad_rows, event_codes, export_files, finish, is_parquet,
+    most_frequent, normalize_pages, seconds_out_of_range,
 )
 from .ga360 import page_names
 from .generic import read_bytes, read_json_lines
@@ -69,25 +67,11 @@ PAGES = ("page_location", "page_title")
 ITEMS = ("item_name", "item_category")
 USERS = ("user_pseudo_id", "user_id")
 URL_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*"  # scheme and host: a page is the URL's path
-DAILY, INTRADAY = re.compile(r"events_(\d{8})"), re.compile(r"events_intraday_(\d{8})")
 
 
 def day_files(path: str | Path) -> list[Path]:
-    """The export files to read, in name (so date) order: `path` itself, its events_* files, or a glob's.
-    An events_intraday_YYYYMMDD file is left out when the day's events_YYYYMMDD is there: Google deletes
-    the intraday table once the daily one is complete, so both hold the same events."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.startswith("events_"))
-    else:
-        files = sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
-    if not files:
-        raise IngestError(path, "no GA4 export files here (expected events_YYYYMMDD files)",
-                          hint="point at an exported events_* file, a folder of them, or a glob")
-    daily = {m.group(1) for f in files if (m := DAILY.match(f.name))}
-    return [f for f in files if not ((m := INTRADAY.match(f.name)) and m.group(1) in daily)]
+    """The export files of `path` (a file, a folder of events_* files or a glob), in date order."""
+    return export_files(path, "events", "GA4")
 
 
 def read_ga4(
@@ -121,9 +105,7 @@ def read_ga4(
 
 def _read(file: Path, on_bad_rows: str, skipped: dict[str, int]) -> pl.DataFrame:
     """A file's events in the EVENT layout plus `_row` (0-based line or row): JSON lines or Parquet."""
-    with open(file, "rb") as f:
-        parquet = f.read(4) == b"PAR1"
-    if not parquet:
+    if not is_parquet(file):
         data = read_bytes(file)
         try:
             data.decode("utf-8")  # pyarrow lets invalid UTF-8 through; read_json_lines names its line
