@@ -16,7 +16,10 @@ Naming rule:
     "https://shop.googlemerchandisestore.com/Google+Redesign/Apparel/Mens?q=1" -> `apparel_mens`;
     or its page_title parameter as it is (page="page_title");
   - a `view_item` event gives one page per item, in the items' order: its item_name (items="item_name")
-    or item_category (items="item_category"); items=None ignores view_item;
+    or item_category (items="item_category"); items=None ignores view_item. A view_item whose `items`
+    list is empty (or holds no such field; frequent in the Merchandise Store export) is its page, named as
+    a page_view's (empty_items="page", the default; it then often repeats the page_view just before it,
+    a repeat that prepare collapses), or a bad row (empty_items="bad");
   - events named in `cart_events` (add_to_cart) -> Cart, in `purchase_events` (purchase) -> Purchase,
     after the pages of the same event (e.g. cart_events="add_to_cart,begin_checkout").
 user = user_pseudo_id, or user_id where the event has one (user="user_id"); session =
@@ -66,6 +69,7 @@ FAST_JSON = pa_json.ParseOptions(explicit_schema=pa.schema([(k, _arrow(t)) for k
 PAGES = ("page_location", "page_title")
 ITEMS = ("item_name", "item_category")
 USERS = ("user_pseudo_id", "user_id")
+EMPTY_ITEMS = ("page", "bad")  # what a view_item without items is: its page, or a bad row
 URL_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*"  # scheme and host: a page is the URL's path
 
 
@@ -82,16 +86,18 @@ def read_ga4(
     items: str | None = "item_name",
     cart_events: str | tuple[str, ...] = ("add_to_cart",),
     purchase_events: str | tuple[str, ...] = ("purchase",),
+    empty_items: str = "page",
     on_bad_rows: str = "error",
 ) -> IngestResult:
-    for name, value, valid in (("user", user, USERS), ("page", page, PAGES), ("items", items, (*ITEMS, None))):
+    for name, value, valid in (("user", user, USERS), ("page", page, PAGES), ("items", items, (*ITEMS, None)),
+                               ("empty_items", empty_items, EMPTY_ITEMS)):
         if value not in valid:
             raise ValueError(f"ga4: {name} must be one of {list(valid)}, not {value!r}")
     outcomes = {e: CART for e in event_codes(cart_events)} | {e: PURCHASE for e in event_codes(purchase_events)}
     skipped: dict[str, int] = {}
     frames, names = [], []
     for number, file in enumerate(day_files(path)):
-        events, event_names = _file_events(file, user, page, items, outcomes, on_bad_rows, skipped)
+        events, event_names = _file_events(file, user, page, items, empty_items, outcomes, on_bad_rows, skipped)
         frames.append(events.with_columns(file=pl.lit(number)))
         names.append(event_names)
     events = (
@@ -132,7 +138,18 @@ def _param(key: str, field: str) -> pl.Expr:
     return pl.col("event_params").list.eval(value.filter(pl.element().struct.field("key") == key)).list.first()
 
 
-def _file_events(file: Path, user: str, page: str, items: str | None, outcomes: dict[str, str],
+def _named_pages(events: pl.DataFrame, page: str, what: str, file: Path, on_bad_rows: str,
+                 skipped: dict[str, int]) -> pl.DataFrame:
+    """`events` with `page`: their page parameter, named by the rule of the module docstring."""
+    events = events.with_columns(page=_param(page, "string_value"))
+    events = bad_rows(events, events["page"].is_null(), file, f"{what} without a {page} parameter", on_bad_rows,
+                      skipped)
+    if page == "page_location":
+        events = events.with_columns(page=page_names(events["page"].str.replace(URL_ORIGIN, "")))
+    return events
+
+
+def _file_events(file: Path, user: str, page: str, items: str | None, empty_items: str, outcomes: dict[str, str],
                  on_bad_rows: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, pl.Series]:
     """One file's pages and outcomes (_row, us, user, session, page not yet normalised, item: the order
     among the event's pages), and every event's name (for the no-outcome warning)."""
@@ -153,17 +170,21 @@ def _file_events(file: Path, user: str, page: str, items: str | None, outcomes: 
                    "event_timestamp out of range (microseconds since the epoch expected)", on_bad_rows, skipped)
     keep = ["_row", "us", "user", "session"]
 
-    views = raw.filter(pl.col("name") == "page_view").with_columns(page=_param(page, "string_value"))
-    views = bad_rows(views, views["page"].is_null(), file, f"page_view without a {page} parameter",
-                     on_bad_rows, skipped)
-    if page == "page_location":
-        views = views.with_columns(page=page_names(views["page"].str.replace(URL_ORIGIN, "")))
-    frames = [views.select(*keep, "page", item=pl.lit(0))]
+    views = _named_pages(raw.filter(pl.col("name") == "page_view"), page, "page_view", file, on_bad_rows, skipped)
     if items is not None:
         viewed = pl.col("items").list.eval(pl.element().struct.field(items)).list.drop_nulls()
         item_views = raw.filter(pl.col("name") == "view_item").with_columns(page=viewed)
-        item_views = bad_rows(item_views, item_views["page"].list.len().fill_null(0) == 0, file,
-                              f"view_item without an item with an {items}", on_bad_rows, skipped)
+        no_items = item_views["page"].list.len().fill_null(0) == 0
+        if empty_items == "page":
+            fallback = _named_pages(item_views.filter(no_items).drop("page"), page, f"view_item with no {items} and",
+                                    file, on_bad_rows, skipped)
+            views, item_views = pl.concat([views, fallback]), item_views.filter(~no_items)
+        else:
+            item_views = bad_rows(item_views, no_items, file, f"view_item without an item with an {items}",
+                                  on_bad_rows, skipped, hint="read such a view_item as its page (empty_items='page'), "
+                                  "fix the export, or skip them")
+    frames = [views.select(*keep, "page", item=pl.lit(0))]
+    if items is not None:
         item_views = item_views.with_columns(item=pl.int_ranges(pl.col("page").list.len())).explode("page", "item")
         frames.append(item_views.select(*keep, "page", "item"))
     outcome_rows = raw.filter(pl.col("name").is_in(list(outcomes)))
