@@ -256,12 +256,12 @@ def _warnings_shown():
 def _print_summary(summary: dict, out: Path) -> None:
     from rich.table import Table
 
-    t = Table(title=f"prepared {summary['source']} -> {out}", show_header=False)
-    for key in ("users", "sessions", "pages", "samples", "sample_mode", "outcome_rates",
-                "tokens_per_sample", "dropped_rows", "ingest_notes", "seconds", "events_per_second"):
-        value = summary[key]
-        t.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    console.print(t)
+    from .prepare import summary_rows
+
+    t = Table(title=f"prepared {summary['source']} -> {out} (all figures: {out / 'summary.json'})", show_header=False)
+    for label, text in summary_rows(summary):
+        t.add_row(label, text)
+    console.print(t, highlight=False)
 
 
 def _writable(out: Path, file: bool = False) -> None:

@@ -349,3 +349,33 @@ def _summary(cfg, mode, ingested: Ingested, stats: list[dict], sample_stats: lis
         } | {"total": round(elapsed, 3)},
         "events_per_second": round(ingested.events / elapsed) if elapsed > 0 else None,
     }
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary as (label, text) rows for a person: counts with thousands separators, rates as
+    percentages, one line per dropped-row reason and note."""
+    def per_split(values: dict[str, Any], fmt) -> str:
+        return "  ".join(f"{s} {fmt(values[s])}" for s in SPLITS)
+
+    def rates(split: str) -> str:
+        r = summary["outcome_rates"][split]
+        return f"{split}: cart {r['cart']:.1%}, purchase {r['purchase']:.1%}, either {r['cart_or_purchase']:.1%}"
+
+    def counts(table: dict[str, int]) -> str:
+        return "\n".join(f"{n:>9,}  {reason}" for reason, n in table.items()) or "none"
+
+    tokens = summary["tokens_per_sample"]
+    seconds = summary["seconds"]
+    return [
+        ("users", f"{summary['users']:,} ({per_split(summary['users_per_split'], '{:,}'.format)})"),
+        ("sessions", f"{summary['sessions']:,} (median {summary['sessions_per_user_median']:g} per user)"),
+        ("pages", f"{summary['pages']:,} (vocabulary, without special tokens)"),
+        ("samples", f"{per_split(summary['samples'], '{:,}'.format)} ({summary['sample_mode']})"),
+        ("outcome rates", "\n".join(rates(s) for s in SPLITS)),
+        ("tokens per sample", "  ".join(f"{k} {v:g}" for k, v in tokens.items()) or "none"),
+        ("events", f"{summary['events_read']:,} read, {summary['events_kept']:,} kept in sessions"),
+        ("dropped rows", counts(summary["dropped_rows"])),
+        ("ingest notes", counts(summary["ingest_notes"])),
+        ("time", f"{seconds['total']:.1f} s (ingest {seconds['ingest']:.1f} s), "
+                 f"{summary['events_per_second'] or 0:,} events/s"),
+    ]

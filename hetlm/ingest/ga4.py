@@ -41,7 +41,7 @@ from .base import (
     CART, PURCHASE, IngestError, IngestResult, bad_rows, event_codes, export_files, finish, is_parquet,
     most_frequent, normalize_pages, seconds_out_of_range,
 )
-from .ga360 import page_names
+from .ga360 import ACROSS_MIDNIGHT, page_names
 from .generic import read_bytes, read_json_lines
 
 VALUE = pl.Struct({"string_value": pl.Utf8, "int_value": pl.Utf8})
@@ -100,13 +100,17 @@ def read_ga4(
         events, event_names = _file_events(file, user, page, items, empty_items, outcomes, on_bad_rows, skipped)
         frames.append(events.with_columns(file=pl.lit(number)))
         names.append(event_names)
+    events = pl.concat(frames)
+    days = events.drop_nulls("session").group_by("session").agg(pl.col("file").n_unique())
+    crossing = int((days["file"] > 1).sum())
     events = (
-        pl.concat(frames)
+        events
         .sort(["us", "file", "_row", "item"])  # the row (and item) order within a microsecond
         .select("user", "session", ts=pl.col("us") // 1000, page=normalize_pages(pl.col("page")))
     )
     event_values = most_frequent(pl.concat(names))
-    return IngestResult(finish(events), "ga4", str(path), skipped, event_values=event_values)
+    notes = {ACROSS_MIDNIGHT: crossing} if crossing else {}
+    return IngestResult(finish(events), "ga4", str(path), skipped, event_values=event_values, notes=notes)
 
 
 def _read(file: Path, on_bad_rows: str, skipped: dict[str, int]) -> pl.DataFrame:
