@@ -196,6 +196,7 @@ def prepare(
     from pydantic import ValidationError
 
     from .ingest import IngestError
+    from .ingest.base import SKIP_FLAG, skip_spelling
     from .prepare import PrepareConfig
     from .prepare import prepare as run_prepare
 
@@ -215,7 +216,8 @@ def prepare(
         with _warnings_shown():
             summary = run_prepare(source, path, out, cfg, **options)
     except (IngestError, ValidationError, ValueError, OSError) as err:
-        _fail(err)
+        with skip_spelling(SKIP_FLAG):
+            _fail(err)
     _print_summary(summary, out)
 
 
@@ -476,6 +478,7 @@ def experiment(
     of the config can be changed with --set (e.g. --set pretrain.epochs=1 --set hetlm.enabled=false)."""
     from .experiment import ExperimentConfig, run_experiment
     from .ingest import IngestError
+    from .ingest.base import skip_spelling
     from .sessions import DataError
 
     given = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
@@ -483,7 +486,8 @@ def experiment(
     try:
         run_experiment(cfg, out, progress=progress)
     except (IngestError, DataError) as err:
-        _fail(err)
+        with skip_spelling("--set prepare.on_bad_rows=skip"):  # experiment has no --skip-bad-rows
+            _fail(err)
 
 
 @app.command()
@@ -561,6 +565,7 @@ def score(
     from pydantic import ValidationError
 
     from .ingest import IngestError
+    from .ingest.base import SKIP_FLAG, skip_spelling
     from .score import ScoreConfig, Scorer, score_log
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
@@ -578,7 +583,8 @@ def score(
             summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
                                 batch_users, partitions=partitions, **options)
     except (IngestError, ValidationError, ValueError, OSError) as err:
-        _fail(err)
+        with skip_spelling(SKIP_FLAG):
+            _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
 
 

@@ -11,10 +11,12 @@ Event table (polars DataFrame), one row per page view, in log order:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +43,32 @@ class NoOutcomesWarning(UserWarning):
     """The log has event types, and none of them was read as Cart or Purchase."""
 
 
+# Hints name the CLI's prepare/score flag; an error shows the spelling of its caller (`skip_spelling`).
+SKIP_FLAG = "--skip-bad-rows"
+_skip_spelling: ContextVar[str] = ContextVar("skip_spelling", default="on_bad_rows='skip'")  # the Python keyword
+
+
+@contextlib.contextmanager
+def skip_spelling(spelling: str) -> Iterator[None]:
+    """IngestErrors shown within say "skip bad rows" as `spelling` (e.g. experiment's --set key)."""
+    token = _skip_spelling.set(spelling)
+    try:
+        yield
+    finally:
+        _skip_spelling.reset(token)
+
+
 class IngestError(ValueError):
     """A problem in an input file, said with the file, the line and what to do."""
 
     def __init__(self, path: str | Path, problem: str, line: int | None = None, hint: str = ""):
         self.path, self.line, self.problem, self.hint = str(path), line, problem, hint
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}" + (f" ({hint})" if hint else ""))
+        super().__init__(path, problem, line, hint)
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        hint = self.hint.replace(SKIP_FLAG, _skip_spelling.get())
+        return f"{where}: {self.problem}" + (f" ({hint})" if hint else "")
 
 
 @dataclass
@@ -110,26 +131,42 @@ def sample_users(events: pl.DataFrame, fraction: float, seed: int = 0) -> pl.Dat
     return events.filter(kept) if fraction < 1 else events
 
 
+# Characters that show as nothing: zero-width space, non-joiner, joiner, word joiner, BOM (zero-width no-break).
+ZERO_WIDTH = "[\u200b\u200c\u200d\u2060\ufeff]"
+
+
+def unicode_text(expr: pl.Expr) -> pl.Expr:
+    """Text as it reads: Unicode NFC (so 'Café' typed as e + combining accent is the one 'Café') and without
+    zero-width characters."""
+    return expr.cast(pl.Utf8).str.normalize("NFC").str.replace_all(ZERO_WIDTH, "")
+
+
 def normalize_pages(expr: pl.Expr) -> pl.Expr:
-    """Page names as single tokens: trimmed, whitespace runs (incl. newlines) -> '_', empty -> null."""
+    """Page names as single tokens: `unicode_text`, trimmed, whitespace runs (incl. newlines) -> '_', empty -> null."""
     # \x1c-\x1f (information separators) are whitespace to Python's str.split, though not to \s.
-    cleaned = expr.cast(pl.Utf8).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
+    cleaned = unicode_text(expr).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
     return pl.when(cleaned.str.len_chars() > 0).then(cleaned).otherwise(None)
 
 
 MERGED_PAGES = "distinct page names merged into one by normalisation (e.g. 'a b' and 'a_b')"
+LOOK_ALIKE_PAGES = ("distinct page names that differ only in Unicode form or zero-width characters, merged into one "
+                    "(e.g. 'Café' in NFC and NFD, 'Home' and 'Home' + U+200B)")
 NUMERIC_TWIN_USERS = "distinct user ids equal as numbers but written differently (e.g. '1' and '1.0'; kept apart)"
 
 
 def name_notes(raw_pages: pl.Series, pages: pl.Series, users: pl.Series) -> dict[str, int]:
-    """Counts of the two silent look-alikes of a log: raw page names that became one page, and user ids that
+    """Counts of the silent look-alikes of a log: raw page names that read alike (Unicode form, zero-width
+    characters) and became one page, other raw names that became one page (whitespace), and user ids that
     differ as text but not as numbers (two users, as the log writes them; said so it can be fixed)."""
-    names = pl.DataFrame({"raw": raw_pages, "page": pages}).drop_nulls().unique()
-    merged = names.group_by("page").len().filter(pl.col("len") > 1)["len"].sum()
+    names = pl.DataFrame({"raw": raw_pages, "page": pages}).drop_nulls().unique().with_columns(
+        text=unicode_text(pl.col("raw")))
+    look_alike = names.group_by("text").len().filter(pl.col("len") > 1)["len"].sum()
+    merged = names.select("text", "page").unique().group_by("page").len().filter(pl.col("len") > 1)["len"].sum()
     ids = users.unique().to_frame("user").with_columns(
         number=pl.col("user").str.replace(r"^([+-]?)0*(\d+?)(\.0*)?$", "${1}${2}"))
     twins = ids.group_by("number").len().filter(pl.col("len") > 1)["len"].sum()
-    return {name: int(n) for name, n in ((MERGED_PAGES, merged), (NUMERIC_TWIN_USERS, twins)) if n}
+    counts = ((LOOK_ALIKE_PAGES, look_alike), (MERGED_PAGES, merged), (NUMERIC_TWIN_USERS, twins))
+    return {name: int(n) for name, n in counts if n}
 
 
 def finish(events: pl.DataFrame) -> pl.DataFrame:
