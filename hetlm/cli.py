@@ -71,11 +71,10 @@ Overrides = Annotated[Optional[list[str]], typer.Option(
 def _given(ctx: typer.Context, fields: dict[str, str] | None = None, **options) -> dict:
     """The options given on the command line (not left at their defaults), named as the config's fields
     (`fields` maps the option names that differ)."""
-    from click.core import ParameterSource
-
     fields = fields or {}
+    # By name: typer may run on its own copy of click, whose ParameterSource is another enum than click's.
     return {fields.get(name, name): value for name, value in options.items()
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"}
 
 
 def _config(model_cls, path: Optional[Path], options: dict, overrides: Optional[list[str]]):
