@@ -152,7 +152,7 @@ def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
 def prepare(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
-    path: Path = typer.Argument(..., help="the log file (ga4, adobe: or a folder, or a quoted glob)"),
+    path: Path = typer.Argument(..., help="the log file (ga360, ga4, adobe: or a folder, or a quoted glob)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
     user: UserColumn = None,
     page: PageColumn = None,
@@ -190,7 +190,7 @@ def prepare(
 ) -> None:
     """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary.
 
-    ga4 and adobe logs may be a folder or a quoted glob of day files. Every setting: --config (JSON of
+    ga360, ga4 and adobe logs may be a folder or a quoted glob of day files. Every setting: --config (JSON of
     `PrepareConfig`) and --set <field>=..."""
     from pydantic import ValidationError
 

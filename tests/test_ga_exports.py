@@ -1,6 +1,7 @@
 """GA360 and GA4 exports as users hold them: small real slices of the Merchandise Store exports in
 tests/data/ga360-export and tests/data/ga4-export (tests/data/make_ga_exports.py wrote them)."""
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -9,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hetlm.cli import app
+from hetlm.config import load_config
+from hetlm.experiment import ExperimentConfig
 from hetlm.ingest import IngestError, read_events
 from hetlm.ingest.ga360 import ACROSS_MIDNIGHT, NO_PAGE_HIT
 from hetlm.prepare import PrepareConfig, prepare
@@ -17,6 +20,7 @@ from hetlm.sessions import sessionize
 DATA = Path(__file__).resolve().parent / "data"
 GA360 = DATA / "ga360-export"
 GA4 = DATA / "ga4-export"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIDNIGHT_USER = "3634155159894530540"  # visit 1470121149: rows in the 2016-08-01 and 08-02 files
 
 
@@ -109,3 +113,22 @@ def test_prepare_an_export_folder_with_no_flag_prints_a_readable_summary(source,
     text = " ".join(result.output.split())
     assert "users" in text and "outcome rates" in text and "train: cart" in text and "%" in text
     assert '{"' not in result.output  # no raw JSON
+
+
+@pytest.mark.parametrize("name", ["ga360-dataset-i.json", "ga360-dataset-i-gpu.json"])
+def test_dataset_i_configs_load_with_the_papers_preprocessing(name):
+    config = load_config(ExperimentConfig, CONFIGS / name)
+    assert config.source == "ga360" and config.prepare.split == "user" and config.prepare.max_len == 512
+    assert config.prepare.test_fraction == 0.1 and config.prepare.long_sessions == "drop"
+    assert config.kmeans.n_clusters == 6 and config.hetlm.config.n_clusters == 6
+    pairs = [tuple(run) for run in config.hetlm.runs if not isinstance(run, dict)]
+    assert pairs == [(1.0, 0.0), (2.0, 1.0), (3.0, 1.0), (5.0, 9.0)]
+
+
+def test_prepare_config_file_is_not_overridden_by_option_defaults(tmp_path):
+    (tmp_path / "prepare.json").write_text('{"split": "user", "max_len": 256}')
+    result = CliRunner().invoke(app, ["prepare", "ga360", str(GA360 / "parquet"), "--out", str(tmp_path / "p"),
+                                      "--config", str(tmp_path / "prepare.json"), "--max-len", "300"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "p" / "summary.json").read_text())["config"]
+    assert config["split"] == "user" and config["max_len"] == 300  # the file's, then the option given
