@@ -14,8 +14,8 @@ from .base import (
     CART, EVENT_SCHEMA, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, NoOutcomesWarning, sample_users,
     warn_if_no_outcomes,
 )
-from .ga4 import day_files, read_ga4
-from .ga360 import day_files as ga360_files
+from . import ga4, ga360
+from .ga4 import read_ga4
 from .ga360 import read_ga360
 from .generic import read_generic
 from .msnbc import read_msnbc
@@ -87,7 +87,7 @@ def input_files(source: str, path: str | Path, **options) -> list[tuple[Path, di
     reads them one chunk at a time): a GA360 or GA4 export's day files, a data feed's hit data files with their
     lookup folder, or the one file of other sources."""
     if source in ("ga360", "ga4"):
-        return [(file, {}) for file in (ga360_files if source == "ga360" else day_files)(path)]
+        return [(file, {}) for file in (ga360 if source == "ga360" else ga4).day_files(path)]
     if source == "adobe":
         return [(file, {"lookups": str(folder)}) for file, folder in feed_files(path, options.get("lookups"))]
     return [(Path(path), {})]
