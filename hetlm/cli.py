@@ -71,11 +71,10 @@ Overrides = Annotated[Optional[list[str]], typer.Option(
 def _given(ctx: typer.Context, fields: dict[str, str] | None = None, **options) -> dict:
     """The options given on the command line (not left at their defaults), named as the config's fields
     (`fields` maps the option names that differ)."""
-    from click.core import ParameterSource
-
     fields = fields or {}
+    # By name: typer may run on its own copy of click, whose ParameterSource is another enum than click's.
     return {fields.get(name, name): value for name, value in options.items()
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"}
 
 
 def _config(model_cls, path: Optional[Path], options: dict, overrides: Optional[list[str]]):
@@ -156,7 +155,7 @@ def _write_run_record(out: Path, config: dict, prepared: Path) -> None:
 def prepare(
     ctx: typer.Context,
     source: str = typer.Argument(..., help="generic | taobao | rees46 | ga360 | otto | msnbc | ga4 | adobe"),
-    path: Path = typer.Argument(..., help="the log file (ga4, adobe: or a folder, or a quoted glob)"),
+    path: Path = typer.Argument(..., help="the log file (ga360, ga4, adobe: or a folder, or a quoted glob)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
     user: UserColumn = None,
     page: PageColumn = None,
@@ -194,11 +193,12 @@ def prepare(
 ) -> None:
     """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary.
 
-    ga4 and adobe logs may be a folder or a quoted glob of day files. Every setting: --config (JSON of
+    ga360, ga4 and adobe logs may be a folder or a quoted glob of day files. Every setting: --config (JSON of
     `PrepareConfig`) and --set <field>=..."""
     from pydantic import ValidationError
 
     from .ingest import IngestError
+    from .ingest.base import SKIP_FLAG, skip_spelling
     from .prepare import PrepareConfig
     from .prepare import prepare as run_prepare
 
@@ -218,7 +218,8 @@ def prepare(
         with _warnings_shown():
             summary = run_prepare(source, path, out, cfg, **options)
     except (IngestError, ValidationError, ValueError, OSError) as err:
-        _fail(err)
+        with skip_spelling(SKIP_FLAG):
+            _fail(err)
     _print_summary(summary, out)
 
 
@@ -259,12 +260,12 @@ def _warnings_shown():
 def _print_summary(summary: dict, out: Path) -> None:
     from rich.table import Table
 
-    t = Table(title=f"prepared {summary['source']} -> {out}", show_header=False)
-    for key in ("users", "sessions", "pages", "samples", "sample_mode", "outcome_rates",
-                "tokens_per_sample", "dropped_rows", "ingest_notes", "seconds", "events_per_second"):
-        value = summary[key]
-        t.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    console.print(t)
+    from .prepare import summary_rows
+
+    t = Table(title=f"prepared {summary['source']} -> {out} (all figures: {out / 'summary.json'})", show_header=False)
+    for label, text in summary_rows(summary):
+        t.add_row(label, text)
+    console.print(t, highlight=False)
 
 
 def _writable(out: Path, file: bool = False) -> None:
@@ -505,6 +506,7 @@ def experiment(
     of the config can be changed with --set (e.g. --set pretrain.epochs=1 --set hetlm.enabled=false)."""
     from .experiment import ExperimentConfig, run_experiment
     from .ingest import IngestError
+    from .ingest.base import skip_spelling
     from .sessions import DataError
 
     given = {k: v for k, v in (("path", str(data) if data else None), ("source", source)) if v is not None}
@@ -513,7 +515,10 @@ def experiment(
     cfg = _config(ExperimentConfig, config, given, overrides)
     try:
         run_experiment(cfg, out, progress=progress, overwrite=overwrite)
-    except (IngestError, DataError, ValueError, OSError) as err:
+    except (IngestError, DataError) as err:
+        with skip_spelling("--set prepare.on_bad_rows=skip"):  # experiment has no --skip-bad-rows
+            _fail(err)
+    except (ValueError, OSError) as err:
         _fail(err)
     except KeyboardInterrupt:
         console.print(f"[bold red]interrupted:[/] {RunFolder(out).describe()}")
@@ -595,6 +600,7 @@ def score(
     from pydantic import ValidationError
 
     from .ingest import IngestError
+    from .ingest.base import SKIP_FLAG, skip_spelling
     from .score import ScoreConfig, Scorer, score_log
 
     options = _source_options(source, user=user, page=page, time=time, session=session, event=event, order=order,
@@ -612,7 +618,8 @@ def score(
             summary = score_log(scorer, source, events, out, settings, "skip" if skip_bad_rows else "error",
                                 batch_users, partitions=partitions, **options)
     except (IngestError, ValidationError, ValueError, OSError) as err:
-        _fail(err)
+        with skip_spelling(SKIP_FLAG):
+            _fail(err)
     console.print(f"{summary.users_scored} of {summary.users_in_log} users scored -> {summary.out}")
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)

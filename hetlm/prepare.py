@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -45,6 +46,10 @@ SPLITS = ("train", "val", "test")
 HOUR_MS = 3_600_000  # target start times are counted per hour for the exact time-split cutoffs
 ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader holds at once
 SAMPLE_CHUNK_TARGETS = 20_000  # targets whose samples are built and written at once
+LARGE_VOCABULARY = 100_000  # pages beyond which prepare warns: the tiny preset's embeddings alone are 12.8M+
+SCRATCH = ".prepare-"  # prepare's scratch folders inside --out
+# What a prepared folder holds (publish_prepared): another non-empty --out is refused.
+PREPARED_NAMES = ("train.parquet", "val.parquet", "test.parquet", "tokenizer", "summary.json")
 
 
 class PrepareConfig(BaseModel):
@@ -101,20 +106,49 @@ def prepare(source: str, path: str | Path, out: str | Path, config: PrepareConfi
     folder that `outputs.check_prepared` reports as incomplete, never a mix.
     """
     cfg = config or PrepareConfig()
-    out = writable_folder(Path(out))
+    out = writable_folder(_not_foreign(Path(out)))
     clock = {"start": time.perf_counter()}
-    with work_dir(out, ".prepare-") as work:
+    with work_dir(out, SCRATCH) as work:
         parts = Partitions(work if cfg.partitions > 1 else None)
         ingested = ingest_log(source, path, parts, source_options, cfg.partitions, cfg.on_bad_rows,
                               cfg.sample_users, cfg.seed)
         clock["ingest"] = time.perf_counter()
         (work / "new").mkdir()
-        summary = {"source": source, "path": str(path)} | _prepare_partitions(parts, ingested, cfg, work / "new", clock)
+        try:
+            summary = {"source": source, "path": str(path)} | _prepare_partitions(parts, ingested, cfg, work / "new",
+                                                                                  clock)
+        except NoSessionPairs as err:
+            raise DataError(f"{err}{_one_session_hint(source, source_options)}") from None
         if summary["samples"]["train"] == 0:  # a run that trains nothing must not start
             raise DataError(f"no training sample is left (samples {summary['samples']}; rows dropped by reason: "
                             f"{summary['dropped_rows']}); raise max_len or use a longer log")
         publish_prepared(work / "new", out, summary)
     return summary
+
+
+def _not_foreign(out: Path) -> Path:
+    """`out`, unless it is a non-empty folder that holds more than a prepared folder does (e.g. a model folder:
+    publishing would replace its tokenizer/)."""
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_NAMES
+                         and not p.name.startswith((SCRATCH, ".tokenizer.old")))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(f"--out {out} is not a prepared folder (it holds {shown}); prepare writes "
+                             f"{', '.join(PREPARED_NAMES)} there and would replace them: give a new or empty folder")
+    return out
+
+
+class NoSessionPairs(DataError):
+    """No user has two sessions after cleaning."""
+
+
+def _one_session_hint(source: str, options: dict[str, Any]) -> str:
+    """Why a log may have no user with two sessions, where the reason can be seen in the options."""
+    if source == "generic" and options.get("time") is None and options.get("session") is None:
+        return ("; the log was read without a time or a session column, so each user's rows are one session: name "
+                "the time column (--time, time=) or the session id column (--session, session=)")
+    return ""
 
 
 def _grouped_sessions(events: pl.DataFrame, cfg: PrepareConfig, report: CleaningReport) -> pl.DataFrame:
@@ -201,7 +235,7 @@ def _prepare_partitions(parts: Partitions, ingested: Ingested, cfg: PrepareConfi
             f"({longest} tokens); raise max_len or lower long_session_percentile"
         )
     if start_hours.n == 0:
-        raise DataError("no user has two sessions after cleaning: nothing to predict")
+        raise NoSessionPairs("no user has two sessions after cleaning: nothing to predict")
     split = SplitConfig(**cfg.model_dump(include=set(SplitConfig.model_fields)))
     cutoffs = _time_cutoffs(parts, start_hours, split) if cfg.split == "time" else None
     page_counts = []
@@ -212,6 +246,8 @@ def _prepare_partitions(parts: Partitions, ingested: Ingested, cfg: PrepareConfi
     counts = pl.concat(page_counts).group_by("pages").agg(pl.col("len").sum())
     # Most frequent first, so ids are stable and small ids are common pages.
     pages = counts.filter(pl.col("len") >= cfg.min_page_count).sort(["len", "pages"], descending=[True, False])
+    if pages.height > LARGE_VOCABULARY:
+        _warn_large_vocabulary(pages["len"], cfg.min_page_count)
     tokenizer = build_tokenizer(pages["pages"].to_list())
     vocab = tokenizer.get_vocab()
 
@@ -240,6 +276,27 @@ def _prepare_partitions(parts: Partitions, ingested: Ingested, cfg: PrepareConfi
     tokenizer.save_pretrained(out / "tokenizer")
     clock["write"] = time.perf_counter()
     return _summary(cfg, mode, ingested, stats, sample_stats, tokenizer, report, clock)
+
+
+class LargeVocabularyWarning(UserWarning):
+    """So many distinct pages that the page embeddings outweigh the model."""
+
+
+def _warn_large_vocabulary(counts: pl.Series, min_page_count: int) -> None:
+    """Say what a vocabulary of len(counts) pages (their training counts) costs, and what --min-page-count saves."""
+    from .models import preset_parameters  # torch: imported only when there is something to say
+
+    size = preset_parameters("tiny", len(counts) + len(SPECIALS))
+    fewer = next(((m, int((counts >= m).sum())) for m in (2, 3, 5, 10, 20, 50, 100)
+                  if m > min_page_count and (counts >= m).sum() <= LARGE_VOCABULARY), None)
+    suggestion = (f"--min-page-count {fewer[0]} (min_page_count={fewer[0]}) keeps {fewer[1]:,} pages seen {fewer[0]}+ "
+                  "times and maps the rest to [UNK]" if fewer else "raise --min-page-count (min_page_count)")
+    warnings.warn(
+        f"the vocabulary has {len(counts):,} pages ({int((counts == 1).sum()):,} of them seen once in training): "
+        f"even the tiny preset then has {size / 1e6:,.0f}M parameters, nearly all page embeddings that "
+        f"train, validate and score slowly and learn little from pages seen a few times; {suggestion}",
+        LargeVocabularyWarning, stacklevel=3,
+    )
 
 
 def _copied(df: pl.DataFrame) -> pl.DataFrame:
@@ -349,3 +406,33 @@ def _summary(cfg, mode, ingested: Ingested, stats: list[dict], sample_stats: lis
         } | {"total": round(elapsed, 3)},
         "events_per_second": round(ingested.events / elapsed) if elapsed > 0 else None,
     }
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary as (label, text) rows for a person: counts with thousands separators, rates as
+    percentages, one line per dropped-row reason and note."""
+    def per_split(values: dict[str, Any], fmt) -> str:
+        return "  ".join(f"{s} {fmt(values[s])}" for s in SPLITS)
+
+    def rates(split: str) -> str:
+        r = summary["outcome_rates"][split]
+        return f"{split}: cart {r['cart']:.1%}, purchase {r['purchase']:.1%}, either {r['cart_or_purchase']:.1%}"
+
+    def counts(table: dict[str, int]) -> str:
+        return "\n".join(f"{n:>9,}  {reason}" for reason, n in table.items()) or "none"
+
+    tokens = summary["tokens_per_sample"]
+    seconds = summary["seconds"]
+    return [
+        ("users", f"{summary['users']:,} ({per_split(summary['users_per_split'], '{:,}'.format)})"),
+        ("sessions", f"{summary['sessions']:,} (median {summary['sessions_per_user_median']:g} per user)"),
+        ("pages", f"{summary['pages']:,} (vocabulary, without special tokens)"),
+        ("samples", f"{per_split(summary['samples'], '{:,}'.format)} ({summary['sample_mode']})"),
+        ("outcome rates", "\n".join(rates(s) for s in SPLITS)),
+        ("tokens per sample", "  ".join(f"{k} {v:g}" for k, v in tokens.items()) or "none"),
+        ("events", f"{summary['events_read']:,} read, {summary['events_kept']:,} kept in sessions"),
+        ("dropped rows", counts(summary["dropped_rows"])),
+        ("ingest notes", counts(summary["ingest_notes"])),
+        ("time", f"{seconds['total']:.1f} s (ingest {seconds['ingest']:.1f} s), "
+                 f"{summary['events_per_second'] or 0:,} events/s"),
+    ]

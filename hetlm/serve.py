@@ -28,6 +28,7 @@ import asyncio
 import json
 import math
 import re
+import unicodedata
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from starlette.responses import JSONResponse
 
+from .ingest.base import ZERO_WIDTH
 from .score import ScoreConfig, Scorer, UserScore
 
 
@@ -48,7 +50,7 @@ def _page_name(page: str) -> str:
         page.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("a page name must be valid Unicode text (this one holds a lone surrogate)") from None
-    name = re.sub(r"\s+", "_", page.strip())
+    name = re.sub(r"\s+", "_", re.sub(ZERO_WIDTH, "", unicodedata.normalize("NFC", page)).strip())
     if not name:
         raise ValueError("a page name must hold a non-space character")
     return name

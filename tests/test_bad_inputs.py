@@ -17,6 +17,7 @@ from hetlm.cli import app
 from hetlm.experiment import ExperimentConfig
 from hetlm.ingest import IngestError, read_events
 from hetlm.ingest.base import NOT_UTF8, OUTCOME_NAMED_VIEW
+from hetlm.ingest.ga360 import HIT_TWICE
 from hetlm.prepare import PrepareConfig, prepare
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
@@ -161,7 +162,7 @@ HANDLED = {
     "ga360/good.jsonl": (28, {}, None),
     "ga360/blank_lines.jsonl": (28, {}, "ga360/good.jsonl"),
     "ga360/shuffled_hits.jsonl": (28, {}, "ga360/good.jsonl"),
-    "ga360/duplicate_session.jsonl": (31, {REPEAT: 3}, "ga360/good.jsonl"),
+    "ga360/duplicate_session.jsonl": (31, {HIT_TWICE: 3}, "ga360/good.jsonl"),
     "ga360/tricky_paths.jsonl": (28, {}, None),
     "otto/good.jsonl": (27, {}, None),
     "otto/out_of_order.jsonl": (27, {}, "otto/good.jsonl"),

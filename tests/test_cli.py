@@ -65,7 +65,7 @@ def test_bad_input_is_a_clear_error(shared_data, tmp_path):
     assert missing.exit_code == 2 and "no such file" in missing.output
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
-    generic = runner.invoke(app, ["prepare", "generic", str(bad), "--out", str(tmp_path), "--user", "user",
+    generic = runner.invoke(app, ["prepare", "generic", str(bad), "--out", str(tmp_path / "out"), "--user", "user",
                                   "--page", "page"])
     assert generic.exit_code == 2 and "missing column" in generic.output
 

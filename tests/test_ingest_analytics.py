@@ -107,6 +107,9 @@ def test_ga4_missing_parameters_are_bad_rows_with_their_line(tmp_path):
     assert err.value.line == 4 and "event without a numeric event_timestamp" in err.value.problem
     skipped = read_events("ga4", log, on_bad_rows="skip").skipped
     assert skipped == {"event without a numeric event_timestamp": 1, "page_view without a page_location parameter": 1,
+                       "view_item with no item_name and without a page_location parameter": 1}  # no page to fall back to
+    skipped = read_events("ga4", log, on_bad_rows="skip", empty_items="bad").skipped
+    assert skipped == {"event without a numeric event_timestamp": 1, "page_view without a page_location parameter": 1,
                        "view_item without an item with an item_name": 1}
 
 

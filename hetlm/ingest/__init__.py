@@ -14,7 +14,8 @@ from .base import (
     CART, EVENT_SCHEMA, OUTCOME_PAGES, PURCHASE, IngestError, IngestResult, NoOutcomesWarning, sample_users,
     warn_if_no_outcomes,
 )
-from .ga4 import day_files, read_ga4
+from . import ga4, ga360
+from .ga4 import read_ga4
 from .ga360 import read_ga360
 from .generic import read_generic
 from .msnbc import read_msnbc
@@ -33,7 +34,7 @@ SOURCES: dict[str, Callable[..., IngestResult]] = {
     "adobe": read_adobe,
 }
 # Sources whose log may be a folder or glob of files (one per day); `input_files` lists them.
-MULTI_FILE = {"ga4", "adobe"}
+MULTI_FILE = {"ga360", "ga4", "adobe"}
 
 __all__ = [
     "CART", "EVENT_SCHEMA", "OUTCOME_PAGES", "PURCHASE", "SOURCES", "IngestError", "IngestResult",
@@ -83,10 +84,10 @@ def outcomes(events) -> int:
 
 def input_files(source: str, path: str | Path, **options) -> list[tuple[Path, dict]]:
     """The files of a log, each with the adapter options it is read with on its own (a partitioned prepare
-    reads them one chunk at a time): a GA4 export's day files, a data feed's hit data files with their
+    reads them one chunk at a time): a GA360 or GA4 export's day files, a data feed's hit data files with their
     lookup folder, or the one file of other sources."""
-    if source == "ga4":
-        return [(file, {}) for file in day_files(path)]
+    if source in ("ga360", "ga4"):
+        return [(file, {}) for file in (ga360 if source == "ga360" else ga4).day_files(path)]
     if source == "adobe":
         return [(file, {"lookups": str(folder)}) for file, folder in feed_files(path, options.get("lookups"))]
     return [(Path(path), {})]

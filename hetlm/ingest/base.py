@@ -11,8 +11,12 @@ Event table (polars DataFrame), one row per page view, in log order:
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +43,32 @@ class NoOutcomesWarning(UserWarning):
     """The log has event types, and none of them was read as Cart or Purchase."""
 
 
+# Hints name the CLI's prepare/score flag; an error shows the spelling of its caller (`skip_spelling`).
+SKIP_FLAG = "--skip-bad-rows"
+_skip_spelling: ContextVar[str] = ContextVar("skip_spelling", default="on_bad_rows='skip'")  # the Python keyword
+
+
+@contextlib.contextmanager
+def skip_spelling(spelling: str) -> Iterator[None]:
+    """IngestErrors shown within say "skip bad rows" as `spelling` (e.g. experiment's --set key)."""
+    token = _skip_spelling.set(spelling)
+    try:
+        yield
+    finally:
+        _skip_spelling.reset(token)
+
+
 class IngestError(ValueError):
     """A problem in an input file, said with the file, the line and what to do."""
 
     def __init__(self, path: str | Path, problem: str, line: int | None = None, hint: str = ""):
         self.path, self.line, self.problem, self.hint = str(path), line, problem, hint
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}" + (f" ({hint})" if hint else ""))
+        super().__init__(path, problem, line, hint)
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        hint = self.hint.replace(SKIP_FLAG, _skip_spelling.get())
+        return f"{where}: {self.problem}" + (f" ({hint})" if hint else "")
 
 
 @dataclass
@@ -108,26 +131,42 @@ def sample_users(events: pl.DataFrame, fraction: float, seed: int = 0) -> pl.Dat
     return events.filter(kept) if fraction < 1 else events
 
 
+# Characters that show as nothing: zero-width space, non-joiner, joiner, word joiner, BOM (zero-width no-break).
+ZERO_WIDTH = "[\u200b\u200c\u200d\u2060\ufeff]"
+
+
+def unicode_text(expr: pl.Expr) -> pl.Expr:
+    """Text as it reads: Unicode NFC (so 'Café' typed as e + combining accent is the one 'Café') and without
+    zero-width characters."""
+    return expr.cast(pl.Utf8).str.normalize("NFC").str.replace_all(ZERO_WIDTH, "")
+
+
 def normalize_pages(expr: pl.Expr) -> pl.Expr:
-    """Page names as single tokens: trimmed, whitespace runs (incl. newlines) -> '_', empty -> null."""
+    """Page names as single tokens: `unicode_text`, trimmed, whitespace runs (incl. newlines) -> '_', empty -> null."""
     # \x1c-\x1f (information separators) are whitespace to Python's str.split, though not to \s.
-    cleaned = expr.cast(pl.Utf8).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
+    cleaned = unicode_text(expr).str.replace_all(r"[\s\x1c-\x1f]+", " ").str.strip_chars().str.replace_all(" ", "_")
     return pl.when(cleaned.str.len_chars() > 0).then(cleaned).otherwise(None)
 
 
 MERGED_PAGES = "distinct page names merged into one by normalisation (e.g. 'a b' and 'a_b')"
+LOOK_ALIKE_PAGES = ("distinct page names that differ only in Unicode form or zero-width characters, merged into one "
+                    "(e.g. 'Café' in NFC and NFD, 'Home' and 'Home' + U+200B)")
 NUMERIC_TWIN_USERS = "distinct user ids equal as numbers but written differently (e.g. '1' and '1.0'; kept apart)"
 
 
 def name_notes(raw_pages: pl.Series, pages: pl.Series, users: pl.Series) -> dict[str, int]:
-    """Counts of the two silent look-alikes of a log: raw page names that became one page, and user ids that
+    """Counts of the silent look-alikes of a log: raw page names that read alike (Unicode form, zero-width
+    characters) and became one page, other raw names that became one page (whitespace), and user ids that
     differ as text but not as numbers (two users, as the log writes them; said so it can be fixed)."""
-    names = pl.DataFrame({"raw": raw_pages, "page": pages}).drop_nulls().unique()
-    merged = names.group_by("page").len().filter(pl.col("len") > 1)["len"].sum()
+    names = pl.DataFrame({"raw": raw_pages, "page": pages}).drop_nulls().unique().with_columns(
+        text=unicode_text(pl.col("raw")))
+    look_alike = names.group_by("text").len().filter(pl.col("len") > 1)["len"].sum()
+    merged = names.select("text", "page").unique().group_by("page").len().filter(pl.col("len") > 1)["len"].sum()
     ids = users.unique().to_frame("user").with_columns(
         number=pl.col("user").str.replace(r"^([+-]?)0*(\d+?)(\.0*)?$", "${1}${2}"))
     twins = ids.group_by("number").len().filter(pl.col("len") > 1)["len"].sum()
-    return {name: int(n) for name, n in ((MERGED_PAGES, merged), (NUMERIC_TWIN_USERS, twins)) if n}
+    counts = ((LOOK_ALIKE_PAGES, look_alike), (MERGED_PAGES, merged), (NUMERIC_TWIN_USERS, twins))
+    return {name: int(n) for name, n in counts if n}
 
 
 def finish(events: pl.DataFrame) -> pl.DataFrame:
@@ -193,3 +232,47 @@ def not_utf8(raw: pl.DataFrame, columns: list[str]) -> pl.Series:
 def seconds_out_of_range(seconds: pl.Series) -> pl.Series:
     """Unix times (s) beyond year 9999 or before -9999: corrupt, and they would overflow in ms."""
     return (seconds.abs() > MAX_SECONDS).fill_null(False)
+
+
+def is_parquet(path: str | Path) -> bool:
+    """Whether the file is Parquet (by its magic bytes, not its name)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+def export_files(path: str | Path, table: str, what: str) -> list[Path]:
+    """The files of a daily BigQuery export to read, in name (so date) order: `path` itself, its folder's
+    `table`_* files, or a glob's. A `table`_intraday_YYYYMMDD file is left out when the day's
+    `table`_YYYYMMDD is there: Google deletes the intraday table once the daily one is complete, so both hold
+    the same rows."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.startswith(f"{table}_"))
+    else:
+        files = sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
+    if not files:
+        raise IngestError(path, f"no {what} export files here (expected {table}_YYYYMMDD files)",
+                          hint=f"point at an exported {table}_* file, a folder of them, or a quoted glob")
+    daily = {m.group(1) for f in files if (m := re.match(rf"{table}_(\d{{8}})", f.name))}
+    return [f for f in files if not ((m := re.match(rf"{table}_intraday_(\d{{8}})", f.name)) and m.group(1) in daily)]
+
+
+def conform(expr: pl.Expr, have: pl.DataType | None, want: pl.DataType) -> pl.Expr:
+    """`expr`, of type `have` (None: the column is absent), as type `want`: struct fields matched by name,
+    absent or null-typed ones null, lists element by element, scalars cast (null where they do not parse).
+    The daily files of one export differ in such details (a sub-field all null on a day is typed null)."""
+    if have is None or have == pl.Null:
+        return pl.lit(None, want)
+    if isinstance(want, pl.Struct):
+        if not isinstance(have, pl.Struct):
+            raise pl.exceptions.SchemaError(f"expected a struct, found {have}")
+        fields = {f.name: f.dtype for f in have.fields}
+        return pl.struct([conform(expr.struct.field(f.name), fields.get(f.name), f.dtype).alias(f.name)
+                          for f in want.fields])
+    if isinstance(want, pl.List):
+        if not isinstance(have, pl.List):
+            raise pl.exceptions.SchemaError(f"expected a list, found {have}")
+        return expr.list.eval(conform(pl.element(), have.inner, want.inner))
+    return expr.cast(want, strict=False)

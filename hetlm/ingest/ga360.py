@@ -1,5 +1,12 @@
-"""Google Analytics 360 BigQuery export (e.g. the Google Merchandise Store sample): JSON lines, plain
-or gzipped, one GA session per line with fullVisitorId, visitId, visitStartTime (unix s) and hits[].
+"""Google Analytics 360 BigQuery export (e.g. the Google Merchandise Store sample): the daily tables
+ga_sessions_YYYYMMDD (and ga_sessions_intraday_YYYYMMDD), one GA session per row with fullVisitorId,
+visitId, visitStartTime (unix s) and hits[], exported as JSON lines (plain or gzipped) or Parquet; one file,
+a folder of them (files named ga_sessions_*) or a glob ("export/ga_sessions_2016*.parquet").
+
+Fields as Google's "[UA] BigQuery Export schema" documents them
+(https://support.google.com/analytics/answer/3437719). Each file is read on its own and its needed fields
+cast to one layout (SESSION): the daily Parquet files of one export differ in details (a sub-field that is
+all null on a day is typed null there), and BigQuery writes INTEGER columns to JSON as strings.
 
 Naming rule: a page is the hit's page.pagePath made readable, in this order:
   1. drop the query string and fragment (from the first "?" or "#");
@@ -16,6 +23,12 @@ So "/google+redesign/apparel/men++s/men++s+t+shirts" -> "apparel mens mens t shi
 A hit of any type with eCommerceAction.action_type "3" (add to cart) adds Cart, "6" (purchase) adds
 Purchase, at that hit's time, after the page of the same hit.
 user = fullVisitorId, session = fullVisitorId-visitId, ts = visitStartTime * 1000 + hits[].time (ms).
+
+A session that crosses midnight is two rows, one in each day's table, with the same fullVisitorId and
+visitId (the second with its own visitStartTime, its hit numbers going on): both are one session, counted
+in the notes. A hit read twice (the same session and hit in two rows, e.g. a day given twice) is kept once
+and counted. A session without a PAGE hit (nothing viewed: events only) gives no page and is left out,
+counted, its outcome hits with it.
 """
 
 from __future__ import annotations
@@ -25,7 +38,10 @@ from urllib.parse import unquote_plus
 
 import polars as pl
 
-from .base import CART, PURCHASE, IngestResult, bad_rows, finish, normalize_pages, seconds_out_of_range
+from .base import (
+    CART, PURCHASE, IngestError, IngestResult, bad_rows, conform, export_files, finish, is_parquet,
+    normalize_pages, seconds_out_of_range,
+)
 from .generic import read_json_lines
 
 HIT = pl.Struct({
@@ -41,33 +57,33 @@ SESSION = pl.Struct({
 ACTION_PAGES = {"3": CART, "6": PURCHASE}
 POSSESSIVE = r"([\p{L}&&[^sS]])\+\+?([sS])\b"
 WEB_EXTENSION = r"\.(?:html?|axd|aspx?|php|jsp)(/|$)"
+NO_PAGE_HIT = "session without a PAGE hit (nothing viewed; its outcome hits left out with it)"
+HIT_TWICE = "hit read twice (the same session and hit number in two rows or files; kept once)"
+ACROSS_MIDNIGHT = "sessions that cross midnight (rows in two daily files), read as one session"
+
+
+def day_files(path: str | Path) -> list[Path]:
+    """The export files of `path` (a file, a folder of ga_sessions_* files or a glob), in date order."""
+    return export_files(path, "ga_sessions", "GA360")
 
 
 def read_ga360(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
     skipped: dict[str, int] = {}
-    sessions = read_json_lines(path, SESSION, on_bad_rows, skipped)
-    start = sessions["visitStartTime"].cast(pl.Int64, strict=False)
-    incomplete = sessions["fullVisitorId"].is_null() | sessions["visitId"].is_null() | start.is_null()
-    sessions = bad_rows(
-        sessions.with_columns(start=start), incomplete, path,
-        "session without fullVisitorId, visitId or a numeric visitStartTime", on_bad_rows, skipped,
-    )
-    sessions = bad_rows(
-        sessions, seconds_out_of_range(sessions["start"]), path,
-        "visitStartTime out of range (unix seconds expected)", on_bad_rows, skipped,
-    )
-    hits = _hits(sessions)
-    hits = bad_rows(hits, hits["time"].is_null(), path, "hit without a numeric time", on_bad_rows, skipped)
-    hits = bad_rows(
-        hits, seconds_out_of_range(hits["time"] // 1000), path, "hit time out of range (ms since the visit start)",
-        on_bad_rows, skipped,
-    ).with_columns(ts=pl.col("start") * 1000 + pl.col("time"))
-    views = hits.filter(pl.col("type") == "PAGE")
-    views = bad_rows(
-        views, views["path"].is_null(), path, "PAGE hit without page.pagePath", on_bad_rows, skipped
-    )
+    files = day_files(path)
+    hits = pl.concat([_file_hits(file, on_bad_rows, skipped).with_columns(file=pl.lit(number))
+                      for number, file in enumerate(files)])
+    notes = {}
+    if len(files) > 1:
+        days = hits.group_by("session").agg(pl.col("file").n_unique())
+        if crossing := int((days["file"] > 1).sum()):
+            notes[ACROSS_MIDNIGHT] = crossing
+    columns = ["session", "hit", "ts", "type", "path", "action"]
+    unique = hits.unique(subset=columns, keep="first", maintain_order=True)
+    if twice := hits.height - unique.height:
+        skipped[HIT_TWICE] = twice
+    views = unique.filter(pl.col("type") == "PAGE")
     views = views.with_columns(page=page_names(views["path"]), after=0)
-    outcomes = hits.filter(pl.col("action").is_in(list(ACTION_PAGES))).with_columns(
+    outcomes = unique.filter(pl.col("action").is_in(list(ACTION_PAGES))).with_columns(
         page=pl.col("action").replace_strict(ACTION_PAGES), after=1
     )
     events = (
@@ -75,7 +91,52 @@ def read_ga360(path: str | Path, on_bad_rows: str = "error") -> IngestResult:
         .sort(["ts", "session", "hit", "after"])  # session only breaks ties between sessions
         .select("user", "session", "ts", page=normalize_pages(pl.col("page")))
     )
-    return IngestResult(finish(events), "ga360", str(path), skipped)
+    return IngestResult(finish(events), "ga360", str(path), skipped, notes=notes)
+
+
+def _read(file: Path, on_bad_rows: str, skipped: dict[str, int]) -> pl.DataFrame:
+    """A file's sessions in the SESSION layout plus `_row` (0-based line or row): JSON lines or Parquet."""
+    if not is_parquet(file):
+        return read_json_lines(file, SESSION, on_bad_rows, skipped)
+    try:
+        schema = pl.read_parquet_schema(file)
+        present = [c for c in SESSION.to_schema() if c in schema]  # an export has many more columns
+        raw = pl.read_parquet(file, columns=present, row_index_name="_row")
+        return raw.select("_row", *[conform(pl.col(c), schema.get(c), dtype).alias(c)
+                                    for c, dtype in SESSION.to_schema().items()])
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError) as e:
+        raise IngestError(file, f"not a readable GA360 Parquet export: {e}".splitlines()[0],
+                          hint="export or copy the file again") from None
+
+
+def _file_hits(file: Path, on_bad_rows: str, skipped: dict[str, int]) -> pl.DataFrame:
+    """One file's hits of sessions with a PAGE hit, checked (`_hits` has the columns), ts in ms."""
+    sessions = _read(file, on_bad_rows, skipped)
+    if sessions.height == 0:
+        raise IngestError(file, "the file is empty", hint="point at a GA360 export file")
+    start = sessions["visitStartTime"].cast(pl.Int64, strict=False)
+    incomplete = sessions["fullVisitorId"].is_null() | sessions["visitId"].is_null() | start.is_null()
+    sessions = bad_rows(
+        sessions.with_columns(start=start), incomplete, file,
+        "session without fullVisitorId, visitId or a numeric visitStartTime", on_bad_rows, skipped,
+    )
+    sessions = bad_rows(
+        sessions, seconds_out_of_range(sessions["start"]), file,
+        "visitStartTime out of range (unix seconds expected)", on_bad_rows, skipped,
+    )
+    viewed = pl.col("hits").list.eval(pl.element().struct.field("type") == "PAGE").list.any().fill_null(False)
+    no_page = sessions.select(~viewed).to_series()
+    if n := int(no_page.sum()):
+        skipped[NO_PAGE_HIT] = skipped.get(NO_PAGE_HIT, 0) + n
+        sessions = sessions.filter(~no_page)
+    hits = _hits(sessions)
+    hits = bad_rows(hits, hits["time"].is_null(), file, "hit without a numeric time", on_bad_rows, skipped)
+    hits = bad_rows(hits, (hits["type"] == "PAGE") & hits["path"].is_null(), file, "PAGE hit without page.pagePath",
+                    on_bad_rows, skipped)
+    return bad_rows(
+        hits, seconds_out_of_range(hits["time"] // 1000), file, "hit time out of range (ms since the visit start)",
+        on_bad_rows, skipped,
+    ).with_columns(ts=pl.col("start") * 1000 + pl.col("time"))
 
 
 def _hits(sessions: pl.DataFrame) -> pl.DataFrame:

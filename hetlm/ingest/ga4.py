@@ -16,7 +16,10 @@ Naming rule:
     "https://shop.googlemerchandisestore.com/Google+Redesign/Apparel/Mens?q=1" -> `apparel_mens`;
     or its page_title parameter as it is (page="page_title");
   - a `view_item` event gives one page per item, in the items' order: its item_name (items="item_name")
-    or item_category (items="item_category"); items=None ignores view_item;
+    or item_category (items="item_category"); items=None ignores view_item. A view_item whose `items`
+    list is empty (or holds no such field; frequent in the Merchandise Store export) is its page, named as
+    a page_view's (empty_items="page", the default; it then often repeats the page_view just before it,
+    a repeat that prepare collapses), or a bad row (empty_items="bad");
   - events named in `cart_events` (add_to_cart) -> Cart, in `purchase_events` (purchase) -> Purchase,
     after the pages of the same event (e.g. cart_events="add_to_cart,begin_checkout").
 user = user_pseudo_id, or user_id where the event has one (user="user_id"); session =
@@ -27,9 +30,7 @@ microsecond.
 
 from __future__ import annotations
 
-import glob
 import io
-import re
 from pathlib import Path
 
 import polars as pl
@@ -37,10 +38,10 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from .base import (
-    CART, PURCHASE, IngestError, IngestResult, bad_rows, event_codes, finish, most_frequent, normalize_pages,
-    seconds_out_of_range,
+    CART, PURCHASE, IngestError, IngestResult, bad_rows, event_codes, export_files, finish, is_parquet,
+    most_frequent, normalize_pages, seconds_out_of_range,
 )
-from .ga360 import page_names
+from .ga360 import ACROSS_MIDNIGHT, page_names
 from .generic import read_bytes, read_json_lines
 
 VALUE = pl.Struct({"string_value": pl.Utf8, "int_value": pl.Utf8})
@@ -68,26 +69,13 @@ FAST_JSON = pa_json.ParseOptions(explicit_schema=pa.schema([(k, _arrow(t)) for k
 PAGES = ("page_location", "page_title")
 ITEMS = ("item_name", "item_category")
 USERS = ("user_pseudo_id", "user_id")
+EMPTY_ITEMS = ("page", "bad")  # what a view_item without items is: its page, or a bad row
 URL_ORIGIN = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*"  # scheme and host: a page is the URL's path
-DAILY, INTRADAY = re.compile(r"events_(\d{8})"), re.compile(r"events_intraday_(\d{8})")
 
 
 def day_files(path: str | Path) -> list[Path]:
-    """The export files to read, in name (so date) order: `path` itself, its events_* files, or a glob's.
-    An events_intraday_YYYYMMDD file is left out when the day's events_YYYYMMDD is there: Google deletes
-    the intraday table once the daily one is complete, so both hold the same events."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.startswith("events_"))
-    else:
-        files = sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
-    if not files:
-        raise IngestError(path, "no GA4 export files here (expected events_YYYYMMDD files)",
-                          hint="point at an exported events_* file, a folder of them, or a glob")
-    daily = {m.group(1) for f in files if (m := DAILY.match(f.name))}
-    return [f for f in files if not ((m := INTRADAY.match(f.name)) and m.group(1) in daily)]
+    """The export files of `path` (a file, a folder of events_* files or a glob), in date order."""
+    return export_files(path, "events", "GA4")
 
 
 def read_ga4(
@@ -98,32 +86,36 @@ def read_ga4(
     items: str | None = "item_name",
     cart_events: str | tuple[str, ...] = ("add_to_cart",),
     purchase_events: str | tuple[str, ...] = ("purchase",),
+    empty_items: str = "page",
     on_bad_rows: str = "error",
 ) -> IngestResult:
-    for name, value, valid in (("user", user, USERS), ("page", page, PAGES), ("items", items, (*ITEMS, None))):
+    for name, value, valid in (("user", user, USERS), ("page", page, PAGES), ("items", items, (*ITEMS, None)),
+                               ("empty_items", empty_items, EMPTY_ITEMS)):
         if value not in valid:
             raise ValueError(f"ga4: {name} must be one of {list(valid)}, not {value!r}")
     outcomes = {e: CART for e in event_codes(cart_events)} | {e: PURCHASE for e in event_codes(purchase_events)}
     skipped: dict[str, int] = {}
     frames, names = [], []
     for number, file in enumerate(day_files(path)):
-        events, event_names = _file_events(file, user, page, items, outcomes, on_bad_rows, skipped)
+        events, event_names = _file_events(file, user, page, items, empty_items, outcomes, on_bad_rows, skipped)
         frames.append(events.with_columns(file=pl.lit(number)))
         names.append(event_names)
+    events = pl.concat(frames)
+    days = events.drop_nulls("session").group_by("session").agg(pl.col("file").n_unique())
+    crossing = int((days["file"] > 1).sum())
     events = (
-        pl.concat(frames)
+        events
         .sort(["us", "file", "_row", "item"])  # the row (and item) order within a microsecond
         .select("user", "session", ts=pl.col("us") // 1000, page=normalize_pages(pl.col("page")))
     )
     event_values = most_frequent(pl.concat(names))
-    return IngestResult(finish(events), "ga4", str(path), skipped, event_values=event_values)
+    notes = {ACROSS_MIDNIGHT: crossing} if crossing else {}
+    return IngestResult(finish(events), "ga4", str(path), skipped, event_values=event_values, notes=notes)
 
 
 def _read(file: Path, on_bad_rows: str, skipped: dict[str, int]) -> pl.DataFrame:
     """A file's events in the EVENT layout plus `_row` (0-based line or row): JSON lines or Parquet."""
-    with open(file, "rb") as f:
-        parquet = f.read(4) == b"PAR1"
-    if not parquet:
+    if not is_parquet(file):
         data = read_bytes(file)
         try:
             data.decode("utf-8")  # pyarrow lets invalid UTF-8 through; read_json_lines names its line
@@ -150,7 +142,18 @@ def _param(key: str, field: str) -> pl.Expr:
     return pl.col("event_params").list.eval(value.filter(pl.element().struct.field("key") == key)).list.first()
 
 
-def _file_events(file: Path, user: str, page: str, items: str | None, outcomes: dict[str, str],
+def _named_pages(events: pl.DataFrame, page: str, what: str, file: Path, on_bad_rows: str,
+                 skipped: dict[str, int]) -> pl.DataFrame:
+    """`events` with `page`: their page parameter, named by the rule of the module docstring."""
+    events = events.with_columns(page=_param(page, "string_value"))
+    events = bad_rows(events, events["page"].is_null(), file, f"{what} without a {page} parameter", on_bad_rows,
+                      skipped)
+    if page == "page_location":
+        events = events.with_columns(page=page_names(events["page"].str.replace(URL_ORIGIN, "")))
+    return events
+
+
+def _file_events(file: Path, user: str, page: str, items: str | None, empty_items: str, outcomes: dict[str, str],
                  on_bad_rows: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, pl.Series]:
     """One file's pages and outcomes (_row, us, user, session, page not yet normalised, item: the order
     among the event's pages), and every event's name (for the no-outcome warning)."""
@@ -171,17 +174,21 @@ def _file_events(file: Path, user: str, page: str, items: str | None, outcomes: 
                    "event_timestamp out of range (microseconds since the epoch expected)", on_bad_rows, skipped)
     keep = ["_row", "us", "user", "session"]
 
-    views = raw.filter(pl.col("name") == "page_view").with_columns(page=_param(page, "string_value"))
-    views = bad_rows(views, views["page"].is_null(), file, f"page_view without a {page} parameter",
-                     on_bad_rows, skipped)
-    if page == "page_location":
-        views = views.with_columns(page=page_names(views["page"].str.replace(URL_ORIGIN, "")))
-    frames = [views.select(*keep, "page", item=pl.lit(0))]
+    views = _named_pages(raw.filter(pl.col("name") == "page_view"), page, "page_view", file, on_bad_rows, skipped)
     if items is not None:
         viewed = pl.col("items").list.eval(pl.element().struct.field(items)).list.drop_nulls()
         item_views = raw.filter(pl.col("name") == "view_item").with_columns(page=viewed)
-        item_views = bad_rows(item_views, item_views["page"].list.len().fill_null(0) == 0, file,
-                              f"view_item without an item with an {items}", on_bad_rows, skipped)
+        no_items = item_views["page"].list.len().fill_null(0) == 0
+        if empty_items == "page":
+            fallback = _named_pages(item_views.filter(no_items).drop("page"), page, f"view_item with no {items} and",
+                                    file, on_bad_rows, skipped)
+            views, item_views = pl.concat([views, fallback]), item_views.filter(~no_items)
+        else:
+            item_views = bad_rows(item_views, no_items, file, f"view_item without an item with an {items}",
+                                  on_bad_rows, skipped, hint="read such a view_item as its page (empty_items='page'), "
+                                  "fix the export, or skip them")
+    frames = [views.select(*keep, "page", item=pl.lit(0))]
+    if items is not None:
         item_views = item_views.with_columns(item=pl.int_ranges(pl.col("page").list.len())).explode("page", "item")
         frames.append(item_views.select(*keep, "page", "item"))
     outcome_rows = raw.filter(pl.col("name").is_in(list(outcomes)))
