@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -270,7 +271,7 @@ def embedding_projection(run: FinishedRun) -> Figure:
             mask = clusters == k
             ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.6, color=_colour(int(k)), label=f"cluster {k} (n={mask.sum()})",
                        rasterized=True)
-        ax.set_title(f"{name}\n{split} samples", fontsize=8.5)
+        ax.set_title("\n".join([*textwrap.wrap(name, 44), f"{split} samples"]), fontsize=8.5)
         ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2")
         ax.legend(markerscale=2.5, fontsize=7)
     return fig

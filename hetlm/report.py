@@ -67,8 +67,8 @@ def _table(rows: dict[str, dict], first: str) -> str:
                 + "".join(f"<th colspan='{len(cs)}' class='group'>{_esc(g)}</th>" for g, cs in groups.items())
                 + "</tr><tr>" + "".join(f"<th title='{_esc(c)}'>{_esc(c.split('-', 1)[0])}</th>" for c in columns)
                 + "</tr>")
-    body = "".join(f"<tr><th scope='row'>{_esc(name)}</th>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
-                   + "</tr>" for name, row in rows.items())
+    body = "".join(f"<tr{' class=baseline' if name.startswith('baseline') else ''}><th scope='row'>{_esc(name)}</th>"
+                   + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for name, row in rows.items())
     return f"<div class='scroll'><table><thead>{head}</thead><tbody>{body}</tbody></table></div>"
 
 
@@ -170,6 +170,8 @@ thead th { white-space: normal; vertical-align: bottom; } thead th.text { text-a
 tbody th { white-space: normal; min-width: 14em; max-width: 26em; }
 .scroll { max-width: 100%; } .scroll > table tbody th, .scroll > table thead tr:first-child th:first-child {
   position: sticky; left: 0; background: #fff; z-index: 1; }
+.scroll > table thead tr:first-child th:first-child { background: #f3f5f8; }
+tr.baseline, .scroll > table tr.baseline th { background: #f7f7f2; }
 details > summary { cursor: pointer; color: #1f5fa8; font-size: 14px; }
 details.clusters { margin: -12px 0 20px; }
 details > summary h3 { display: inline-block; margin: 14px 0 6px; color: #222; }
@@ -240,8 +242,8 @@ def glossary_html() -> str:
     return "".join(parts)
 
 
-# The tables shown open, by title (hetlm.tables): the headline metrics; the others are folded.
-OPEN_TABLES = ("Page generation", "Outcomes from the generated session", "Ranking of the next session")
+# The tables shown open, by title (hetlm.tables): the headline metrics and the clusters; the others are folded.
+OPEN_TABLES = ("Page generation", "Outcomes from the generated session", "Ranking of the next session", "Clusters")
 
 
 def _read_json(file: Path) -> dict | None:
@@ -260,7 +262,7 @@ def render_html(run: FinishedRun, figures: list[ReportFigure], verdict: Verdict 
     shown.append(("tables", "Tables",
                   f"<p>Baselines are the rows named 'baseline: ...'; composite scores compare every model with "
                   f"{_esc(result.reference)}. A clusterwise model's Combined row is over all test users; its rows per "
-                  f"cluster are folded below each table, as are the tables after the first three (click a title to "
+                  f"cluster are folded below each table, as are the less used tables (click a title to "
                   f"open it). {_esc(BERTSCORE_NOTE)}</p>{tables}"))
     shown.append(("figures", "Figures", "".join(_figure_html(f) for f in figures)))
     shown.append(("examples", "Example test users",

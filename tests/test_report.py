@@ -212,6 +212,9 @@ def test_report_command(small_run, tmp_path):
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert f"{len(FIGURES)} figures" in result.output and (run / "report.html").is_file()
+    verdict = run_verdict(FinishedRun(run))  # the terminal says what the report's verdict box says
+    assert f"Best model (test IoU): {verdict.model}" in result.output
+    assert " ".join(verdict.summary().split()) in " ".join(result.output.split())
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "not a finished" in missing.output and "Traceback" not in missing.output
 
