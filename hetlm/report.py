@@ -5,6 +5,10 @@ prepared/, generations/, outcomes/, clusters/, embeddings.npz) and writes RUN/re
 figure (hetlm.figures) embedded as a base64 PNG and saved as RUN/report/figures/<name>.png. The page loads nothing
 (no fonts, scripts or links; inline CSS only), so the one file opens offline. Page names come from
 user logs and are always HTML-escaped. A figure whose data an older run lacks becomes a visible note.
+
+It opens with the verdict (hetlm.verdict) on the first screen; then the tables (hetlm.tables; the less used ones,
+and rows of single clusters, folded in <details>), figures and example users; folded at the end, what the metrics
+mean (hetlm.glossary), the run settings, the data summary and the environment.
 """
 
 from __future__ import annotations
