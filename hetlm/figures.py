@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.decomposition import PCA
 from scipy.stats import t as t_dist
@@ -90,18 +91,17 @@ def _colour(i: int):
 
 
 def _smooth(steps: list, values: list) -> tuple[list, np.ndarray]:
-    """Moving average over about a 15th of the points: per-step losses are too noisy to read."""
-    window = max(1, len(values) // 15)
+    """Moving average over about a 10th of the points: per-step losses are too noisy to read."""
+    window = max(1, round(len(values) / 10))
     return steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def _plot_train_val(ax, history: dict, colour, label: str, best: bool = False) -> None:
-    """Training loss (moving average) as a line; validation NLL of the next sessions (what selects the model) as
-    dashed markers; `best`: a star on the lowest validation point (the saved model)."""
-    train = history.get("train", [])
+def _plot_curve(ax, train: list[tuple], val: list[tuple], colour, label: str | None = None,
+                best: bool = False) -> None:
+    """(step, loss) pairs: training as a moving average (line), validation as dashed markers; `best`: a star on the
+    lowest validation point (the saved model)."""
     if train:
-        ax.plot(*_smooth([h["step"] for h in train], [h["loss"] for h in train]), color=colour, lw=1.3, label=label)
-    val = [(h["step"], h["val_loss"]) for h in history.get("val", []) if h.get("val_loss") is not None]
+        ax.plot(*_smooth(*map(list, zip(*train))), color=colour, lw=1.3, label=label)
     if val:
         ax.plot(*zip(*val), "o--", color=colour, ms=3.5, lw=0.9, label=None if train else label)
         if best:
@@ -109,29 +109,43 @@ def _plot_train_val(ax, history: dict, colour, label: str, best: bool = False) -
             ax.plot(step, loss, "*", color="k", ms=11, zorder=5, label=f"best validation (step {step})")
 
 
-def _plot_hetlm(ax_lm, ax_sel, history: dict) -> None:
+def _lm_points(history: dict) -> tuple[list[tuple], list[tuple]]:
+    """One trainer's history (hetlm.train): training and validation (step, loss); validation is the next-session NLL."""
+    return ([(h["step"], h["loss"]) for h in history.get("train", [])],
+            [(h["step"], h["val_loss"]) for h in history.get("val", []) if h.get("val_loss") is not None])
+
+
+def _cluster_panels(subfig, title: str, clusters: dict[str, tuple[list, list]], sizes: dict, routed: list | None):
+    """One small panel per cluster (shared y axis), and for HeTLM one of all clusters as routed."""
+    n = len(clusters) + (routed is not None)
+    axes = subfig.subplots(1, n, sharey=True, squeeze=False).ravel()
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    for ax, (k, (train, val)) in zip(axes, clusters.items()):
+        _plot_curve(ax, train, val, _colour(int(k)))
+        size = sizes.get(int(k), sizes.get(k, 0))
+        ax.set_title(f"cluster {k}: {size:,} samples" if size else f"cluster {k}: retired", fontsize=8)
+        ax.set_xlabel("step")
+    if routed is not None:
+        _plot_curve(axes[-1], [], routed, "k")
+        axes[-1].set_title("all clusters, routed", fontsize=8)
+        axes[-1].set_xlabel("step")
+    axes[0].set_ylabel("cross-entropy")
+    subfig.suptitle(f"{title} (line: training, moving average; dashed markers: validation)", fontsize=9.5)
+
+
+def _selector_panel(subfig, name: str, history: dict) -> None:
     steps, val = history["steps"], history.get("val", [])
-    clusters = sorted({k for h in steps for k in h.get("critic", {})}, key=int)
-    for k in clusters:
-        # A cluster's predictor trains only on the steps whose batch routed samples to it.
-        points = [(h["step"], h["critic"][k]) for h in steps if k in h.get("critic", {})]
-        ax_lm.plot(*_smooth(*map(list, zip(*points))), color=_colour(int(k)), lw=1.1, label=f"cluster {k}")
-        vpoints = [(h["step"], h["predictor"][k]) for h in val if k in h.get("predictor", {})]
-        if vpoints:
-            ax_lm.plot(*zip(*vpoints), "o--", color=_colour(int(k)), ms=3.5, lw=0.8)
-    if val:
-        ax_lm.plot([h["step"] for h in val], [h["combined_nll"] for h in val], "ks--", ms=5, lw=1.4,
-                   label="all clusters, routed")
+    ax = subfig.subplots()
     parts = [p for p in ("LA", "L1", "L2", "L3") if steps and p in steps[0]]  # hard EM logs only its actor loss LA
     for i, part in enumerate(parts):
-        ax_sel.plot(*_smooth([h["step"] for h in steps], [h[part] for h in steps]), color=_colour(i), lw=1.2,
-                    label=part)
-        if val:
-            ax_sel.plot([h["step"] for h in val], [h[f"selector_{part}"] for h in val], "o--", color=_colour(i),
-                        ms=3.5, lw=0.8)
+        _plot_curve(ax, [(h["step"], h[part]) for h in steps], [(h["step"], h[f"selector_{part}"]) for h in val],
+                    _colour(i), part)
     # L1 centred on each sample's mean NLL can be 0 or negative: a log axis only where every value is positive
     if all(h[p] > 0 for h in steps for p in parts):
-        ax_sel.set_yscale("log")
+        ax.set_yscale("log")
+    ax.set(title=f"{name}: selector (actor) loss", xlabel="step", ylabel="loss")
+    _legend_outside(ax)
 
 
 def _legend_outside(ax) -> None:
@@ -145,26 +159,34 @@ def _legend_outside(ax) -> None:
 
 
 def training_curves(run: FinishedRun) -> Figure:
+    """One row per LM; a clusterwise model's row has one small panel per cluster (HeTLM: and a row for its
+    selector), so no panel holds more than one LM's curves."""
     histories = run.result.histories
     if not histories:
         raise MissingData("results.json holds no training histories")
-    panels = sum(2 if "steps" in h else 1 for h in histories.values())
-    fig, axes = _grid(panels, 1, 2.4, panel_width=10.5)
-    axes_left = iter(axes)
+    rows = sum(2 if "steps" in h else 1 for h in histories.values())
+    fig = Figure(figsize=(10.5, 2.5 * rows), layout="constrained")
+    subfigs = iter(fig.subfigures(rows, 1, squeeze=False).ravel())
     for name, history in histories.items():
-        ax = next(axes_left)
-        if "steps" in history:              # HeTLM: critic per cluster, and the selector (actor)
-            ax_sel = next(axes_left)
-            _plot_hetlm(ax, ax_sel, history)
-            ax_sel.set(title=f"{name}: selector (actor) loss", xlabel="step", ylabel="loss")
-            _legend_outside(ax_sel)
+        result = run.result.results.get(name)
+        sizes = (result.train_cluster_sizes if result is not None else None) or {}
+        if "steps" in history:              # HeTLM: each cluster's predictor (critic), and the selector (actor)
+            steps, val = history["steps"], history.get("val", [])
+            clusters = sorted({k for h in steps for k in h.get("critic", {})}, key=int)
+            curves = {k: ([(h["step"], h["critic"][k]) for h in steps if k in h.get("critic", {})],
+                          [(h["step"], h["predictor"][k]) for h in val if k in h.get("predictor", {})]) for k in clusters}
+            _cluster_panels(next(subfigs), f"{name}: LM loss per cluster", curves, sizes,
+                            [(h["step"], h["combined_nll"]) for h in val])
+            _selector_panel(next(subfigs), name, history)
         elif "train" in history or "val" in history:   # one LM
-            _plot_train_val(ax, history, _colour(0), "LM", best=True)
+            ax = next(subfigs).subplots()
+            _plot_curve(ax, *_lm_points(history), _colour(0), "LM", best=True)
+            ax.set(title=f"{name}: LM loss", xlabel="step", ylabel="cross-entropy")
+            _legend_outside(ax)
         else:                               # k-means: one LM per cluster
-            for k, h in history.items():
-                _plot_train_val(ax, h, _colour(int(k)), f"cluster {k}")
-        ax.set(title=f"{name}: LM loss", xlabel="step", ylabel="cross-entropy")
-        _legend_outside(ax)
+            _cluster_panels(next(subfigs), f"{name}: LM loss per cluster",
+                            {k: _lm_points(h) for k, h in sorted(history.items(), key=lambda kv: int(kv[0]))}, sizes,
+                            None)
     return fig
 
 
@@ -221,16 +243,17 @@ def cluster_metric_bars(run: FinishedRun) -> Figure:
         width = 0.8 / len(bars)
         x = np.arange(len(SET_METRICS))
         for i, (label, rows, n, colour) in enumerate(bars):
-            stats = [mean_interval(users[k].to_numpy()[rows]) for k in SET_METRICS]
+            means, half = np.array([mean_interval(users[k].to_numpy()[rows]) for k in SET_METRICS]).T
+            reach = np.array([np.minimum(half, means), np.minimum(half, 1 - means)])  # the metrics lie in [0, 1]
             small = n < SMALL_CLUSTER
-            ax.bar(x - 0.4 + width * (i + 0.5), [m for m, _ in stats], width, yerr=[h for _, h in stats], capsize=2,
+            ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=reach, capsize=2,
                    color=colour, alpha=0.45 if small else 1.0, hatch="//" if small else None, edgecolor=colour,
                    error_kw={"lw": 0.8, "ecolor": "0.2"}, label=label)
         for i, single in enumerate(singles):
             ax.hlines([results[single].combined[k] for k in SET_METRICS], x - 0.42, x + 0.42, color=_colour(7 + i),
                       ls="--", lw=1.5, label=f"{single} (all users)")
         ax.set_xticks(x, SET_METRICS)
-        ax.set(title=f"{name}: {cluster_label(run.result, name)}", ylabel="mean over test users", ylim=(0, None))
+        ax.set(title=f"{name}: {cluster_label(run.result, name)}", ylabel="mean over test users", ylim=(0, 1.02))
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
@@ -365,13 +388,13 @@ class FigureSpec:
 
 FIGURES = [
     FigureSpec("training_curves", "Training and validation loss (the paper's Figure 3)",
-               lambda run: "Cross-entropy per token against the optimiser step, one panel per model. Lines: the "
-                           "training loss, as a moving average over about a 15th of the steps; dashed markers: the "
+               lambda run: "Cross-entropy per token against the optimiser step, one row per model. Lines: the "
+                           "training loss, as a moving average over about a 10th of the steps; dashed markers: the "
                            "validation users' next-session NLL (what picks the saved model; star: its lowest point). "
-                           "k-means: one colour per cluster's LM. HeTLM: each cluster's predictor (critic) on the "
-                           "samples routed to it, all clusters together as routed (black), and the selector's actor "
-                           "loss LA = L1 + alpha L2 + beta L3 with its parts (log axis, linear when L1 is centred "
-                           "and can be negative).",
+                           "Clusterwise models: one small panel per cluster's LM (its training samples in the title; "
+                           "HeTLM: its predictor, the critic, on the samples routed to it), and for HeTLM all clusters "
+                           "together as routed, and the selector's actor loss LA = L1 + alpha L2 + beta L3 with its "
+                           "parts (log axis, linear when L1 is centred and can be negative).",
                training_curves),
     FigureSpec("cluster_sizes", "Cluster sizes during HeTLM training",
                lambda run: "Training samples the selector routes to each cluster: at the k-means start and after each "
@@ -382,7 +405,7 @@ FIGURES = [
     FigureSpec("cluster_metrics", "Per-cluster page generation",
                lambda run: f"HR, IoA, IoP and IoU of each cluster of the clusterwise models and their Combined value on "
                            f"the {run.result.n_test} test users (N = test users routed to the cluster), with the 95% "
-                           f"interval of each mean (t-based over the cluster's users; none for N=1). Hatched, pale bars: "
+                           f"interval of each mean (t-based over the cluster's users, cut at 0 and 1; none for N=1). Hatched, pale bars: "
                            f"clusters of fewer than {SMALL_CLUSTER} test users, whose means say little. Dashed lines: the "
                            f"single LMs on all test users. Titles: K at start, kept, and the effective K of the "
                            f"training samples (exp of the entropy of the cluster shares).",
