@@ -129,7 +129,7 @@ GROUPS = (
                    "a probability is only useful below it.", ("Brier-cart (base rate)", "Brier-purchase (base rate)"),
                    "lower"),
               Term("Brier-… (calibrated on val)", "The Brier score after Platt scaling fitted on the validation "
-                   "users (what `hetlm score` reports as p_*_calibrated).",
+                   "users (what `hetlm score` reports as `p_cart_calibrated`, `p_purchase_calibrated`).",
                    ("Brier-cart (calibrated on val)", "Brier-purchase (calibrated on val)"), "lower"),
           )),
     Group("Clusters", "Clusterwise models (k-means, HeTLM) route each user to one of K LMs.", (
@@ -160,8 +160,8 @@ GROUPS = (
              "session start), markov_last_page (from the user's last page), recency_top_m (the user's m pages "
              "with the highest recency-weighted count); for outcomes, a logistic regression on the user's history "
              "counts.", names=()),
-        Term("larger single", "One LM with as many parameters as the clusterwise models have at their start (the "
-             "fair comparison for K small LMs).", names=()),
+        Term("larger single", "One LM with `larger.factor` times the small LM's parameters, by default as many as "
+             "the clusterwise models have at their start (the fair comparison for K small LMs).", names=()),
     )),
     Group("Verdict",
           "The report's first box: the best model (the highest test IoU of all rows but the baselines) against, on "
