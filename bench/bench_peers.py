@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from hetlm.cluster.base import load_model
-from hetlm.metrics import EvalResult, evaluate_generations, ndcg_at, page_ranks, ranking_metrics
+from hetlm.metrics import EvalResult, evaluate_generations, ndcg_at, page_ranks, paired_bootstrap, ranking_metrics
 from hetlm.runs import RunFolder
 from hetlm.set_decoder import SetDecoder
 from hetlm.tokenizer import SPECIALS, load_tokenizer, page_vocabulary
@@ -98,10 +98,7 @@ def per_user(scores: np.ndarray, samples: pl.DataFrame, iou: list[float]) -> dic
 
 def paired_gap(ours: np.ndarray, theirs: np.ndarray, seed: int = 0) -> dict[str, float]:
     """Mean per-user difference (ours - theirs) and its paired bootstrap 95% interval over users."""
-    diff = ours - theirs
-    draws = np.random.default_rng(seed).integers(0, len(diff), (BOOTSTRAP, len(diff)))
-    means = diff[draws].mean(axis=1)
-    return {"gap": float(diff.mean()), "lo": float(np.quantile(means, 0.025)), "hi": float(np.quantile(means, 0.975))}
+    return paired_bootstrap(ours, theirs, n_boot=BOOTSTRAP, seed=seed)
 
 
 def hetlm_per_user(run: Path, prepared: Path) -> dict[str, dict[str, np.ndarray]]:

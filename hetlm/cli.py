@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # How a log is read and cut into sessions: options shared by `prepare`, `score` and `serve`.
 UserColumn = Annotated[Optional[str], typer.Option(help="generic: user column; ga4: user_pseudo_id (default) or user_id")]
@@ -550,6 +551,8 @@ def report(
         _fail(err)
     for note in result.notes:
         console.print(f"[yellow]{note}")
+    for line in result.verdict.lines() if result.verdict else []:
+        console.print(escape(line))
     console.print(f"{len(result.figures)} figures -> {result.html}")
 
 

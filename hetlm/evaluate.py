@@ -130,10 +130,11 @@ def compute_metrics(pages: list[list[str]], test: pl.DataFrame, vocabulary: set[
     extra = {"BLEU": M.bleu(pages, actual)}
     if bert_encoder is not None:
         extra |= {f"BERTScore-{k}": v for k, v in M.bert_score(pages, actual, bert_encoder).items()}
+    per_user = {"per_user_iou": result.per_user["IoU"].to_list()}
     if first_page_logprobs is not None and tokenizer is not None:
-        extra |= _ranking_and_auc(first_page_logprobs, test, tokenizer)
-    return {"combined": {"n": len(pages), **result.metrics}, "clusters": per_cluster, "extra": extra,
-            "per_user_iou": result.per_user["IoU"].to_list()}
+        ranking, per_user["first_page_ranks"] = _ranking_and_auc(first_page_logprobs, test, tokenizer)
+        extra |= ranking
+    return {"combined": {"n": len(pages), **result.metrics}, "clusters": per_cluster, "extra": extra, **per_user}
 
 
 def first_page_outcomes(test: pl.DataFrame, first_page_logprobs: np.ndarray, tokenizer) -> pl.DataFrame:
@@ -149,13 +150,17 @@ def first_page_outcomes(test: pl.DataFrame, first_page_logprobs: np.ndarray, tok
         *(pl.Series(name, p, dtype=pl.Float64) for name, p in probs.items()), test["cart"], test["purchase"])
 
 
-def _ranking_and_auc(logprobs: np.ndarray, test: pl.DataFrame, tokenizer) -> dict[str, float]:
-    """Ranking of the actual first next page; AUC of P(first page is Cart / Purchase) for the outcome."""
+def _ranking_and_auc(logprobs: np.ndarray, test: pl.DataFrame, tokenizer) -> tuple[dict[str, float], list]:
+    """Ranking of the actual first next page; AUC of P(first page is Cart / Purchase) for the outcome. Also each
+    user's rank of that page (None where it is unknown), for paired intervals between models."""
     first = np.array([tokenizer.convert_tokens_to_ids(t[0]) for t in test["target"].to_list()])
     known = first >= len(SPECIALS)  # unknown first pages cannot be ranked
-    out = M.ranking_metrics(logprobs[known], first[known]) if known.any() else {}
+    ranks = M.page_ranks(logprobs[known], first[known]) if known.any() else np.zeros(0, int)
+    out = M.rank_metrics(ranks) if known.any() else {}
+    per_user = np.full(len(first), None, dtype=object)
+    per_user[known] = ranks.tolist()
     outcomes = first_page_outcomes(test, logprobs, tokenizer)
     for col, page in OUTCOME_PAGES.items():
         prob = outcomes[f"p_{col}"].to_numpy()
         out[f"AUC-{page}(first page)"] = math.nan if np.isnan(prob).all() else M.outcome_auc(prob, test[col].to_numpy())
-    return out
+    return out, per_user.tolist()

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from rich.markup import escape
 
 from . import metrics as M
 from .assessment import Clock, Evaluation, Samples, SetDecoderConfig, TrainedModel, console
@@ -373,6 +374,8 @@ def write_run(result: RunResult, run: RunFolder, clock: Clock) -> None:
     console.print(M.format_table({n: r.combined | r.extra for n, r in result.results.items()},
                                  metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
                                           "MRR"], title="Combined over test users"))
+    for line in report.verdict.lines() if report.verdict else []:
+        console.print(escape(line))
     console.print(f"stage times (s): {clock.seconds}")
     written = [f.name for f in (run.results_file, run.tables_file, run.report_file) if f.name not in failed]
     retry = f"; rerun `hetlm report {run.path}` for the report" if run.report_file.name in failed else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,12 +16,15 @@ import numpy as np
 import polars as pl
 from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.decomposition import PCA
+from scipy.stats import t as t_dist
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from . import metrics as M
 from .runs import RunFolder
+from .tables import cluster_label
 from .tokenizer import load_tokenizer, page_vocabulary
 
 SET_METRICS = ["HR", "IoA", "IoP", "IoU"]
@@ -86,43 +90,62 @@ def _colour(i: int):
     return colormaps["tab10"](i % 10)
 
 
-def _plot_train_val(ax, history: dict, colour, label: str) -> None:
-    """Per-step training loss (thin) and its moving average; validation NLL of the next sessions (what selects
-    the model) as markers."""
-    steps = [h["step"] for h in history.get("train", [])]
-    loss = np.array([h["loss"] for h in history.get("train", [])])
-    if len(loss):
-        window = max(1, len(loss) // 25)
-        ax.plot(steps, loss, color=colour, lw=0.6, alpha=0.35)
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color=colour, lw=1.4, label=label)
-    val = history.get("val", [])
+def _smooth(steps: list, values: list) -> tuple[list, np.ndarray]:
+    """Moving average over about a 10th of the points: per-step losses are too noisy to read."""
+    window = max(1, round(len(values) / 10))
+    return steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def _plot_curve(ax, train: list[tuple], val: list[tuple], colour, label: str | None = None,
+                best: bool = False) -> None:
+    """(step, loss) pairs: training as a moving average (line), validation as dashed markers; `best`: a star on the
+    lowest validation point (the saved model)."""
+    if train:
+        ax.plot(*_smooth(*map(list, zip(*train))), color=colour, lw=1.3, label=label)
     if val:
-        ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o--", color=colour, ms=4, lw=1,
-                label=None if len(loss) else label)
+        ax.plot(*zip(*val), "o--", color=colour, ms=3.5, lw=0.9, label=None if train else label)
+        if best:
+            step, loss = min(val, key=lambda v: v[1])
+            ax.plot(step, loss, "*", color="k", ms=11, zorder=5, label=f"best validation (step {step})")
 
 
-def _plot_hetlm(ax_lm, ax_sel, history: dict) -> None:
+def _lm_points(history: dict) -> tuple[list[tuple], list[tuple]]:
+    """One trainer's history (hetlm.train): training and validation (step, loss); validation is the next-session NLL."""
+    return ([(h["step"], h["loss"]) for h in history.get("train", [])],
+            [(h["step"], h["val_loss"]) for h in history.get("val", []) if h.get("val_loss") is not None])
+
+
+def _cluster_panels(subfig, title: str, clusters: dict[str, tuple[list, list]], sizes: dict, routed: list | None):
+    """One small panel per cluster (shared y axis), and for HeTLM one of all clusters as routed."""
+    n = len(clusters) + (routed is not None)
+    axes = subfig.subplots(1, n, sharey=True, squeeze=False).ravel()
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    for ax, (k, (train, val)) in zip(axes, clusters.items()):
+        _plot_curve(ax, train, val, _colour(int(k)))
+        size = sizes.get(int(k), sizes.get(k, 0))
+        ax.set_title(f"cluster {k}: {size:,} samples" if size else f"cluster {k}: retired", fontsize=8)
+        ax.set_xlabel("step")
+    if routed is not None:
+        _plot_curve(axes[-1], [], routed, "k")
+        axes[-1].set_title("all clusters, routed", fontsize=8)
+        axes[-1].set_xlabel("step")
+    axes[0].set_ylabel("cross-entropy")
+    subfig.suptitle(f"{title} (line: training, moving average; dashed markers: validation)", fontsize=9.5)
+
+
+def _selector_panel(subfig, name: str, history: dict) -> None:
     steps, val = history["steps"], history.get("val", [])
-    clusters = sorted({k for h in steps for k in h.get("critic", {})}, key=int)
-    for k in clusters:
-        # A cluster's predictor trains only on the steps whose batch routed samples to it.
-        points = [(h["step"], h["critic"][k]) for h in steps if k in h.get("critic", {})]
-        ax_lm.plot(*zip(*points), ".-", color=_colour(int(k)), lw=0.7, ms=3, alpha=0.7, label=f"cluster {k}")
-        vpoints = [(h["step"], h["predictor"][k]) for h in val if k in h.get("predictor", {})]
-        if vpoints:
-            ax_lm.plot(*zip(*vpoints), "o--", color=_colour(int(k)), ms=5, lw=1)
-    if val:
-        ax_lm.plot([h["step"] for h in val], [h["combined_nll"] for h in val], "ks--", ms=5, lw=1.2,
-                   label="all clusters, routed")
-    for i, part in enumerate(("LA", "L1", "L2", "L3")):
-        if not steps or part not in steps[0]:  # hard EM (assignment="likelihood") logs only its actor loss LA
-            continue
-        ax_sel.plot([h["step"] for h in steps], [h[part] for h in steps], color=_colour(i), lw=1, label=part)
-        if val:
-            ax_sel.plot([h["step"] for h in val], [h[f"selector_{part}"] for h in val], "o--", color=_colour(i), ms=5,
-                        lw=1)
-    ax_sel.set_yscale("log")
+    ax = subfig.subplots()
+    parts = [p for p in ("LA", "L1", "L2", "L3") if steps and p in steps[0]]  # hard EM logs only its actor loss LA
+    for i, part in enumerate(parts):
+        _plot_curve(ax, [(h["step"], h[part]) for h in steps], [(h["step"], h[f"selector_{part}"]) for h in val],
+                    _colour(i), part)
+    # L1 centred on each sample's mean NLL can be 0 or negative: a log axis only where every value is positive
+    if all(h[p] > 0 for h in steps for p in parts):
+        ax.set_yscale("log")
+    ax.set(title=f"{name}: selector (actor) loss", xlabel="step", ylabel="loss")
+    _legend_outside(ax)
 
 
 def _legend_outside(ax) -> None:
@@ -130,32 +153,40 @@ def _legend_outside(ax) -> None:
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
-    styles = [Line2D([], [], color="0.3", lw=1.4), Line2D([], [], color="0.3", ls="--", marker="o", ms=4, lw=1)]
-    ax.legend(handles + styles, labels + ["training (per step)", "validation"], loc="upper left",
+    styles = [Line2D([], [], color="0.3", lw=1.3), Line2D([], [], color="0.3", ls="--", marker="o", ms=3.5, lw=0.9)]
+    ax.legend(handles + styles, labels + ["training (moving average)", "validation"], loc="upper left",
               bbox_to_anchor=(1.01, 1))
 
 
 def training_curves(run: FinishedRun) -> Figure:
+    """One row per LM; a clusterwise model's row has one small panel per cluster (HeTLM: and a row for its
+    selector), so no panel holds more than one LM's curves."""
     histories = run.result.histories
     if not histories:
         raise MissingData("results.json holds no training histories")
-    panels = sum(2 if "steps" in h else 1 for h in histories.values())
-    fig, axes = _grid(panels, 1, 2.6, panel_width=10.5)
-    axes_left = iter(axes)
+    rows = sum(2 if "steps" in h else 1 for h in histories.values())
+    fig = Figure(figsize=(10.5, 2.5 * rows), layout="constrained")
+    subfigs = iter(fig.subfigures(rows, 1, squeeze=False).ravel())
     for name, history in histories.items():
-        ax = next(axes_left)
-        if "steps" in history:              # HeTLM: critic per cluster, and the selector (actor)
-            ax_sel = next(axes_left)
-            _plot_hetlm(ax, ax_sel, history)
-            ax_sel.set(title=f"{name}: selector (actor) loss", xlabel="step", ylabel="loss (log scale)")
-            _legend_outside(ax_sel)
+        result = run.result.results.get(name)
+        sizes = (result.train_cluster_sizes if result is not None else None) or {}
+        if "steps" in history:              # HeTLM: each cluster's predictor (critic), and the selector (actor)
+            steps, val = history["steps"], history.get("val", [])
+            clusters = sorted({k for h in steps for k in h.get("critic", {})}, key=int)
+            curves = {k: ([(h["step"], h["critic"][k]) for h in steps if k in h.get("critic", {})],
+                          [(h["step"], h["predictor"][k]) for h in val if k in h.get("predictor", {})]) for k in clusters}
+            _cluster_panels(next(subfigs), f"{name}: LM loss per cluster", curves, sizes,
+                            [(h["step"], h["combined_nll"]) for h in val])
+            _selector_panel(next(subfigs), name, history)
         elif "train" in history or "val" in history:   # one LM
-            _plot_train_val(ax, history, _colour(0), "LM")
+            ax = next(subfigs).subplots()
+            _plot_curve(ax, *_lm_points(history), _colour(0), "LM", best=True)
+            ax.set(title=f"{name}: LM loss", xlabel="step", ylabel="cross-entropy")
+            _legend_outside(ax)
         else:                               # k-means: one LM per cluster
-            for k, h in history.items():
-                _plot_train_val(ax, h, _colour(int(k)), f"cluster {k}")
-        ax.set(title=f"{name}: LM loss", xlabel="step", ylabel="cross-entropy")
-        _legend_outside(ax)
+            _cluster_panels(next(subfigs), f"{name}: LM loss per cluster",
+                            {k: _lm_points(h) for k, h in sorted(history.items(), key=lambda kv: int(kv[0]))}, sizes,
+                            None)
     return fig
 
 
@@ -179,33 +210,50 @@ def cluster_sizes(run: FinishedRun) -> Figure:
             ax.bar(labels, sizes, bottom=bottom, color=_colour(int(k)), label=f"cluster {k}", width=0.6)
             bottom += sizes
         for x, e in enumerate(epochs):
-            ax.annotate(f"K={sum(v > 0 for v in e['sizes'].values())}", (x, bottom[x]), ha="center",
-                        va="bottom", fontweight="bold")
+            ax.annotate(f"K={sum(v > 0 for v in e['sizes'].values())}, effective {M.effective_k(e['sizes'].values()):.1f}",
+                        (x, bottom[x]), ha="center", va="bottom", fontweight="bold")
         ax.set(title=name, ylabel="training samples", ylim=(0, 1.12 * bottom.max()))
         ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
     return fig
 
 
+def mean_interval(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its t-based 95% interval (nan for fewer than 2 values: no interval)."""
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return float(values.mean()) if len(values) else math.nan, math.nan
+    return float(values.mean()), float(t_dist.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+SMALL_CLUSTER = 5  # test users: bars of smaller clusters are hatched
+
+
 def cluster_metric_bars(run: FinishedRun) -> Figure:
-    clustered = run.models("clusterwise")
+    clustered = [n for n in run.models("clusterwise") if n in run.generations]
     if not clustered:
-        raise MissingData("no clusterwise model in this run")
+        raise MissingData("no clusterwise model with generations/ in this run")
     singles = run.models("single")
-    results = run.result.results
-    fig, axes = _grid(len(clustered), 1, 3.0, panel_width=10.5)
+    results, per_user = run.result.results, run.per_user
+    fig, axes = _grid(len(clustered), 1, 2.7, panel_width=10.5)
     for ax, name in zip(axes, clustered):
-        r = results[name]
-        bars = [(f"cluster {k} (N={m['n']})", m, _colour(k)) for k, m in sorted(r.clusters.items())]
-        bars.append((f"Combined (N={r.combined['n']})", r.combined, "0.25"))
+        users, routed = per_user[name], run.generations[name]["cluster"].to_numpy()
+        bars = [(f"cluster {k} (N={m['n']}{', no interval' if m['n'] < 2 else ''})", routed == k, m["n"], _colour(k))
+                for k, m in sorted(results[name].clusters.items())]
+        bars.append((f"Combined (N={len(routed)})", np.ones(len(routed), bool), len(routed), "0.25"))
         width = 0.8 / len(bars)
         x = np.arange(len(SET_METRICS))
-        for i, (label, m, colour) in enumerate(bars):
-            ax.bar(x - 0.4 + width * (i + 0.5), [m[k] for k in SET_METRICS], width, color=colour, label=label)
+        for i, (label, rows, n, colour) in enumerate(bars):
+            means, half = np.array([mean_interval(users[k].to_numpy()[rows]) for k in SET_METRICS]).T
+            reach = np.array([np.minimum(half, means), np.minimum(half, 1 - means)])  # the metrics lie in [0, 1]
+            small = n < SMALL_CLUSTER
+            ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=reach, capsize=2,
+                   color=colour, alpha=0.45 if small else 1.0, hatch="//" if small else None, edgecolor=colour,
+                   error_kw={"lw": 0.8, "ecolor": "0.2"}, label=label)
         for i, single in enumerate(singles):
             ax.hlines([results[single].combined[k] for k in SET_METRICS], x - 0.42, x + 0.42, color=_colour(7 + i),
                       ls="--", lw=1.5, label=f"{single} (all users)")
         ax.set_xticks(x, SET_METRICS)
-        ax.set(title=name, ylabel="mean over test users")
+        ax.set(title=f"{name}: {cluster_label(run.result, name)}", ylabel="mean over test users", ylim=(0, 1.02))
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig
 
@@ -238,7 +286,7 @@ def embedding_projection(run: FinishedRun) -> Figure:
     z = np.load(file)
     projector, method = _projector()
     projector.fit(z["train"])
-    fig, axes = _grid(len(clustered), 2, 4.2)
+    fig, axes = _grid(len(clustered), 3, 3.4, panel_width=3.7)
     for ax, name in zip(axes, clustered):
         split, clusters = _final_clusters(run, name)
         xy = projector.transform(z[split])
@@ -246,8 +294,9 @@ def embedding_projection(run: FinishedRun) -> Figure:
             mask = clusters == k
             ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.6, color=_colour(int(k)), label=f"cluster {k} (n={mask.sum()})",
                        rasterized=True)
-        ax.set(title=f"{name}: {split} samples", xlabel=f"{method} 1", ylabel=f"{method} 2")
-        ax.legend(markerscale=2.5)
+        ax.set_title("\n".join([*textwrap.wrap(name, 44), f"{split} samples"]), fontsize=8.5)
+        ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2")
+        ax.legend(markerscale=2.5, fontsize=7)
     return fig
 
 
@@ -338,26 +387,33 @@ class FigureSpec:
 
 
 FIGURES = [
-    FigureSpec("training_curves", "Training and validation loss (paper Figure 3)",
-               lambda run: "Cross-entropy per token against the optimiser step, for each LM and for the HeTLM selector. "
-                           "Thin lines: training loss of each step (batch); thick lines: its moving average; "
-                           "markers: loss on the validation samples. HeTLM panels: each cluster's predictor "
-                           "(critic) on the samples routed to it, and the selector's actor loss LA = L1 + alpha L2 "
-                           "+ beta L3 with its parts.",
+    FigureSpec("training_curves", "Training and validation loss (the paper's Figure 3)",
+               lambda run: "Cross-entropy per token against the optimiser step, one row per model. Lines: the "
+                           "training loss, as a moving average over about a 10th of the steps; dashed markers: the "
+                           "validation users' next-session NLL (what picks the saved model; star: its lowest point). "
+                           "Clusterwise models: one small panel per cluster's LM (its training samples in the title; "
+                           "HeTLM: its predictor, the critic, on the samples routed to it), and for HeTLM all clusters "
+                           "together as routed, and the selector's actor loss LA = L1 + alpha L2 + beta L3 with its "
+                           "parts (log axis, linear when L1 is centred and can be negative).",
                training_curves),
     FigureSpec("cluster_sizes", "Cluster sizes during HeTLM training",
                lambda run: "Training samples the selector routes to each cluster: at the k-means start and after each "
-                           "epoch. Clusters left empty after an epoch are retired, so K (above each bar) shrinks.",
+                           "epoch. Clusters left empty after an epoch are retired, so K (above each bar) shrinks. "
+                           "Effective K = exp(entropy of the cluster shares): K for equal clusters, near 1 when one "
+                           "cluster holds almost every sample.",
                cluster_sizes),
     FigureSpec("cluster_metrics", "Per-cluster page generation",
                lambda run: f"HR, IoA, IoP and IoU of each cluster of the clusterwise models and their Combined value on "
-                           f"the {run.result.n_test} test users (N = test users routed to the cluster). Dashed lines: the "
-                           f"single LMs on all test users.",
+                           f"the {run.result.n_test} test users (N = test users routed to the cluster), with the 95% "
+                           f"interval of each mean (t-based over the cluster's users, cut at 0 and 1; none for N=1). Hatched, pale bars: "
+                           f"clusters of fewer than {SMALL_CLUSTER} test users, whose means say little. Dashed lines: the "
+                           f"single LMs on all test users. Titles: K at start, kept, and the effective K of the "
+                           f"training samples (exp of the entropy of the cluster shares).",
                cluster_metric_bars),
     FigureSpec("iou_per_user", "Per-user IoU",
                lambda run: f"Distribution over the {run.result.n_test} test users of the IoU between the generated and the "
                            f"actual next session (recomputed from generations/). Box: quartiles; diamond: mean; "
-                           f"the variance metrics of Table 5 summarise this spread.",
+                           f"the spread-across-users table (variances) summarises it.",
                iou_distribution),
     FigureSpec("embedding_projection", "User embeddings by final cluster",
                lambda run: "2-D projection (fitted on the training samples) of the user embeddings the clusters are "

@@ -5,6 +5,10 @@ prepared/, generations/, outcomes/, clusters/, embeddings.npz) and writes RUN/re
 figure (hetlm.figures) embedded as a base64 PNG and saved as RUN/report/figures/<name>.png. The page loads nothing
 (no fonts, scripts or links; inline CSS only), so the one file opens offline. Page names come from
 user logs and are always HTML-escaped. A figure whose data an older run lacks becomes a visible note.
+
+It opens with the verdict (hetlm.verdict) on the first screen; then the tables (hetlm.tables; the less used ones,
+and rows of single clusters, folded in <details>), figures and example users; folded at the end, what the metrics
+mean (hetlm.glossary), the run settings, the data summary and the environment.
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import glossary
 from .figures import FinishedRun, ReportFigure, render_figures
+from .metrics import OUTCOME_METRICS
 from .outputs import write_atomically
-from .tables import BERTSCORE_NOTE, paper_tables
+from .tables import BERTSCORE_NOTE, CLUSTER_ROW, cluster_label, paper_tables
+from .verdict import BOOTSTRAP, Verdict, run_verdict
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class Report:
     html: Path
     figures: list[Path]        # the PNG files written
     notes: list[str]           # what was skipped, and why
+    verdict: Verdict | None    # the best model against the strongest baseline (None: no model or no baseline)
 
 
 def _esc(value) -> str:
@@ -42,17 +51,45 @@ def _cell(value) -> str:
     return _esc(value)
 
 
+def _outcome_groups(columns: list[str]) -> dict[str, list[str]] | None:
+    """The outcome metrics by outcome (Cart: Acc-Cart, Rec-Cart, Prec-Cart; ...); None for other columns."""
+    if set(columns) != set(OUTCOME_METRICS):
+        return None
+    groups: dict[str, list[str]] = {}
+    for c in columns:
+        groups.setdefault(c.split("-", 1)[1], []).append(c)
+    return groups
+
+
+def _table(rows: dict[str, dict], first: str) -> str:
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    groups = _outcome_groups(columns)
+    if groups is None:
+        head = "<tr>" + "".join(f"<th>{_esc(c)}</th>" for c in [first, *columns]) + "</tr>"
+    else:  # a second header row: the table is otherwise as wide as the page
+        columns = [c for cs in groups.values() for c in cs]
+        head = (f"<tr><th rowspan='2'>{_esc(first)}</th>"
+                + "".join(f"<th colspan='{len(cs)}' class='group'>{_esc(g)}</th>" for g, cs in groups.items())
+                + "</tr><tr>" + "".join(f"<th title='{_esc(c)}'>{_esc(c.split('-', 1)[0])}</th>" for c in columns)
+                + "</tr>")
+    body = "".join(f"<tr{' class=baseline' if name.startswith('baseline') else ''}><th scope='row'>{_esc(name)}</th>"
+                   + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for name, row in rows.items())
+    return f"<div class='scroll'><table><thead>{head}</thead><tbody>{body}</tbody></table></div>"
+
+
 def html_table(rows: dict[str, dict], first: str = "model") -> str:
-    """One row per model (or item), one column per key of the rows (order of first appearance); a table
-    of one row is shown as a column, which reads better than a wide row."""
+    """One row per model (or item), one column per key of the rows (order of first appearance), in a box that
+    scrolls sideways when wider than the page; a table of one row is shown as a column, which reads better than a
+    wide row. Rows of single clusters go to a folded table below, the Combined rows stay."""
     if len(rows) == 1:
         (name, row), = rows.items()
         rows, first = {key: {name: value} for key, value in row.items()}, ""
-    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-    head = "".join(f"<th>{_esc(c)}</th>" for c in [first, *columns])
-    body = "".join(f"<tr><th scope='row'>{_esc(name)}</th>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
-                   + "</tr>" for name, row in rows.items())
-    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    clusters = {n: r for n, r in rows.items() if CLUSTER_ROW in n}
+    shown = _table({n: r for n, r in rows.items() if n not in clusters}, first)
+    if not clusters:
+        return shown
+    return shown + (f"<details class='clusters'><summary>Per-cluster rows ({len(clusters)})</summary>"
+                    f"{_table(clusters, first)}</details>")
 
 
 def _flatten(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -124,7 +161,8 @@ def example_users(run: FinishedRun, n: int = 4, shown_sessions: int = 3) -> str:
             generated = df.row(i, named=True)
             where = f" (cluster {generated['cluster']})" if run.result.results[name].kind == "clusterwise" else ""
             lines.append(f"<tr><th>{_esc(name)}{where}</th><td>{_pages(generated['generated'], actual)}</td></tr>")
-        blocks.append(f"<h3>Test user {_esc(row['user'])}</h3><table class='example'>{''.join(lines)}</table>")
+        blocks.append(f"<details class='example'{' open' if not blocks else ''}><summary><h3>Test user "
+                      f"{_esc(row['user'])}</h3></summary><table class='example'>{''.join(lines)}</table></details>")
     return "".join(blocks)
 
 
@@ -149,6 +187,26 @@ table.example tr.actual { background: #f1f7ee; }
         font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }
 .page.hit { background: #ffd966; font-weight: 600; } .empty, .muted { color: #888; font-style: italic; }
 thead th:first-child { text-align: left; }
+thead th { white-space: normal; vertical-align: bottom; } thead th.text { text-align: left; } thead th.group { text-align: center; }
+tbody th { white-space: normal; min-width: 14em; max-width: 26em; }
+.scroll { max-width: 100%; } .scroll > table tbody th, .scroll > table thead tr:first-child th:first-child {
+  position: sticky; left: 0; background: #fff; z-index: 1; }
+.scroll > table thead tr:first-child th:first-child { background: #f3f5f8; }
+tr.baseline, .scroll > table tr.baseline th { background: #f7f7f2; }
+details > summary { cursor: pointer; color: #1f5fa8; font-size: 14px; }
+details.clusters { margin: -12px 0 20px; }
+details > summary h3 { display: inline-block; margin: 14px 0 6px; color: #222; }
+details.section > summary h2 { display: inline-block; border: 0; margin: 28px 0 4px; color: #222; }
+details.section { border-bottom: 2px solid #ddd; }
+dl { margin: 4px 0 12px; font-size: 14px; } dt { font-weight: 600; margin-top: 6px; } dd { margin: 0 0 0 18px; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; background: #f3f5f8; padding: 0 3px; }
+.verdict { background: #f6f9fc; border: 1px solid #cfdbe8; border-radius: 6px; padding: 4px 18px 8px;
+           margin: 14px 0 18px; }
+.verdict h2 { margin-top: 10px; border: 0; } .verdict .best { font-size: 16px; margin: 4px 0; }
+.verdict .summary { font-size: 15px; margin: 4px 0 8px; } .verdict table { background: #fff; font-size: 14px; }
+.verdict .fine, .fine { font-size: 12.5px; color: #555; margin: 4px 0; }
+td.outcome { font-weight: 600; } td.better { color: #17692b; } td.worse, td.behind { color: #b02a1e; }
+td.no-clear-difference, td.ahead { color: #7a5c00; }
 """
 
 
@@ -160,42 +218,100 @@ def _figure_html(fig: ReportFigure) -> str:
             f"<figcaption><b>{_esc(fig.title)}.</b> {_esc(fig.caption)}</figcaption></figure>")
 
 
+def _signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def verdict_html(run: FinishedRun, verdict: Verdict | None) -> str:
+    """The box at the top: the best model, and each headline metric against the strongest baseline."""
+    if verdict is None:
+        return ("<section id='verdict' class='verdict'><h2>Verdict</h2><p class='note'>No verdict: the run has no "
+                "baseline or no model besides the baselines.</p></section>")
+    rows = []
+    for c in verdict.comparisons:
+        interval = f" [{_signed(c.lo)}, {_signed(c.hi)}]" if c.lo is not None else ""
+        rows.append(f"<tr><th scope='row'>{_esc(c.metric)}</th><td>{c.value:.3f}</td>"
+                    f"<td class='text'>{_esc(c.baseline.removeprefix('baseline: '))} {c.baseline_value:.3f}</td>"
+                    f"<td>{_signed(c.gap)}{interval}</td><td class='text outcome {c.outcome.split(',')[0].replace(' ', '-')}'>"
+                    f"{_esc(c.outcome)}</td></tr>")
+    clusters = cluster_label(run.result, verdict.model)
+    return (f"<section id='verdict' class='verdict'><h2>Verdict</h2>"
+            f"<p class='best'>Best model: <b>{_esc(verdict.model)}</b> <span class='muted'>(highest test IoU of the "
+            f"{verdict.n_models} models{'; ' + _esc(clusters) if clusters else ''})</span></p>"
+            f"<p class='summary'>{_esc(verdict.summary())}</p>"
+            f"<div class='scroll'><table><thead><tr><th>headline metric</th><th>best model</th>"
+            f"<th class='text'>strongest baseline</th><th>difference (95% interval)</th><th class='text'>verdict</th>"
+            f"</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+            f"<p class='fine'>On the {verdict.n_test} test users. The strongest baseline is the one highest on each "
+            f"metric; the interval is a paired bootstrap over test users ({BOOTSTRAP:,} draws); 'better' means the "
+            f"whole interval lies above 0. Definitions: <a href='#metrics'>what the metrics mean</a>.</p></section>")
+
+
+def _code(text: str) -> str:
+    """Escaped text, `x` as <code>x</code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", _esc(text))
+
+
+def glossary_html() -> str:
+    parts = []
+    for group in glossary.GROUPS:
+        parts.append(f"<h3>{_esc(group.title)}</h3>" + (f"<p>{_code(group.intro)}</p>" if group.intro else ""))
+        parts.append("<dl>" + "".join(
+            f"<dt>{_esc(t.label)}{f' <span class=muted>({t.better} is better)</span>' if t.better else ''}</dt>"
+            f"<dd>{_code(t.meaning)}</dd>" for t in group.terms) + "</dl>")
+    return "".join(parts)
+
+
+# The tables shown open, by title (hetlm.tables): the headline metrics and the clusters; the others are folded.
+OPEN_TABLES = ("Page generation", "Outcomes from the generated session", "Ranking of the next session", "Clusters")
+
+
 def _read_json(file: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def render_html(run: FinishedRun, figures: list[ReportFigure]) -> str:
+def render_html(run: FinishedRun, figures: list[ReportFigure], verdict: Verdict | None) -> str:
     result, data = run.result, run.result.data
     summary = without_local_paths(_read_json(run.folder.prepared / "summary.json") or data, run.folder.path)
     config = _read_json(run.folder.config_file)
     config = config and without_local_paths(config, run.folder.path)
-    sections: list[tuple[str, str, str]] = []   # (anchor, title, body)
-    sections.append(("figures", "Figures", "".join(_figure_html(f) for f in figures)))
-    tables = "".join(f"<h3>{_esc(title)}</h3>{html_table(rows)}" for title, rows in paper_tables(result).items())
-    sections.append(("tables", "Tables (paper Tables 2-6 and 17)",
-                     f"<p>Composite scores are Table 3; the baselines are the rows named 'baseline: ...'. "
-                     f"{_esc(BERTSCORE_NOTE)}</p>{tables}"))
-    sections.append(("examples", "Example test users",
-                     "<p>Two users on whose next session the most models overlap, and two drawn at random "
-                     "(seed 0). The last input sessions, the actual next session and each model's generation; "
-                     "<span class='page hit'>highlighted</span> pages also occur in the actual next session.</p>"
-                     + example_users(run)))
-    sections.append(("settings", "Run settings (config.json)",
-                     settings_table(config) if config else "<p class='note'>Not shown: no config.json.</p>"))
+    shown: list[tuple[str, str, str]] = []   # (anchor, title, body)
+    folded: list[tuple[str, str, str]] = []  # the same, in <details>
+    tables = "".join(f"<h3>{_esc(title)}</h3>{html_table(rows)}" if title.startswith(OPEN_TABLES) else
+                     f"<details class='table'><summary><h3>{_esc(title)}</h3></summary>{html_table(rows)}</details>"
+                     for title, rows in paper_tables(result).items())
+    shown.append(("tables", "Tables",
+                  f"<p>Baselines are the rows named 'baseline: ...'; composite scores compare every model with "
+                  f"{_esc(result.reference)}. A clusterwise model's Combined row is over all test users; its rows per "
+                  f"cluster are folded below each table, as are the less used tables (click a title to "
+                  f"open it). {_esc(BERTSCORE_NOTE)}</p>{tables}"))
+    shown.append(("figures", "Figures", "".join(_figure_html(f) for f in figures)))
+    shown.append(("examples", "Example test users",
+                  "<p>Two users on whose next session the most models overlap, and two drawn at random "
+                  "(seed 0). The last input sessions, the actual next session and each model's generation; "
+                  "<span class='page hit'>highlighted</span> pages also occur in the actual next session. The first user "
+                  "is open; click the others to open them.</p>"
+                  + example_users(run)))
+    folded.append(("metrics", "What the metrics mean", glossary_html()))
+    folded.append(("settings", "Run settings (config.json)",
+                   settings_table(config) if config else "<p class='note'>Not shown: no config.json.</p>"))
     summary = {k: v for k, v in summary.items() if k != "config"}   # the prepare settings are in config.json
-    sections.append(("data", "Data summary (prepared/summary.json)", settings_table(summary)))
+    folded.append(("data", "Data summary (prepared/summary.json)", settings_table(summary)))
     if result.environment:
-        sections.append(("environment", "Environment", settings_table(result.environment)))
-    nav = "".join(f"<li><a href='#{a}'>{_esc(t)}</a></li>" for a, t, _ in sections)
-    body = "".join(f"<h2 id='{a}'>{_esc(t)}</h2>{b}" for a, t, b in sections)
+        folded.append(("environment", "Environment", settings_table(result.environment)))
+    nav = "".join(f"<li><a href='#{a}'>{_esc(t)}</a></li>" for a, t, _ in [("verdict", "Verdict", ""), *shown, *folded])
+    body = "".join(f"<h2 id='{a}'>{_esc(t)}</h2>{b}" for a, t, b in shown)
+    body += "".join(f"<details id='{a}' class='section'><summary><h2>{_esc(t)}</h2></summary>{b}</details>"
+                    for a, t, b in folded)
     samples = data.get("samples", {})
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{_esc(result.name)}: HeTLM experiment report</title><style>{CSS}</style></head><body>"
             f"<h1>{_esc(result.name)}</h1><p class='sub'>HeTLM experiment report. Data: "
             f"{_esc(data.get('source', '?'))}, {_esc(data.get('users', '?'))} users, {_esc(data.get('pages', '?'))} "
-            f"pages, samples {_esc(json.dumps(samples))}; {result.n_test} test users. Reference model for composites: "
-            f"<b>{_esc(result.reference)}</b>.</p><nav><ol>{nav}</ol></nav>{body}</body></html>")
+            f"pages, samples {_esc(', '.join(f'{k} {v}' for k, v in samples.items()))}; {result.n_test} test users."
+            f"</p>{verdict_html(run, verdict)}<nav><ol>{nav}</ol></nav>{body}</body></html>")
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
@@ -216,6 +332,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
         else:
             write_atomically(png, fig.png)
             written.append(png)
+    verdict = run_verdict(run)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, render_html(run, figures))  # whole or absent: never a page cut off by a full disk
-    return Report(out, written, [f"{f.title}: {f.note}" for f in figures if f.png is None])
+    write_atomically(out, render_html(run, figures, verdict))  # whole or absent: never a page cut off by a full disk
+    return Report(out, written, [f"{f.title}: {f.note}" for f in figures if f.png is None], verdict)

@@ -150,6 +150,7 @@ class ModelResult(BaseModel):
     clusters: dict[int, Metrics]
     extra: Metrics
     per_user_iou: list[float]
+    first_page_ranks: list[int | None] | None = None  # each test user's rank of the actual first page (None: unknown)
     params: int | None = None                       # LMs
     inference_seconds: float | None = None          # LMs: routing and generation of the test set
     train_cluster_sizes: dict[int, int] | None = None  # clusterwise

@@ -16,10 +16,13 @@ from hetlm.metrics import (
     binary_scores,
     bleu,
     composite_score,
+    effective_k,
     evaluate_generations,
+    f1_counts,
     format_table,
     markdown_table,
     outcome_auc,
+    paired_bootstrap,
     ranking_metrics,
     user_scores,
 )
@@ -285,9 +288,47 @@ def test_markdown_table():
 
 
 def test_format_table():
+    table = format_table(ROWS | {"lm [routed by likelihood]": {"HR": 0.1}})
+    assert table.row_count == 3
+    console = Console(record=True, width=80)
+    console.print(table)
+    assert "lm [routed by likelihood]" in console.export_text()  # not eaten as rich markup
     table = format_table(ROWS)
     assert [c.header for c in table.columns] == ["model", "HR", "IoA"]
     assert table.row_count == 2
     console = Console(record=True, width=80)
     console.print(table)
     assert "0.292" in console.export_text()
+
+
+# ---------------------------------------------------------------- what the report's verdict and labels use
+
+
+def test_f1_counts_is_binary_scores_f1():
+    rng = np.random.default_rng(0)
+    predicted, truth = rng.random((50, 30)) < 0.3, rng.random((50, 30)) < 0.2
+    f1 = f1_counts(predicted, truth, axis=1)
+    assert f1 == pytest.approx([binary_scores(p, t).f1 for p, t in zip(predicted, truth)])
+    assert f1_counts(np.zeros(4, bool), np.zeros(4, bool)) == 0.0  # nothing to count: 0, as binary_scores
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    theirs = rng.random(400)
+    shifted = paired_bootstrap(theirs + 0.1, theirs)  # the same users 0.1 better: no spread at all
+    assert shifted["gap"] == pytest.approx(0.1) and shifted["lo"] == pytest.approx(0.1) == shifted["hi"]
+    noisy = paired_bootstrap(theirs + rng.normal(0, 0.5, 400), theirs)
+    assert noisy["lo"] < noisy["gap"] < noisy["hi"] and noisy["lo"] < 0 < noisy["hi"]
+    # a statistic other than the mean: F1 of (predicted, actual) flags, recomputed on each draw
+    flags = np.column_stack([rng.random(400) < 0.5, rng.random(400) < 0.5])
+    f1 = paired_bootstrap(flags, flags[:, ::-1], lambda x: f1_counts(x[..., 0], x[..., 1], axis=1))
+    assert f1["gap"] == 0.0 and f1["lo"] == f1["hi"] == 0.0  # F1 is symmetric in its two sides
+    with pytest.raises(ValueError, match="same users"):
+        paired_bootstrap(theirs, theirs[:-1])
+
+
+def test_effective_k():
+    assert effective_k([5, 5, 5, 0]) == pytest.approx(3)       # empty clusters do not count
+    assert effective_k([2075]) == 1.0
+    assert effective_k([1903, 34, 34, 34, 35, 35]) == pytest.approx(1.52, abs=0.01)  # 6 clusters, one holds 92 %
+    assert math.isnan(effective_k([0, 0]))
