@@ -261,7 +261,8 @@ def embed(config: ExperimentConfig, data: Samples, run: RunFolder):
 def fit_kmeans(config: ExperimentConfig, small: TrainedModel, data: Samples, run: RunFolder,
                progress: bool) -> TrainedModel:
     k, folder = config.kmeans.n_clusters, kmeans_folder(config.kmeans.n_clusters)
-    km = KMeansClusterwise(k, run.train(folder), config.kmeans.finetune, progress).fit(
+    # set_decoder=False: the evaluation fits the configured set decoder into the folder (`SetDecoderConfig`)
+    km = KMeansClusterwise(k, run.train(folder), config.kmeans.finetune, progress, set_decoder=False).fit(
         small.lm, data.train, data.z["train"], data.val, data.z["val"], config.encoder.model_dump())
     km.save_pretrained(run.model(folder), data.tokenizer)
     return TrainedModel(f"{config.model.preset} k-means K={k}", km.model_, run.model(folder),
@@ -275,7 +276,7 @@ def fit_hetlm(config: ExperimentConfig, label: str, cfg: HeTLMConfig, small: Tra
     if config.hetlm.processes > 1:
         het = _fit_in_processes(run, folder, cfg, config.encoder.model_dump(), config.hetlm.processes, progress)
     else:
-        het = HeTLM(cfg, run.train(folder), progress=progress).fit(
+        het = HeTLM(cfg, run.train(folder), progress=progress, set_decoder=False).fit(
             small.lm, data.train, data.z["train"], data.val, data.z["val"], config.encoder.model_dump()).model_
         het.save_pretrained(run.model(folder), data.tokenizer)
     return TrainedModel(f"{config.model.preset} HeTLM {label}", het, run.model(folder),
@@ -287,7 +288,8 @@ def _fit_in_processes(run: RunFolder, folder: str, cfg: HeTLMConfig, encoder: di
     """HeTLM in `processes` processes on the files the run has written: prepared samples, models/small,
     embeddings.npz; the model is saved to models/<folder> and read back."""
     job = HeTLMJob(prepared=run.prepared, base=run.model(SMALL), embeddings=run.embeddings, out=run.model(folder),
-                   config=cfg, encoder=encoder, checkpoints=run.train(folder), progress=progress)
+                   config=cfg, encoder=encoder, checkpoints=run.train(folder), progress=progress,
+                   set_decoder=False)
     return fit_in_processes(job, processes, run.train(folder) / "fit_hetlm.json")
 
 
