@@ -308,6 +308,11 @@ def _check_prepared(prepared: Path) -> None:
         _fail(err)
 
 
+def _exists(path: Path, what: str) -> None:
+    if not path.exists():
+        _fail(FileNotFoundError(f"{what} {path} does not exist"))
+
+
 def _split_path(prepared: Path, split: str) -> Path:
     path = prepared / f"{split}.parquet"
     if not path.is_file():
@@ -350,6 +355,7 @@ def train(
     train.<field>=... (any TrainConfig field). Several processes: `--processes N`, or `torchrun
     --nproc_per_node N -m hetlm.cli train ...`; --batch-size is the global batch, shared out over the processes."""
     _become_torchrun(processes)
+    _check_prepared(prepared)  # before the imports of torch and transformers: a wrong path fails at once
     from .distributed import close_distributed, init_distributed
     from .single import SingleConfig, train_single
     from .tokenizer import load_tokenizer
@@ -437,6 +443,8 @@ def generate(
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached). Every decoding setting:
     --config (JSON of `GenerationConfig`) and --set <field>=..."""
+    _check_prepared(prepared)  # before the imports of torch and transformers: a wrong path fails at once
+    _exists(model_dir, "the model folder")
     from .cluster.base import load_model
     from .evaluate import GenerationConfig, predict, save_generations, set_decoded_pages
     from .set_decoder import SetDecoder
@@ -509,6 +517,7 @@ def experiment(
 ) -> None:
     """The paper's Step 2: small LM, k-means, HeTLM, larger LM, baselines; Tables 2-6 and 17. Any setting
     of the config can be changed with --set (e.g. --set pretrain.epochs=1 --set hetlm.enabled=false)."""
+    _exists(config, "the experiment config")  # before the imports of torch and transformers
     from .experiment import ExperimentConfig, run_experiment
     from .ingest import IngestError
     from .sessions import DataError
@@ -595,6 +604,7 @@ def score(
 ) -> None:
     """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase).
     What is computed for each user: --config (JSON of `ScoreConfig`) and --set <field>=..."""
+    _exists(model_dir, "the model folder")  # before the imports of torch and transformers
     from pydantic import ValidationError
 
     from .ingest import IngestError
