@@ -9,6 +9,8 @@ stage one `ModelResult` per evaluated model.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -223,7 +225,28 @@ def prepare_samples(config: ExperimentConfig, run: RunFolder) -> Samples:
                    summary)
     console.print(f"{summary['users']} users, {len(data.vocabulary)} pages; samples {summary['samples']}")
     _check_clusters_fit(config, summary["users_per_split"]["train"])
+    console.print(plan(config, data.train.height), highlight=False)
     return data
+
+
+def _steps(train: TrainConfig, samples: int) -> int:
+    steps = train.epochs * math.ceil(math.ceil(samples / train.batch_size) / train.grad_accum)
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def plan(config: ExperimentConfig, n_train: int) -> str:
+    """What the run will train, in steps, said before it starts; each stage then prints its own `about N min`
+    once its first steps are timed (`progress.Estimate`), so a run that would take too long can be stopped early."""
+    stages = [f"small LM {_steps(config.pretrain, n_train):,} steps"]
+    if config.kmeans.enabled:  # the clusters share the training samples
+        stages.append(f"k-means K={config.kmeans.n_clusters} about {_steps(config.kmeans.finetune, n_train):,} steps "
+                      "over all clusters")
+    for label, cfg in config.hetlm.variants() if config.hetlm.enabled else []:
+        batches = (cfg.critic_warmup_epochs + cfg.epochs) * math.ceil(n_train / cfg.batch_size)
+        stages.append(f"HeTLM {label} {batches:,} batches of {cfg.n_clusters} predictors")
+    if config.larger.enabled:
+        stages.append(f"larger LM {_steps(config.pretrain, n_train):,} steps")
+    return f"plan: {'; '.join(stages)}; then every model and baseline is evaluated on the test users"
 
 
 def _check_clusters_fit(config: ExperimentConfig, train_users: int) -> None:

@@ -218,3 +218,12 @@ def test_experiment_stops_before_training_on_inconsistent_settings(tmp_path):
     assert result.exit_code == 2, result.output
     assert "max_len=16" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_experiment_says_its_plan_in_steps_before_training():
+    from hetlm.experiment import ExperimentConfig, plan
+
+    config = ExperimentConfig.from_file(REPO / "configs" / "quick.json")  # 3 epochs of batches of 32
+    said = plan(config, 640)
+    assert said.startswith("plan: small LM 60 steps; k-means K=6 about 20 steps over all clusters; HeTLM a=5 b=9 20 "
+                           "batches of 6 predictors; larger LM 60 steps")
