@@ -80,8 +80,8 @@ class LineProgress:
 
 @dataclass
 class Estimate:
-    """One line, `what: about 4 min for 594 steps (timed over the first 12)`, printed when the first steps
-    of a task have taken `after_seconds` (or the task ended): an up-front estimate of how long it runs,
+    """One line, `what: about 4 min for 594 steps (timed over the first 12)`, printed once the first steps
+    of a task have taken `after_seconds` (nothing when it ends sooner): an up-front estimate of how long it runs,
     from its own measured rate, so a user can stop a run that would take too long. `done` counts from
     `done_at_start` (a resumed run times only its own steps)."""
 
