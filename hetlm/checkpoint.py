@@ -4,6 +4,7 @@ bars, and resumable checkpoints (model, optimizer, each rank's RNG streams, the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -50,15 +51,23 @@ def swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model: PreTrainedModel, path: Path) -> None:
-    """save_pretrained (safetensors) without transformers' per-shard progress bar."""
+@contextlib.contextmanager
+def hf_bars_off():
+    """transformers' own progress bars (per-shard saving, "Loading weights" per model) off inside: a
+    clusterwise folder is K models, and their K bars say nothing a user needs."""
     bars_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(path)
+        yield
     finally:
         if bars_on:
             hf_logging.enable_progress_bar()
+
+
+def save_model(model: PreTrainedModel, path: Path) -> None:
+    """save_pretrained (safetensors) without transformers' per-shard progress bar."""
+    with hf_bars_off():
+        model.save_pretrained(path)
 
 
 def rng_state() -> dict:

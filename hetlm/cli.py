@@ -1,8 +1,10 @@
-"""The `hetlm` command line: a thin layer over the Python API, one command per stage.
+"""hetlm: learn the language of browsing from click logs, one command per stage (prepare, train, generate,
+evaluate, experiment, report, score, serve)."""
 
-Over 450 lines because it declares every command's options (typer reads them from the signatures; the
-log-reading options are shared as annotated types, but each command that reads a log must still list them);
-the work is done by the modules each command calls."""
+# A thin layer over the Python API. Long because it declares every command's options (typer reads them from
+# the signatures; the log-reading options are shared as annotated types, but each command that reads a log
+# must still list them); the work is done by the modules each command calls, imported inside the commands
+# so that `hetlm --help`, `--version` and a path error stay fast.
 
 from __future__ import annotations
 
@@ -65,8 +67,18 @@ def _override_cleaning(scorer, **given) -> None:
 
 # Every command's settings: its config model from --config, then the typed options given, then --set.
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="JSON file of the command's settings")]
-Overrides = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="KEY=VALUE setting, applied last (repeatable; dotted keys reach nested ones: train.lr=3e-4)")]
+
+
+def _overrides(example: str):
+    """--set, with an example key of the command's own config (SET_EXAMPLES; a test loads each)."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--set", help=f"KEY=VALUE setting, applied last (repeatable; dotted keys reach nested ones), e.g. {example}")]
+
+
+# command -> a --set example valid for its config model
+SET_EXAMPLES = {"prepare": "gap_minutes=60", "train": "train.warmup_ratio=0.1", "fit-hetlm": "epochs=2",
+                "generate": "max_new_tokens=20", "experiment": "pretrain.epochs=1", "score": "n_samples=32",
+                "serve": "max_batch=16"}
 
 
 def _given(ctx: typer.Context, fields: dict[str, str] | None = None, **options) -> dict:
@@ -112,8 +124,17 @@ def _environment_defaults() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"hetlm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     """hetlm: learn the language of browsing from click logs."""
     _environment_defaults()
 
@@ -178,8 +199,9 @@ def prepare(
     long_sessions: LongSessions = "truncate",
     samples: str = typer.Option("auto", help="auto | next-session | within-session"),
     split: str = typer.Option("time", help="time (targets after a cutoff are test) | user (paper)"),
-    test_fraction: float = typer.Option(0.1),
-    val_fraction: float = typer.Option(0.05),
+    test_fraction: float = typer.Option(0.1, help="time split: share of the latest target start times that are test; "
+                                                 "user split: share of the users"),
+    val_fraction: float = typer.Option(0.05, help="the same for validation (just before the test cutoff)"),
     test_targets: str = typer.Option("first", help="first | all test targets per user"),
     max_train_targets: Optional[int] = typer.Option(None, help="keep each user's N most recent training targets"),
     max_len: int = typer.Option(512, help="token budget of history + target"),
@@ -188,9 +210,9 @@ def prepare(
     partitions: Partitions = 1,
     sample_users: Optional[float] = typer.Option(None, help="keep this fraction of the users (a hash sample, "
                                                  "the same every run): to try a big log quickly"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the user split and of --sample-users"),
     config: ConfigFile = None,
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["prepare"]) = None,
 ) -> None:
     """Click log -> tokenized next-session samples (train/val/test Parquet), tokenizer, summary.
 
@@ -292,6 +314,11 @@ def _check_prepared(prepared: Path) -> dict:
         _fail(err)
 
 
+def _exists(path: Path, what: str) -> None:
+    if not path.exists():
+        _fail(FileNotFoundError(f"{what} {path} does not exist"))
+
+
 def _split_path(prepared: Path, split: str) -> Path:
     path = prepared / f"{split}.parquet"
     if not path.is_file():
@@ -313,20 +340,20 @@ def train(
     preset: str = typer.Option("tiny", help="tiny | small | base | opt-350m | opt-2.7b | qwen2.5-0.5b | qwen2.5-7b | smollm2-360m"),
     family: Optional[str] = typer.Option(None, help="llama | qwen2 | opt (for tiny/small/base)"),
     init_from: Optional[Path] = typer.Option(None, help="released weights (save_pretrained folder) to start from"),
-    epochs: int = typer.Option(3),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(32),
-    grad_accum: int = typer.Option(1),
-    max_steps: Optional[int] = typer.Option(None),
+    epochs: int = typer.Option(3, help="passes over the training samples (early stopping may end sooner)"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up, then cosine)"),
+    batch_size: int = typer.Option(32, help="samples per step (over all processes)"),
+    grad_accum: int = typer.Option(1, help="batches accumulated per optimizer step"),
+    max_steps: Optional[int] = typer.Option(None, help="cap on optimizer steps"),
     bf16: bool = typer.Option(False, help="bfloat16 autocast (CPU or GPU)"),
-    eval_every: int = typer.Option(200),
-    patience: Optional[int] = typer.Option(5, help="early stopping: evaluations without improvement"),
+    eval_every: int = typer.Option(50, help="steps between validations (also at each epoch's end)"),
+    patience: Optional[int] = typer.Option(3, help="early stopping: validations without a better next-session NLL"),
     resume: bool = typer.Option(False, help="continue from out/checkpoint"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the initial weights and of the batch order"),
     stream: bool = typer.Option(False, help="stream training samples from train.parquet row group by row group"),
     processes: Processes = 1,
     config: ConfigFile = None,
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["train"]) = None,
 ) -> None:
     """Train a page-level LM on prepared samples (causal LM loss on history + next session).
 
@@ -334,6 +361,7 @@ def train(
     train.<field>=... (any TrainConfig field). Several processes: `--processes N`, or `torchrun
     --nproc_per_node N -m hetlm.cli train ...`; --batch-size is the global batch, shared out over the processes."""
     _become_torchrun(processes)
+    _check_prepared(prepared)  # before the imports of torch and transformers: a wrong path fails at once
     from .distributed import close_distributed, init_distributed
     from .single import SingleConfig, train_single
     from .tokenizer import load_tokenizer
@@ -387,7 +415,7 @@ def fit_hetlm(
     progress: bool = typer.Option(True),
     processes: Processes = 1,
     config: ConfigFile = None,
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["fit-hetlm"]) = None,
 ) -> None:
     """HeTLM (Algorithm 1) on prepared samples and saved embeddings; with --processes N its predictors are
     spread over N processes (torchrun; one per GPU), the selector kept the same in all. Its settings:
@@ -417,23 +445,27 @@ def generate(
     model_dir: Path = typer.Argument(..., help="a model folder: one LM (e.g. RUN/best) or clusterwise"),
     prepared: Path = typer.Argument(..., help="folder written by `hetlm prepare`"),
     out: Path = typer.Option(..., "--out", help="Parquet file of generations"),
-    split: str = typer.Option("test"),
-    max_new_tokens: int = typer.Option(40),
-    batch_size: int = typer.Option(64),
-    strategy: str = typer.Option("greedy", help="greedy | beam | sample"),
-    num_beams: int = typer.Option(4),
-    temperature: float = typer.Option(1.0),
-    top_k: int = typer.Option(0),
-    top_p: float = typer.Option(1.0),
+    split: str = typer.Option("test", help="which prepared samples: test | val | train"),
+    max_new_tokens: int = typer.Option(40, help="longest next session generated (pages)"),
+    batch_size: int = typer.Option(64, help="users decoded per forward pass"),
+    strategy: str = typer.Option("greedy", help="greedy | beam | sample | set (the model folder's expected-IoU set "
+                                                "decoder, set_decoder.json, fitted by `hetlm train` / `experiment`)"),
+    num_beams: int = typer.Option(4, help="beam: beams kept per user"),
+    temperature: float = typer.Option(1.0, help="sample: softmax temperature"),
+    top_k: int = typer.Option(0, help="sample: draw from the k likeliest pages only (0: all)"),
+    top_p: float = typer.Option(1.0, help="sample: draw from the smallest set of pages with this probability"),
     routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="sample: seed of the draws"),
     config: ConfigFile = None,
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["generate"]) = None,
 ) -> None:
     """Generate each user's next session (constrained to pages, batched, KV-cached). Every decoding setting:
     --config (JSON of `GenerationConfig`) and --set <field>=..."""
+    _check_prepared(prepared)  # before the imports of torch and transformers: a wrong path fails at once
+    _exists(model_dir, "the model folder")
     from .cluster.base import load_model
-    from .evaluate import GenerationConfig, predict, save_generations
+    from .evaluate import GenerationConfig, predict, save_generations, set_decoded_pages
+    from .set_decoder import SetDecoder
 
     settings = _config(GenerationConfig, config, _given(
         ctx, max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy, num_beams=num_beams,
@@ -445,9 +477,19 @@ def generate(
         model = load_model(model_dir, tokenizer_dir=prepared / "tokenizer")  # the vocabulary of the samples' ids
     except (ValueError, OSError) as err:
         _fail(err)
-    pred = predict(model, df, model.tokenizer, settings, model.embed(df["history"].to_list()), routing)
-    save_generations(out, df, pred.pages, pred.clusters)
-    console.print(f"{len(pred.pages)} next sessions in {pred.seconds['generation']:.1f} s -> {out}")
+    z = model.embed(df["history"].to_list())
+    if settings.strategy == "set":
+        if not SetDecoder.exists(model_dir):
+            _fail(ValueError(f"--strategy set needs a fitted set decoder ({model_dir}/set_decoder.json, written by "
+                             "`hetlm train`, `hetlm experiment` and the estimators' save_pretrained); use greedy"))
+        decoder = SetDecoder.from_pretrained(model_dir)
+        pred = predict(model, df, model.tokenizer, settings, z, routing, greedy=False, n_samples=decoder.n_samples)
+        pages = set_decoded_pages(decoder, pred, df, model.tokenizer)
+    else:
+        pred = predict(model, df, model.tokenizer, settings, z, routing)
+        pages = pred.pages
+    save_generations(out, df, pages, pred.clusters)
+    console.print(f"{len(pages)} next sessions in {sum(pred.seconds.values()):.1f} s -> {out}")
 
 
 @app.command()
@@ -461,7 +503,7 @@ def evaluate(
     import polars as pl
 
     from .evaluate import compute_metrics
-    from .metrics import format_table
+    from .metrics import format_transposed
     from .tokenizer import load_tokenizer, page_vocabulary
 
     _check_prepared(prepared)
@@ -487,7 +529,8 @@ def evaluate(
     rows = {"Combined": result["combined"] | result["extra"]}
     if len(result["clusters"]) > 1:
         rows |= {f"cluster {k}": m for k, m in result["clusters"].items()}
-    console.print(format_table(rows))
+    for table in format_transposed(rows):
+        console.print(table)
     if out:
         out.write_text(json.dumps(result, indent=1, default=float))
         console.print(f"-> {out}")
@@ -500,11 +543,12 @@ def experiment(
     data: Optional[Path] = typer.Option(None, help="override the config's log file"),
     source: Optional[str] = typer.Option(None, help="override the config's source format"),
     progress: bool = typer.Option(True),
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["experiment"]) = None,
     overwrite: bool = typer.Option(False, help="replace a run of another config that --out holds"),
 ) -> None:
     """The paper's Step 2: small LM, k-means, HeTLM, larger LM, baselines; Tables 2-6 and 17. Any setting
     of the config can be changed with --set (e.g. --set pretrain.epochs=1 --set hetlm.enabled=false)."""
+    _exists(config, "the experiment config")  # before the imports of torch and transformers
     from .experiment import ExperimentConfig, run_experiment
     from .ingest import IngestError
     from .ingest.base import skip_spelling
@@ -531,7 +575,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out"),
     config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "quick.json",
                                 help="the quick profile on the shipped Taobao sample"),
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["experiment"]) = None,
 ) -> None:
     """The main job on the dataset shipped in the repo: `experiment configs/quick.json`."""
     experiment(config, out, None, None, True, overrides, False)
@@ -569,10 +613,12 @@ def score(
     strategy: Optional[str] = typer.Option(None, help="set | greedy | sample (the next session); default: set (the "
                                                        "expected-IoU set decoder) where the model folder has one, else greedy"),
     temperature: float = typer.Option(1.0, help="sampling temperature of the next session"),
-    n_samples: int = typer.Option(32, help="sessions drawn per user for P(Cart), P(Purchase); 0 skips them"),
-    seed: int = typer.Option(0),
+    n_samples: int = typer.Option(0, help="0: P(Cart), P(Purchase) = exact probability that the next session's first "
+                                           "page is Cart / Purchase (fast); N: Monte Carlo P(Cart / Purchase anywhere "
+                                           "in the next session) from N sampled sessions per user (slow, e.g. 32)"),
+    seed: int = typer.Option(0, help="seed of the sampled sessions (a user's numbers depend only on it and the history)"),
     routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
-    max_new_tokens: int = typer.Option(40),
+    max_new_tokens: int = typer.Option(40, help="longest next session generated (pages)"),
     batch_users: int = typer.Option(64, help="users scored and written per batch"),
     batch_size: int = typer.Option(64, help="decoded sequences per forward pass"),
     user: UserColumn = None,
@@ -596,10 +642,11 @@ def score(
     skip_bad_rows: SkipBadRows = False,
     partitions: Partitions = 1,
     config: ConfigFile = None,
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["score"]) = None,
 ) -> None:
     """Score every user of a click log: cluster, next session, top-k next pages, P(Cart), P(Purchase).
     What is computed for each user: --config (JSON of `ScoreConfig`) and --set <field>=..."""
+    _exists(model_dir, "the model folder")  # before the imports of torch and transformers
     from pydantic import ValidationError
 
     from .ingest import IngestError
@@ -636,7 +683,7 @@ def serve(
     port: int = typer.Option(8000),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer folder (default: the model folder's tokenizer/)"),
     routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
-    max_new_tokens: int = typer.Option(40),
+    max_new_tokens: int = typer.Option(40, help="longest next session generated (pages)"),
     max_batch: int = typer.Option(32, help="requests scored together"),
     max_wait_ms: float = typer.Option(5.0, help="how long a request waits for others to batch with"),
     max_body_bytes: int = typer.Option(1 << 20, help="larger request bodies get 413"),
@@ -647,7 +694,7 @@ def serve(
     long_sessions: LongOverride = None,
     long_session_cutoff: LongCutoffOverride = None,
     config: ConfigFile = None,
-    overrides: Overrides = None,
+    overrides: _overrides(SET_EXAMPLES["serve"]) = None,
 ) -> None:
     """HTTP service: POST /predict (a user's sessions -> predictions), GET /health, GET /model, /docs.
     Its limits and batching: --config (JSON of `ServeConfig`) and --set <field>=..."""

@@ -63,8 +63,11 @@ def _load(model_name_or_path: str | None, device: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at its import
     from sentence_transformers import SentenceTransformer
 
+    from .checkpoint import hf_bars_off
+
     source = str(minilm_path()) if model_name_or_path is None else model_name_or_path
-    return SentenceTransformer(source, device=device, local_files_only=True)
+    with hf_bars_off():  # transformers' "Loading weights" bar
+        return SentenceTransformer(source, device=device, local_files_only=True)
 
 
 def load_minilm(device: str = "cpu", model_name_or_path: str | Path | None = None):

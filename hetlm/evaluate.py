@@ -90,6 +90,16 @@ def fit_set_decoder(decoder: SetDecoder, val: Predictions, val_samples: pl.DataF
                        outcome_page_ids(tokenizer))
 
 
+def fit_default_set_decoder(model: ClusterwiseLM, val: pl.DataFrame, z_val: np.ndarray | None = None) -> SetDecoder | None:
+    """The set decoder with its default settings fitted on the validation users (routed by `z_val` as the model
+    routes them; a single LM needs none), or None without validation users: what `hetlm train`, `train_single`
+    and the clusterwise estimators' `save_pretrained` write into a model folder (`set_decoder.json`)."""
+    if not val.height:
+        return None
+    evidence = predict(model, val, model.tokenizer, GenerationConfig(), z_val, progress=False, greedy=False)
+    return fit_set_decoder(SetDecoder(), evidence, val, model.tokenizer)
+
+
 def set_decoded_pages(decoder: SetDecoder, pred: Predictions, samples: pl.DataFrame, tokenizer) -> list[list[str]]:
     return _decode(tokenizer, decoder.predict(samples["input_ids"].to_list(), pred.evidence))
 

@@ -9,6 +9,8 @@ stage one `ModelResult` per evaluated model.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -260,7 +262,28 @@ def prepare_samples(config: ExperimentConfig, run: RunFolder) -> Samples:
                    summary)
     console.print(f"{summary['users']} users, {len(data.vocabulary)} pages; samples {summary['samples']}")
     _check_clusters_fit(config, summary["users_per_split"]["train"])
+    console.print(plan(config, data.train.height), highlight=False)
     return data
+
+
+def _steps(train: TrainConfig, samples: int) -> int:
+    steps = train.epochs * math.ceil(math.ceil(samples / train.batch_size) / train.grad_accum)
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def plan(config: ExperimentConfig, n_train: int) -> str:
+    """What the run will train, in steps, said before it starts; each stage then prints its own `about N min`
+    once its first steps are timed (`progress.Estimate`), so a run that would take too long can be stopped early."""
+    stages = [f"small LM {_steps(config.pretrain, n_train):,} steps"]
+    if config.kmeans.enabled:  # the clusters share the training samples
+        stages.append(f"k-means K={config.kmeans.n_clusters} about {_steps(config.kmeans.finetune, n_train):,} steps "
+                      "over all clusters")
+    for label, cfg in config.hetlm.variants() if config.hetlm.enabled else []:
+        batches = (cfg.critic_warmup_epochs + cfg.epochs) * math.ceil(n_train / cfg.batch_size)
+        stages.append(f"HeTLM {label} {batches:,} batches of {cfg.n_clusters} predictors")
+    if config.larger.enabled:
+        stages.append(f"larger LM {_steps(config.pretrain, n_train):,} steps")
+    return f"plan: {'; '.join(stages)}; then every model and baseline is evaluated on the test users"
 
 
 def _check_clusters_fit(config: ExperimentConfig, train_users: int) -> None:
@@ -298,7 +321,8 @@ def embed(config: ExperimentConfig, data: Samples, run: RunFolder):
 def fit_kmeans(config: ExperimentConfig, small: TrainedModel, data: Samples, run: RunFolder,
                progress: bool) -> TrainedModel:
     k, folder = config.kmeans.n_clusters, kmeans_folder(config.kmeans.n_clusters)
-    km = KMeansClusterwise(k, run.train(folder), config.kmeans.finetune, progress).fit(
+    # set_decoder=False: the evaluation fits the configured set decoder into the folder (`SetDecoderConfig`)
+    km = KMeansClusterwise(k, run.train(folder), config.kmeans.finetune, progress, set_decoder=False).fit(
         small.lm, data.train, data.z["train"], data.val, data.z["val"], config.encoder.model_dump())
     km.save_pretrained(run.model(folder), data.tokenizer)
     return TrainedModel(f"{config.model.preset} k-means K={k}", km.model_, run.model(folder),
@@ -312,7 +336,7 @@ def fit_hetlm(config: ExperimentConfig, label: str, cfg: HeTLMConfig, small: Tra
     if config.hetlm.processes > 1:
         het = _fit_in_processes(run, folder, cfg, config.encoder.model_dump(), config.hetlm.processes, progress)
     else:
-        het = HeTLM(cfg, run.train(folder), progress=progress).fit(
+        het = HeTLM(cfg, run.train(folder), progress=progress, set_decoder=False).fit(
             small.lm, data.train, data.z["train"], data.val, data.z["val"], config.encoder.model_dump()).model_
         het.save_pretrained(run.model(folder), data.tokenizer)
     return TrainedModel(f"{config.model.preset} HeTLM {label}", het, run.model(folder),
@@ -324,7 +348,8 @@ def _fit_in_processes(run: RunFolder, folder: str, cfg: HeTLMConfig, encoder: di
     """HeTLM in `processes` processes on the files the run has written: prepared samples, models/small,
     embeddings.npz; the model is saved to models/<folder> and read back."""
     job = HeTLMJob(prepared=run.prepared, base=run.model(SMALL), embeddings=run.embeddings, out=run.model(folder),
-                   config=cfg, encoder=encoder, checkpoints=run.train(folder), progress=progress)
+                   config=cfg, encoder=encoder, checkpoints=run.train(folder), progress=progress,
+                   set_decoder=False)
     return fit_in_processes(job, processes, run.train(folder) / "fit_hetlm.json")
 
 

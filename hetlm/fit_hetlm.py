@@ -38,6 +38,7 @@ class HeTLMJob(BaseModel):
     checkpoints: Path | None = None
     resume: bool = False            # continue from the latest checkpoint in `checkpoints`
     progress: bool = True
+    set_decoder: bool = True        # the model folder gets the set decoder fitted on the val samples
 
 
 def fit_from_files(job: HeTLMJob) -> ClusterwiseLM:
@@ -45,11 +46,11 @@ def fit_from_files(job: HeTLMJob) -> ClusterwiseLM:
     train, val = (pl.read_parquet(job.prepared / f"{split}.parquet") for split in ("train", "val"))
     z = np.load(job.embeddings)
     base = AutoModelForCausalLM.from_pretrained(job.base, use_safetensors=True)
-    model = HeTLM(job.config, job.checkpoints, job.resume, job.progress).fit(base, train, z["train"], val, z["val"],
-                                                                           job.encoder).model_
+    het = HeTLM(job.config, job.checkpoints, job.resume, job.progress, job.set_decoder).fit(
+        base, train, z["train"], val, z["val"], job.encoder)
     if dist_info().is_main:
-        model.save_pretrained(job.out, load_tokenizer(job.prepared / "tokenizer"))
-    return model
+        het.save_pretrained(job.out, load_tokenizer(job.prepared / "tokenizer"))
+    return het.model_
 
 
 def fit_in_processes(job: HeTLMJob, processes: int, job_file: Path) -> ClusterwiseLM:

@@ -409,6 +409,25 @@ def format_table(
     return table
 
 
+def format_transposed(rows: dict[str, dict[str, float]], width: int = 100) -> list[Table]:
+    """The same numbers with one row per metric and one column per model (rows), in as many tables as it takes
+    for each to fit `width` terminal columns: 20+ metric columns side by side do not fit a terminal."""
+    metrics = _columns(rows, None)
+    label = max(len(m) for m in metrics) + 4 if metrics else 10
+    per_table = max(1, (width - label) // 11)  # a model column: up to 8 characters and borders
+    models = list(rows)
+    tables = []
+    for start in range(0, len(models), per_table):
+        table = Table()
+        table.add_column("metric")
+        for model in models[start:start + per_table]:
+            table.add_column(model, justify="right")
+        for name in metrics:
+            table.add_row(name, *(_cell(rows[model], name) for model in models[start:start + per_table]))
+        tables.append(table)
+    return tables
+
+
 def markdown_table(rows: dict[str, dict[str, float]], metrics: Sequence[str] | None = None) -> str:
     """The same table in Markdown."""
     columns = _columns(rows, metrics)

@@ -5,7 +5,8 @@ rich's live bar prints nothing until the run ends.
         task = bar.add_task("train", total=n, info="")
         bar.update(task, completed=i, info="loss 2.1")   # or bar.advance(task, k)
 
-HETLM_PROGRESS_SECONDS sets the seconds between lines (default 30).
+HETLM_PROGRESS_SECONDS sets the seconds between lines (default 30). `Estimate` prints one line with the
+expected duration once the first steps of a long task are timed.
 """
 
 from __future__ import annotations
@@ -75,6 +76,45 @@ class LineProgress:
         if t.total and 0 < t.completed < t.total:
             left = f", about {_clock(elapsed * (t.total - t.completed) / t.completed)} left"
         return f"{t.description}: {done}{' ' + info if info else ''}, {_clock(elapsed)} elapsed{left}"
+
+
+@dataclass
+class Estimate:
+    """One line, `what: about 4 min for 594 steps (timed over the first 12)`, printed once the first steps
+    of a task have taken `after_seconds` (nothing when it ends sooner): an up-front estimate of how long it runs,
+    from its own measured rate, so a user can stop a run that would take too long. `done` counts from
+    `done_at_start` (a resumed run times only its own steps)."""
+
+    what: str
+    total: int
+    unit: str = "steps"
+    done_at_start: int = 0
+    note: str = ""           # what the rate leaves out, e.g. "validation not included"
+    after_seconds: float = 5.0
+    show: bool = True
+    started: float = field(default_factory=time.monotonic)
+    said: bool = False
+
+    def update(self, done: int) -> None:
+        timed, elapsed = done - self.done_at_start, time.monotonic() - self.started
+        if self.said or not self.show or timed < 1 or (elapsed < self.after_seconds and done < self.total):
+            return
+        self.said = True
+        if done >= self.total:
+            return  # finished before it was timed: nothing to announce
+        rest = elapsed / timed * (self.total - done)
+        note = f"; {self.note}" if self.note else ""
+        rich.get_console().print(f"{self.what}: about {duration(elapsed + rest)} for {self.total - self.done_at_start:,} "
+                                 f"{self.unit} (timed over the first {timed:,}{note})", highlight=False)
+
+
+def duration(seconds: float) -> str:
+    """A rough duration for people: 40 s, 3 min, 1.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _clock(seconds: float) -> str:

@@ -7,10 +7,14 @@ For each user (a history: sessions of page names, oldest first) a `Scorer` gives
                             (`hetlm.set_decoder`, the default where the folder has one), greedy, or sampled
                             with the user's seed; `decoder` names which
     top_pages, top_probs    the k most likely first pages of the next session (the decoder's first step)
-    p_cart, p_purchase      P(Cart / Purchase in the next session), Monte Carlo (`hetlm.outcomes`),
-    se_cart, se_purchase    with standard errors; NaN when n_samples = 0 or the page is not in the vocabulary
-    p_*_calibrated          the same after the model folder's Platt scaling (`OutcomeCalibrator`, written by
-                            `hetlm experiment`); NaN when the folder has none
+    p_cart, p_purchase      n_samples = 0 (default): P(the next session's first page is Cart / Purchase), exact
+                            from the first step's logits (no sampling; it leaves out outcomes later in the
+                            session, so it is lower than the next one); n_samples > 0: P(Cart / Purchase
+    se_cart, se_purchase    anywhere in the next session), Monte Carlo (`hetlm.outcomes`) with standard errors
+                            (0 for the exact one); NaN when the page is not in the vocabulary
+    outcome_estimate        which of the two: "first page (exact)" or "monte carlo (N sessions)"
+    p_*_calibrated          the Monte Carlo ones after the model folder's Platt scaling (`OutcomeCalibrator`,
+                            written by `hetlm experiment`); NaN when the folder has none or n_samples = 0
     unknown_pages           pages of the history used that the tokenizer does not know (mapped to [UNK])
     sessions_used           how many of the most recent sessions fit the model's context
 The prompt is built as `hetlm prepare` builds a sample's history (`sessions.build_samples`): the most
@@ -46,7 +50,7 @@ from .cluster.base import ClusterwiseLM, for_each_cluster, load_model
 from .ingest import read_events
 from .outputs import work_dir, writable_folder
 from .partitioned import partition_events
-from .progress import progress_bar
+from .progress import Estimate, progress_bar
 from .outcomes import (
     OUTCOMES,
     Decoding,
@@ -62,6 +66,7 @@ from .sessions import CleaningReport, SessionCleaning, build_samples, session_id
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID
 
 History = Sequence[Sequence[str]]
+FIRST_PAGE = "first page (exact)"
 
 
 class ScoreConfig(BaseModel):
@@ -78,8 +83,9 @@ class ScoreConfig(BaseModel):
                                description="sampling temperature of the next session (below 0.01 logits overflow)")
     seed: int = Field(0, ge=0, lt=2**63, strict=True,
                       description="seed of the sampled next session and of the outcome estimate")
-    n_samples: int = Field(32, ge=0, le=1024, strict=True, description="sessions drawn to estimate P(Cart), "
-                           "P(Purchase); 0 skips the estimate")
+    n_samples: int = Field(0, ge=0, le=1024, strict=True, description="sessions drawn for the Monte Carlo P(Cart), "
+                           "P(Purchase) in the whole next session (e.g. 32); 0: the exact probability that the "
+                           "next session's first page is Cart / Purchase, no sampling (fast)")
 
 
 @dataclass
@@ -98,6 +104,7 @@ class UserScore:
     p_cart_calibrated: float = float("nan")      # after the model folder's OutcomeCalibrator, if it has one
     p_purchase_calibrated: float = float("nan")
     decoder: str = "greedy"                      # how next_session was decoded: set, greedy or sample
+    outcome_estimate: str = FIRST_PAGE           # what p_cart / p_purchase are (see the module docstring)
 
 
 SCORE_SCHEMA = {
@@ -105,7 +112,7 @@ SCORE_SCHEMA = {
     "top_pages": pl.List(pl.Utf8), "top_probs": pl.List(pl.Float64), "p_cart": pl.Float64, "se_cart": pl.Float64,
     "p_purchase": pl.Float64, "se_purchase": pl.Float64, "unknown_pages": pl.List(pl.Utf8),
     "sessions_used": pl.Int64, "p_cart_calibrated": pl.Float64, "p_purchase_calibrated": pl.Float64,
-    "decoder": pl.Utf8,
+    "decoder": pl.Utf8, "outcome_estimate": pl.Utf8,
 }
 
 
@@ -169,6 +176,7 @@ class _Decoded:
     draws: list[list[int]]             # the outcome estimate's sessions
     top: tuple[list[int], list[float]]  # the k likeliest first pages and their probabilities
     first_page_logprobs: np.ndarray | None  # users decoded by the set decoder: log P(first page)
+    first_page_outcomes: dict[str, float]  # outcome -> P(first page = its page), exact (NaN: not in the vocabulary)
 
 
 @dataclass
@@ -295,9 +303,11 @@ class Scorer:
         out = []
         for j, i in enumerate(users):
             kk = min(options[i].k, self.n_pages)
+            first_outcomes = {name: float("nan") if page is None else float(logprobs[j, page].exp())
+                              for name, page in self.outcome_ids.items()}
             out.append(_Decoded(next_session[i], draws[i],
                                 (best.indices[j, :kk].tolist(), best.values[j, :kk].exp().tolist()),
-                                logprobs[j].numpy() if strategies[i] == "set" else None))
+                                logprobs[j].numpy() if strategies[i] == "set" else None, first_outcomes))
         return out
 
     def _rows(self, users: list[int], inputs: list[list[int]], options: Sequence[ScoreConfig]):
@@ -314,18 +324,26 @@ class Scorer:
         return owner, is_next, rows
 
     def _user_score(self, i, clusters, cluster_probs, next_session, decoded, histories, decoder) -> UserScore:
-        outcomes = estimate_outcomes([decoded.draws], self.outcome_ids)
+        if decoded.draws:
+            outcomes = estimate_outcomes([decoded.draws], self.outcome_ids)
+            p = {name: outcomes.p[name][0] for name in OUTCOMES}
+            se = {name: outcomes.se[name][0] for name in OUTCOMES}
+            estimate = f"monte carlo ({len(decoded.draws)} sessions)"
+        else:
+            p, estimate = decoded.first_page_outcomes, FIRST_PAGE
+            se = {name: 0.0 if not np.isnan(v) else float("nan") for name, v in p.items()}
         pages, probs = decoded.top
         unknown = list(dict.fromkeys(p for s in histories[i] for p in s if p not in self.vocab))
         return UserScore(
             cluster=int(clusters[i]) if self.model.routed else None, cluster_prob=float(cluster_probs[i]),
             next_session=self.tokenizer.convert_ids_to_tokens(next_session),
             top_pages=self.tokenizer.convert_ids_to_tokens(pages), top_probs=probs,
-            p_cart=float(outcomes.p["cart"][0]), se_cart=float(outcomes.se["cart"][0]),
-            p_purchase=float(outcomes.p["purchase"][0]), se_purchase=float(outcomes.se["purchase"][0]),
-            unknown_pages=unknown, sessions_used=len(histories[i]), decoder=decoder,
-            **{f"p_{name}_calibrated": float(self.calibrator.transform(name, outcomes.p[name])[0])
-               for name in OUTCOMES if self.calibrator is not None},
+            p_cart=float(p["cart"]), se_cart=float(se["cart"]), p_purchase=float(p["purchase"]),
+            se_purchase=float(se["purchase"]), unknown_pages=unknown, sessions_used=len(histories[i]),
+            decoder=decoder, outcome_estimate=estimate,
+            **{f"p_{name}_calibrated": float(self.calibrator.transform(name, [p[name]])[0])
+               # fitted on Monte Carlo estimates (`hetlm experiment` with outcome_samples > 0), not first-page ones
+               for name in OUTCOMES if self.calibrator is not None and decoded.draws},
         )
 
 
@@ -402,7 +420,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
         raise ValueError(f"--out {out} is a folder; give the path of a Parquet file")
     writable_folder(out.parent, "the folder of --out")
     columns = [TextColumn("scoring users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    writer, users_in_log, scored = None, 0, 0
+    writer, users_in_log, scored, done = None, 0, 0, 0
     # Written inside a scratch folder and renamed onto `out` when complete: an interrupted run leaves the
     # previous file (or none), never a partial one that reads as whole.
     with work_dir(out.parent, f".{out.name}.score-") as work, progress_bar(*columns, disable=not progress) as bar:
@@ -414,6 +432,7 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
         users = [part.drop_nulls("page").select(pl.col("user").n_unique()).collect().item() for part in parts]
         users_in_log = sum(users)
         task = bar.add_task("score", total=users_in_log)
+        estimate = Estimate("score", users_in_log, "users", show=progress)
         try:
             for part, n_users in zip(parts, users):
                 fitted = fit_histories(user_sessions(part.collect(), scorer.cleaning), scorer.vocab,
@@ -422,7 +441,10 @@ def score_log(scorer: Scorer, source: str, path: str | Path, out: str | Path, op
                     writer = writer or pq.ParquetWriter(partial, table.schema)
                     writer.write_table(table)
                     bar.advance(task, table.num_rows)
+                    done += table.num_rows
+                    estimate.update(done)
                 bar.advance(task, n_users - fitted.height)  # users with no row
+                done += n_users - fitted.height
                 scored += fitted.height
         finally:
             if writer is not None:

@@ -78,7 +78,9 @@ class PredictResponse(BaseModel):
     cluster_probability: float
     next_session: list[str]
     top_pages: list[PagePrediction] = Field(description="most likely first pages of the next session")
-    p_cart: float | None = Field(description="P(Cart in the next session); null when not estimated")
+    p_cart: float | None = Field(description="n_samples 0: P(the next session's first page is Cart), exact; n_samples N: "
+                                             "P(Cart anywhere in the next session), Monte Carlo over N sessions; null "
+                                             "when the vocabulary has no Cart page")
     se_cart: float | None
     p_purchase: float | None
     se_purchase: float | None

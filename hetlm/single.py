@@ -20,9 +20,8 @@ from rich.console import Console
 from .cluster.base import ClusterwiseLM
 from .config import one_of
 from .distributed import init_distributed
-from .evaluate import GenerationConfig, fit_set_decoder, predict
+from .evaluate import fit_default_set_decoder
 from .models import FAMILIES, PRESETS, Preset, build_model, count_parameters, init_from
-from .set_decoder import SetDecoder
 from .train import TrainConfig, TrainingInterrupted, TrainResult, train_lm
 
 console = Console()
@@ -47,10 +46,12 @@ class ModelConfig(BaseModel):
 
 
 class SingleConfig(BaseModel):
-    """`hetlm train`'s settings: the LM and how it is trained (3 epochs unless told otherwise)."""
+    """`hetlm train`'s settings: the LM and how it is trained: at most 3 epochs, validated every 50 steps and
+    stopped after 3 validations without a better next-session NLL (on the shipped sample the best comes within
+    the first epoch and later epochs overfit; best/ keeps the best validated weights)."""
     model_config = ConfigDict(extra="forbid")
     model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig(epochs=3)
+    train: TrainConfig = TrainConfig(epochs=3, eval_every=50, early_stopping_patience=3)
 
 
 def train_single(model: ModelConfig, config: TrainConfig, train, val: pl.DataFrame, tokenizer, out_dir: str | Path,
@@ -108,11 +109,10 @@ def vocabulary_fingerprint(tokenizer) -> str:
 
 def _fit_set_decoder(model: ClusterwiseLM, val: pl.DataFrame, folder: Path) -> None:
     """The expected-IoU set decoder with its default settings, fitted on the validation users, into `folder`."""
-    if not val.height:
+    decoder = fit_default_set_decoder(model, val)
+    if decoder is None:
         console.print("no validation users: no set decoder fitted (score and serve will decode greedily)")
         return
-    evidence = predict(model, val, model.tokenizer, GenerationConfig(), progress=False, greedy=False)
-    decoder = fit_set_decoder(SetDecoder(), evidence, val, model.tokenizer)
     decoder.save_pretrained(folder)
     console.print(f"set decoder fitted on {val.height} validation users: size rule "
                   f"{decoder.size_ or 'expected IoU per user'}, validation IoU {max(decoder.fit_iou_.values()):.3f}")

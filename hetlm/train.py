@@ -48,7 +48,7 @@ from hetlm.data import (
 from hetlm.distributed import DistInfo, all_reduce_sum, barrier, dist_info, init_distributed, shard
 from hetlm.nll import autocast, target_mask, token_nll
 from hetlm.outputs import write_atomically
-from hetlm.progress import progress_bar
+from hetlm.progress import Estimate, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +416,8 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
     state, history = run.state, run.state["history"]
     bar = progress_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not (progress and run.info.is_main))
+    estimate = Estimate("train", run.total_steps, "steps", state["step"], "validation passes add to it, early "
+                        "stopping may end it sooner", show=progress and run.info.is_main)
     with bar, _StopRequest(run.info) as stop:
         task = bar.add_task("train", total=run.total_steps, completed=state["step"], info="")
         while state["step"] < run.total_steps and not (state["stopped_early"] or stop.requested):
@@ -431,6 +433,7 @@ def train_lm(model: PreTrainedModel, train_samples, val_samples, config: TrainCo
                     save_checkpoint(out_dir / "checkpoint", model, run.optimizer, state)
                 val = f" val {history['val'][-1]['val_loss']:.3f}" if history["val"] else ""
                 bar.update(task, completed=state["step"], info=f"loss {loss:.3f}{val} {tokens_per_s:,.0f} tok/s")
+                estimate.update(state["step"])
                 if finished:
                     break
     if stop.requested:

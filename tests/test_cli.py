@@ -103,10 +103,38 @@ def test_train_generate_evaluate_chain(small_log, tmp_path):
     out = tmp_path / "metrics.json"
     result = runner.invoke(app, ["evaluate", str(gen), str(prepared), "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100  # the metrics table fits a terminal
+    assert "Combined" in result.output and "IoU" in result.output
+    set_gen = tmp_path / "set.parquet"  # the set decoder `train` fitted into best/
+    result = runner.invoke(app, ["generate", str(run / "best"), str(prepared), "--out", str(set_gen), "--strategy", "set"])
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(set_gen)["generated"].list.len().min() >= 1  # a set of at least one page per user
     metrics = json.loads(out.read_text())["combined"]
     assert metrics["n"] == df.height and 0 <= metrics["IoU"] <= 1
     # Val-P is NaN when a barely trained model ends every session at once (nothing to judge).
     assert metrics["Val-P"] == 1.0 or math.isnan(metrics["Val-P"])
+
+
+def test_each_commands_set_example_is_one_of_its_settings():
+    from hetlm.cli import SET_EXAMPLES
+    from hetlm.cluster.hetlm import HeTLMConfig
+    from hetlm.config import load_config
+    from hetlm.evaluate import GenerationConfig
+    from hetlm.experiment import ExperimentConfig
+    from hetlm.prepare import PrepareConfig
+    from hetlm.score import ScoreConfig
+    from hetlm.serve import ServeConfig
+    from hetlm.single import SingleConfig
+
+    models = {"prepare": PrepareConfig, "train": SingleConfig, "fit-hetlm": HeTLMConfig, "generate": GenerationConfig,
+              "experiment": ExperimentConfig, "score": ScoreConfig, "serve": ServeConfig}
+    assert set(SET_EXAMPLES) == set(models)
+    for command, model in models.items():
+        path = REPO / "configs" / "quick.json" if command == "experiment" else None
+        load_config(model, path, {}, [SET_EXAMPLES[command]])  # raises on a key the command does not have
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output
+        assert SET_EXAMPLES[command] in shown
+    assert "Over 450 lines" not in runner.invoke(app, ["--help"]).output
 
 
 def _untimed(value):
@@ -190,3 +218,12 @@ def test_experiment_stops_before_training_on_inconsistent_settings(tmp_path):
     assert result.exit_code == 2, result.output
     assert "max_len=16" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_experiment_says_its_plan_in_steps_before_training():
+    from hetlm.experiment import ExperimentConfig, plan
+
+    config = ExperimentConfig.from_file(REPO / "configs" / "quick.json")  # 3 epochs of batches of 32
+    said = plan(config, 640)
+    assert said.startswith("plan: small LM 60 steps; k-means K=6 about 20 steps over all clusters; HeTLM a=5 b=9 20 "
+                           "batches of 6 predictors; larger LM 60 steps")

@@ -50,17 +50,18 @@ def test_unknown_keys_and_bad_values_name_the_setting(tmp_path):
         load_config(TrainConfig, path)
 
 
-def test_every_train_config_field_reaches_hetlm_train(tmp_path):
-    """`hetlm train --set train.<field>=...` for any TrainConfig field, checked before any data is read."""
+def test_every_train_config_field_reaches_hetlm_train(tmp_path, taobao_prepared):
+    """`hetlm train --set train.<field>=...` for any TrainConfig field, checked before any data is read (a
+    missing prepared folder is found first, before torch is imported; an --out that is a file stops
+    whatever passes)."""
+    prepared, out = str(taobao_prepared[0]), tmp_path / "a_file"
+    out.write_text("")
     for field in TrainConfig.model_fields:
-        result = runner.invoke(app, ["train", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
-                                     "--set", f"train.{field}=-7"])
-        assert "unknown setting" not in result.output, field
-    result = runner.invoke(app, ["train", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
-                                 "--set", "train.warmup_ratio=2"])
+        result = runner.invoke(app, ["train", prepared, "--out", str(out), "--set", f"train.{field}=-7"])
+        assert result.exit_code == 2 and "unknown setting" not in result.output, field
+    result = runner.invoke(app, ["train", prepared, "--out", str(out), "--set", "train.warmup_ratio=2"])
     assert result.exit_code == 2 and "train.warmup_ratio" in result.output and "Traceback" not in result.output
-    result = runner.invoke(app, ["train", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
-                                 "--set", "train.lr_max=1"])
+    result = runner.invoke(app, ["train", prepared, "--out", str(out), "--set", "train.lr_max=1"])
     assert result.exit_code == 2 and "unknown setting 'train.lr_max'" in result.output
 
 
@@ -71,8 +72,11 @@ def test_every_train_config_field_reaches_hetlm_train(tmp_path):
     ["serve", "m"],
     ["fit-hetlm", "p", "--base", "b", "--embeddings", "z.npz", "--out", "o"],
 ])
-def test_every_command_takes_config_and_set(tmp_path, command):
+def test_every_command_takes_config_and_set(tmp_path, command, taobao_prepared):
     config = tmp_path / "c.json"
     config.write_text("{}")
+    (tmp_path / "m").mkdir()  # paths are checked first, before the config (and the imports it needs)
+    given = {"m": str(tmp_path / "m"), "p": str(taobao_prepared[0])}
+    command = [given.get(word, word) for word in command]
     result = runner.invoke(app, [*command, "--config", str(config), "--set", "colour=1"])
     assert result.exit_code == 2 and "unknown setting 'colour'" in result.output, result.output

@@ -45,3 +45,34 @@ def test_no_import_cycle():
         TopologicalSorter(import_graph()).prepare()
     except CycleError as err:
         raise AssertionError(f"import cycle: {' -> '.join(err.args[1])}") from None
+
+
+def test_import_and_the_cli_load_no_heavy_library():
+    """`import hetlm`, `hetlm --help` and `--version` stay fast: torch, transformers, polars and sklearn are
+    imported by the commands that use them, not at start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hetlm, hetlm.cli; "
+            "print([m for m in ('torch', 'transformers', 'polars', 'sklearn') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "[]"
+    version = subprocess.run([sys.executable, "-m", "hetlm.cli", "--version"], capture_output=True, text=True,
+                             cwd=PACKAGE.parent)
+    assert version.returncode == 0 and version.stdout.strip() == "hetlm 0.1.0"
+
+
+def test_a_wrong_path_fails_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "missing")
+    commands = [["train", missing, "--out", str(tmp_path / "run")],
+                ["generate", missing, missing, "--out", str(tmp_path / "g.parquet")],
+                ["experiment", missing + ".json", "--out", str(tmp_path / "run")],
+                ["score", missing, missing, "--source", "taobao", "--out", str(tmp_path / "s.parquet")]]
+    code = ("import sys; from typer.testing import CliRunner; from hetlm.cli import app; "
+            f"codes = [CliRunner().invoke(app, c).exit_code for c in {commands!r}]; "
+            "print(codes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "[2, 2, 2, 2] False"

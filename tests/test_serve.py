@@ -150,7 +150,8 @@ def test_unknown_pages_are_reported(server):
     body = {"sessions": [["category_2520377", "Cart"], ["no such page", "Cart", "another_unknown"]], "n_samples": 0}
     got = server.post("/predict", json=body).json()
     assert got["unknown_pages"] == ["no_such_page", "another_unknown"]  # normalised like ingest, then [UNK]
-    assert got["p_cart"] is None and got["n_samples"] == 0 and len(got["top_pages"]) == 10
+    # n_samples 0: the exact probability that the first page is Cart, no sampling
+    assert 0 < got["p_cart"] < 1 and got["se_cart"] == 0 and got["n_samples"] == 0 and len(got["top_pages"]) == 10
 
 
 def test_raw_sessions_are_cleaned_as_prepare_cleans_a_log(server):

@@ -2,6 +2,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import polars as pl
@@ -281,3 +282,15 @@ def test_inference_modules_do_not_import_the_trainer():
     modules = ["hetlm.generate", "hetlm.outcomes", "hetlm.evaluate", "hetlm.set_decoder", "hetlm.score", "hetlm.serve"]
     code = f"import sys; import {', '.join(modules)}; print('hetlm.train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_long_tasks_announce_their_timed_duration(capsys):
+    """`progress.Estimate` says `about ...` once, from the rate of the steps timed so far."""
+    from hetlm.progress import Estimate, duration
+
+    estimate = Estimate("train", total=600, done_at_start=100, after_seconds=0.0, started=time.monotonic() - 10)
+    estimate.update(110)  # 10 steps in 10 s: 500 steps take about 8 min
+    estimate.update(120)
+    said = capsys.readouterr().out
+    assert said.count("about") == 1 and "train: about 8 min for 500 steps (timed over the first 10" in said
+    assert (duration(40), duration(3 * 60), duration(5400)) == ("40 s", "3 min", "1.5 h")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..checkpoint import save_model, write_dir_atomically
+from ..checkpoint import hf_bars_off, save_model, write_dir_atomically
 from ..encoders import encoder_from_settings
 from ..tokenizer import SPECIALS, load_tokenizer
 from .likelihood import history_dataset, likelihood_assignment
@@ -154,23 +154,9 @@ class ClusterwiseLM:
                    tokenizer=tokenizer)
 
 
-class ClusterwiseEstimator:
-    """What k-means clusterwise and HeTLM estimators share once `fit` has set `model_`, their ClusterwiseLM."""
-
-    model_: ClusterwiseLM
-
-    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
-        """The fitted model's folder (`ClusterwiseLM.save_pretrained`); `load_model(path)` loads it."""
-        self.model_.save_pretrained(path, tokenizer)
-
-    def predict(self, z: np.ndarray | None, input_ids: list[list[int]] | None = None) -> np.ndarray:
-        """Each user's cluster (from embeddings z, or input_ids for likelihood routing), as the fitted model
-        routes by default (`ClusterwiseLM.route`)."""
-        return self.model_.route(z, input_ids=input_ids)
-
-
 def _load_lm(path: Path, device: str) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    with hf_bars_off():
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
 
 
 def for_each_cluster(model: ClusterwiseLM, clusters: np.ndarray,

@@ -67,9 +67,10 @@ from transformers import PreTrainedModel
 from ..data import SequenceDataset, length_bucketed_batches, pad_sequences, sorted_batches
 from ..distributed import gather_objects, init_distributed
 from ..nll import autocast, token_nll
-from ..progress import progress_bar
+from ..progress import Estimate, progress_bar
 from ..train import resolve_device
-from .base import ClusterwiseEstimator, ClusterwiseLM, centroids_of
+from .base import ClusterwiseLM, centroids_of
+from .estimator import ClusterwiseEstimator
 from .hetlm_state import (
     CHECKPOINT,
     HeTLMRun,
@@ -209,11 +210,12 @@ class HeTLM(ClusterwiseEstimator):
     """
 
     def __init__(self, config: HeTLMConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, set_decoder: bool = True):
         self.config = config or HeTLMConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = resume      # continue from the latest checkpoint in out_dir (or start afresh if none)
         self.progress = progress
+        self.set_decoder = set_decoder  # save_pretrained fits the set decoder on the validation users
 
     def fit(self, base_model: PreTrainedModel, train: pl.DataFrame, z_train: np.ndarray,
             val: pl.DataFrame | None = None, z_val: np.ndarray | None = None, encoder: dict | None = None) -> HeTLM:
@@ -249,6 +251,7 @@ class HeTLM(ClusterwiseEstimator):
         if self.out_dir is not None and self._dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "hetlm_history.json").write_text(json.dumps(asdict(self.history_)))
+        self._keep_validation(val, z_val)
         return self
 
     def _train(self, run: HeTLMRun, train_set: SequenceDataset, z_train: np.ndarray, val_set: SequenceDataset | None,
@@ -260,9 +263,11 @@ class HeTLM(ClusterwiseEstimator):
         total_epochs = c.critic_warmup_epochs + c.epochs
         bar = progress_bar(TextColumn("[bold]HeTLM"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                            TimeElapsedColumn(), disable=not (self.progress and self._dist.is_main))
+        done = s["epoch"] * n_batches + s["position"]
+        estimate = Estimate("HeTLM", total_epochs * n_batches, "batches", done, "validation and the end-of-epoch "
+                            "reassignment add to it", show=self.progress and self._dist.is_main)
         with bar:
-            task = bar.add_task("hetlm", total=total_epochs * n_batches, info="",
-                                completed=s["epoch"] * n_batches + s["position"])
+            task = bar.add_task("hetlm", total=total_epochs * n_batches, info="", completed=done)
             while s["epoch"] < total_epochs:
                 warmup = s["epoch"] < c.critic_warmup_epochs
                 epoch = s["epoch"] - c.critic_warmup_epochs  # actor-critic epoch
@@ -284,6 +289,7 @@ class HeTLM(ClusterwiseEstimator):
                         self._checkpoint(run, started)
                     status = "warm-up" if warmup else f"LA {parts['LA']:.3f} K={len(run.selector.active_clusters)}"
                     bar.update(task, advance=1, info=status)
+                    estimate.update(s["epoch"] * n_batches + s["position"])
                 if not warmup:
                     if val_set is not None:
                         self._validate(run, val_set, zv)

@@ -11,7 +11,8 @@ from sklearn.cluster import KMeans
 from transformers import PreTrainedModel
 
 from ..train import TrainConfig, train_lm
-from .base import ClusterwiseEstimator, ClusterwiseLM, nearest_centroid
+from .base import ClusterwiseLM, nearest_centroid
+from .estimator import ClusterwiseEstimator
 
 
 def kmeans_labels(z: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -31,11 +32,12 @@ class KMeansClusterwise(ClusterwiseEstimator):
     """
 
     def __init__(self, n_clusters: int, out_dir: str | Path, finetune: TrainConfig | None = None,
-                 progress: bool = True):
+                 progress: bool = True, set_decoder: bool = True):
         self.n_clusters = n_clusters
         self.out_dir = Path(out_dir)
         self.finetune = finetune or TrainConfig()
         self.progress = progress
+        self.set_decoder = set_decoder  # save_pretrained fits the set decoder on the validation users
 
     def fit(self, base_model: PreTrainedModel, train: pl.DataFrame, z_train: np.ndarray, val: pl.DataFrame,
             z_val: np.ndarray, encoder: dict | None = None) -> KMeansClusterwise:
@@ -58,4 +60,5 @@ class KMeansClusterwise(ClusterwiseEstimator):
         self.n_clusters_ = len(models)
         self.model_ = ClusterwiseLM("kmeans", models, centroids, routing="centroid", encoder=encoder or {},
                                     sizes=sizes, info={"n_clusters": self.n_clusters})
+        self._keep_validation(val, z_val)
         return self
