@@ -177,6 +177,7 @@ class Scorer:
     calibrator: OutcomeCalibrator | None = None  # Platt scaling of P(Cart), P(Purchase) (experiment model folders)
     set_decoder: SetDecoder | None = None  # the model folder's fitted set decoder (experiment and train write one)
     cleaning: SessionCleaning | None = None  # None: the one recorded in the tokenizer by `hetlm prepare`
+    embedding_cache: str | Path | None = None  # a folder caching the routing encoder's embeddings (default: none)
     vocab: dict[str, int] = field(init=False, repr=False)
     outcome_ids: dict[str, int | None] = field(init=False)
 
@@ -187,6 +188,8 @@ class Scorer:
             raise ValueError("routing applies to clusterwise models only; this is a single LM")
         if (self.routing or self.model.routing) == "selector" and self.model.selector is None:
             raise ValueError(f"this {self.model.kind} model has no selector; route by 'centroid'")
+        if self.embedding_cache is not None and self.model.routed:
+            self.model.encoder = self.model.encoder | {"cache_dir": str(self.embedding_cache)}
         self.model.user_encoder  # noqa: B018 (loaded now: a missing encoder fails at start, not at a request)
         self.cleaning = self.cleaning or SessionCleaning.from_tokenizer(self.tokenizer)
         self.vocab = self.tokenizer.get_vocab()
@@ -222,8 +225,13 @@ class Scorer:
                 "history_budget_tokens": self.history_budget, "max_new_tokens": self.max_new_tokens,
                 "outcome_pages": {name: i is not None for name, i in self.outcome_ids.items()}}
         if self.model.routed:
+            encoder = self.model.encoder
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
-                     "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
+                     "routing": self.routing or self.model.routing,
+                     # by name only: the settings may hold local paths, not for clients to see
+                     "encoder": {"name": encoder.get("name"), "pooling": encoder.get("pooling"),
+                                 "model": Path(encoder["model_name_or_path"]).name
+                                 if encoder.get("model_name_or_path") else "all-MiniLM-L6-v2 (packaged)"}}
         info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
         info["default_decoder"] = self.strategy(ScoreConfig())
         info["cleaning"] = asdict(self.cleaning)
