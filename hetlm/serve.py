@@ -16,7 +16,8 @@ a batch that fails is scored again request by request, so only the request at fa
 Cheapest first: a request costs 1 + n_samples decoded rows; the worker scores the cheapest waiting requests
 first, and a batch holds requests within 2x of its cheapest's cost (at most `max_batch` requests and
 `max_batch_rows` rows), so costly requests are scored in batches of their own and never slow a batch of cheap
-ones. At most `max_queue` requests wait (503 beyond); a request not answered within `request_timeout_s` gets 503,
+ones; while a costly batch is scored, cheaper requests that arrive are scored by a second (express) worker,
+the costly batch paused between its decoding passes meanwhile, so they wait for one pass at most. At most `max_queue` requests wait (503 beyond); a request not answered within `request_timeout_s` gets 503,
 and one whose client hung up leaves the queue unscored.
 
 Untrusted clients (see `ServeConfig`): the Host header must name an allowed host (DNS rebinding), an optional
@@ -44,6 +45,7 @@ import itertools
 import json
 import math
 import re
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,8 +169,13 @@ class _Waiting:
     future: asyncio.Future = field(compare=False)
 
 
+EXPRESS_POLL_S = 0.005  # how often the express worker looks for requests cheaper than the batch being scored
+
+
 class Batcher:
-    """Groups waiting requests into batches scored by one worker task, cheapest first (module docstring)."""
+    """Groups waiting requests into batches, cheapest first (module docstring): the main worker scores them in
+    turn; while it scores a costly batch, the express worker scores cheaper requests that arrive, the costly
+    batch paused between its decoding passes meanwhile."""
 
     def __init__(self, scorer: Scorer, max_batch: int, max_wait_ms: float, max_rows: int = 320, max_queue: int = 256):
         self.scorer, self.max_batch, self.max_wait = scorer, max_batch, max_wait_ms / 1000
@@ -176,6 +183,9 @@ class Batcher:
         self.waiting: list[_Waiting] = []  # a heap; entries whose future is done (given up) are skipped
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
+        self._main_rows: int | None = None  # the cheapest request's rows in the main worker's batch
+        self._resume = threading.Event()     # cleared while the express worker scores
+        self._resume.set()
         self.requests = self.batches = 0
         self.failed = self.isolated = 0  # requests that failed; requests re-run alone after their batch failed
         self.given_up = 0                # requests left unscored: their client hung up or they timed out
@@ -197,40 +207,63 @@ class Batcher:
         self.given_up += future.cancelled()
 
     async def run(self) -> None:
+        express = asyncio.create_task(self._express())
+        try:
+            while True:
+                await self._arrived.wait()
+                if len(self.waiting) < self.max_batch:
+                    await asyncio.sleep(self.max_wait)  # for others to batch with
+                batch = self._take()
+                if not self.waiting:
+                    self._arrived.clear()
+                if batch:
+                    self._main_rows = batch[0].rows
+                    try:
+                        await self._score(batch, self._resume.wait)
+                    finally:
+                        self._main_rows = None
+        finally:
+            express.cancel()
+
+    async def _express(self) -> None:
         while True:
-            await self._arrived.wait()
-            if len(self.waiting) < self.max_batch:
-                await asyncio.sleep(self.max_wait)  # for others to batch with
-            batch = self._take()
-            if not self.waiting:
-                self._arrived.clear()
-            if batch:
+            await asyncio.sleep(EXPRESS_POLL_S)
+            first = self._cheapest()
+            if self._main_rows is None or first is None or not self._main_rows > 2 * first.rows:
+                continue
+            batch = self._take()  # all within 2x of `first`: cheaper than the main worker's batch
+            self._resume.clear()
+            try:
                 await self._score(batch)
+            finally:
+                self._resume.set()
+
+    def _cheapest(self) -> _Waiting | None:
+        while self.waiting and self.waiting[0].future.done():
+            heapq.heappop(self.waiting)
+        return self.waiting[0] if self.waiting else None
 
     def _take(self) -> list[_Waiting]:
         """The cheapest waiting requests within 2x of the cheapest's rows, up to max_batch and max_rows."""
         batch, rows = [], 0
-        while self.waiting and len(batch) < self.max_batch:
-            first = self.waiting[0]
-            if first.future.done():
-                heapq.heappop(self.waiting)
-                continue
+        while (first := self._cheapest()) is not None and len(batch) < self.max_batch:
             if batch and (first.rows > 2 * batch[0].rows or rows + first.rows > self.max_rows):
                 break
             batch.append(heapq.heappop(self.waiting))
             rows += first.rows
         return batch
 
-    async def _score(self, batch: list[_Waiting]) -> None:
+    async def _score(self, batch: list[_Waiting], between_passes=None) -> None:
         """Score a batch together; if that fails, each request alone, so only the one at fault fails."""
         requests = [w.request for w in batch]
         try:
-            scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests)
+            scores = await asyncio.to_thread(self.scorer.score, [r.sessions for r in requests], requests,
+                                             between_passes)
         except Exception as err:  # noqa: BLE001 (the caller gets the error; the service keeps running)
             if len(batch) > 1:
                 self.isolated += len(batch)
                 for one in batch:
-                    await self._score([one])
+                    await self._score([one], between_passes)
                 return
             self.failed += 1
             if not batch[0].future.done():
@@ -428,9 +461,9 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            open_ = [c for c in self.connections if not c.transport.is_closing()]
-            if len(open_) > max_connections:
-                waiting = [c for c in open_ if c is not self and c.waiting_since is not None]
+            if len(self.connections) > max_connections:  # closing ones too: they hold a descriptor until lost
+                waiting = [c for c in self.connections
+                           if c is not self and c.waiting_since is not None and not c.transport.is_closing()]
                 if not waiting:
                     transport.write(busy)
                     transport.close()

@@ -269,10 +269,10 @@ def poisoned(scorer: Scorer) -> Scorer:
     """`scorer` failing on any batch that holds a page named "poison" (a request that breaks the model code)."""
     real = scorer.score
 
-    def score(histories, options):
+    def score(histories, options, between_passes=None):
         if any(page == "poison" for history in histories for session in history for page in session):
             raise RuntimeError("poisoned request")
-        return real(histories, options)
+        return real(histories, options, between_passes)
 
     scorer.score = score
     return scorer
@@ -340,16 +340,48 @@ def test_cheap_requests_are_batched_first_and_apart_from_costly_ones():
     assert taken == [[0, 0, 1], [16, 16], [16], []] and given_up == 1
 
 
+def test_cheap_requests_go_first_while_a_costly_batch_is_scored():
+    """The costly batch is paused between its decoding passes while a cheap request that came later is scored."""
+    light_done, order = threading.Event(), []
+
+    class Fake:
+        def score(self, histories, options, between_passes=None):
+            if options[0].n_samples == 0:
+                order.append("light")
+                light_done.set()
+            else:
+                for _ in range(3000):  # decoding passes, until the cheap request is done (or 30 s)
+                    if between_passes is not None:
+                        between_passes()
+                    if light_done.is_set():
+                        break
+                    time.sleep(0.01)
+                order.append("heavy")
+            return [None] * len(histories)
+
+    async def serve():
+        batcher = Batcher(Fake(), max_batch=8, max_wait_ms=0, max_rows=40, max_queue=16)
+        worker = asyncio.create_task(batcher.run())
+        heavy = batcher.submit(PredictRequest(sessions=[["a", "b"]], n_samples=16))
+        await asyncio.sleep(0.1)  # the costly batch under way
+        light = batcher.submit(PredictRequest(sessions=[["a", "b"]], n_samples=0))
+        await asyncio.wait_for(asyncio.gather(heavy, light), 60)
+        worker.cancel()
+
+    asyncio.run(serve())
+    assert order == ["light", "heavy"]
+
+
 @contextmanager
 def blocked(scorer: Scorer):
     """`scorer` whose batches wait until released, recording the histories of each batch it scores."""
     real, entered, release, seen = scorer.score, threading.Event(), threading.Event(), []
 
-    def score(histories, options):
+    def score(histories, options, between_passes=None):
         entered.set()
         release.wait(60)
         seen.append(histories)
-        return real(histories, options)
+        return real(histories, options, between_passes)
 
     scorer.score = score
     try:
