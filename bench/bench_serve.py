@@ -41,6 +41,8 @@ import numpy as np
 import polars as pl
 from common import REPO, SHIPPED, record
 
+from hetlm.serve import BACKLOG, FD_MARGIN
+
 DEMO = REPO / "runs" / "demo"
 
 
@@ -72,15 +74,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, prepared: Path, port: int, max_batch: int, files: int | None = None) -> subprocess.Popen:
-    """`hetlm serve` in a process of its own (with at most `files` open files)."""
+def start_server(model: Path, prepared: Path, port: int, max_batch: int, files: int | None = None,
+                 log=None) -> subprocess.Popen:
+    """`hetlm serve` in a process of its own (with at most `files` open files; its stderr into `log`)."""
     def limit_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
     # --tokenizer: model folders of runs older than self-contained ones hold none
     server = subprocess.Popen([sys.executable, "-m", "hetlm.cli", "serve", str(model), "--port", str(port),
                                "--max-batch", str(max_batch), "--tokenizer", str(prepared / "tokenizer")],
-                              cwd=REPO, stdout=subprocess.DEVNULL, preexec_fn=limit_files if files else None)
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                              preexec_fn=limit_files if files else None)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -149,15 +153,16 @@ async def load(url: str, bodies: list[bytes], n_requests: int, concurrency: int,
         return latencies, failed, rejected, mishandled, time.perf_counter() - started
 
 
-def open_sockets(pid: int) -> int:
-    """Sockets the process holds open."""
-    count = 0
+def open_files(pid: int) -> tuple[int, int]:
+    """Sockets and all files the process holds open."""
+    sockets = files = 0
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
-            count += os.readlink(fd).startswith("socket:")
+            sockets += os.readlink(fd).startswith("socket:")
+            files += 1
         except OSError:  # closed meanwhile
             pass
-    return count
+    return sockets, files
 
 
 def rss_mb(pid: int) -> float:
@@ -211,11 +216,12 @@ async def attacked(url: str, port: int, pid: int, bodies: list[bytes], heavy: by
     """The light load of `load` beside slow-body and heavy clients (none: the light load alone), with the
     server's open connections (sockets beyond the `idle_sockets` of an idle server) and memory sampled."""
     stop, counts, statuses = asyncio.Event(), {"opened": 0, "closed_by_server": 0, "refused": 0}, {}
-    peak = {"sockets": 0, "rss_mb": 0.0}
+    peak = {"sockets": 0, "files": 0, "rss_mb": 0.0}
 
     async def sample():
         while not stop.is_set():
-            peak["sockets"] = max(peak["sockets"], open_sockets(pid))
+            sockets, files = open_files(pid)
+            peak["sockets"], peak["files"] = max(peak["sockets"], sockets), max(peak["files"], files)
             peak["rss_mb"] = max(peak["rss_mb"], rss_mb(pid))
             await asyncio.sleep(0.1)
 
@@ -235,19 +241,21 @@ async def attacked(url: str, port: int, pid: int, bodies: list[bytes], heavy: by
             "light_p99_ms": float(np.percentile(ms, 99)), "light_ms": ms.tolist(), "seconds": seconds,
             "heavy_answers": statuses, "slow_opened": counts["opened"],
             "slow_closed_by_server": counts["closed_by_server"], "slow_refused": counts["refused"],
-            "server_connections_max": peak["sockets"] - idle_sockets, "server_rss_max_mb": peak["rss_mb"]}
+            "server_connections_max": peak["sockets"] - idle_sockets, "server_files_max": peak["files"],
+            "server_rss_max_mb": peak["rss_mb"]}
 
 
-def attack_bench(args, model: Path, prepared: Path, bodies: list[bytes]) -> None:
+def attack_bench(args, model: Path, prepared: Path, bodies: list[bytes], log_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(model, prepared, port, args.max_batch, args.server_files)
+    log = open(log_path, "w")
+    server = start_server(model, prepared, port, args.max_batch, args.server_files, log)
     rows = []
     try:
         limits = httpx.get(f"{url}/model").json()["limits"]
         histories = json.loads(bodies[0])["sessions"]
         heavy = json.dumps({"sessions": histories, "n_samples": limits["max_n_samples"], "k": 10}).encode()
-        idle = open_sockets(server.pid)  # the listening socket and the event loop's own
+        idle = open_files(server.pid)[0]  # the listening socket and the event loop's own
         asyncio.run(load(url, bodies, 8, 4))  # warm-up
         for _ in range(args.rounds):
             for slow, heavy_clients in ((0, 0), (args.slow_clients, args.heavy_clients)):
@@ -256,21 +264,26 @@ def attack_bench(args, model: Path, prepared: Path, bodies: list[bytes]) -> None
         health = httpx.get(f"{url}/health").json()
     finally:
         stop_server(server)
+        log.close()
+    out_of_files = log_path.read_text().count("Too many open files")
     alone = np.concatenate([r.pop("light_ms") for r in rows[0::2]])
     beside = np.concatenate([r.pop("light_ms") for r in rows[1::2]])
     p99_alone, p99_beside = float(np.percentile(alone, 99)), float(np.percentile(beside, 99))
-    cap = min(limits["max_connections"], args.server_files - 64) if args.server_files else limits["max_connections"]
+    cap = min(limits["max_connections"], args.server_files - FD_MARGIN) if args.server_files else limits["max_connections"]
     settings = {"model": str(model), "requests": args.requests, "concurrency": args.concurrency[0],
                 "n_samples": args.n_samples, "heavy_n_samples": limits["max_n_samples"],
                 "slow_clients": args.slow_clients, "reconnect_s": args.reconnect_s, "heavy_clients": args.heavy_clients,
                 "rounds": args.rounds,
-                "server_files": args.server_files, "connection_cap": cap, "users": len(bodies)}
+                "server_files": args.server_files, "connection_cap": cap, "accept_backlog": BACKLOG, "users": len(bodies)}
     summary = {"light_p99_ms_alone": p99_alone, "light_p99_ms_attacked": p99_beside,
                "light_p99_attacked_over_alone": p99_beside / p99_alone,
                "light_failed_attacked": sum(r["light_failed"] for r in rows[1::2]),
                "light_failed_alone": sum(r["light_failed"] for r in rows[0::2]),
                "server_connections_max": max(r["server_connections_max"] for r in rows),
-               "server_connections_within_cap": max(r["server_connections_max"] for r in rows) <= cap,
+               # the cap applies once a connection is made; asyncio may accept BACKLOG more before
+               "server_connections_within_cap": max(r["server_connections_max"] for r in rows) <= cap + BACKLOG,
+               "server_files_max": max(r["server_files_max"] for r in rows),
+               "server_out_of_files_errors": out_of_files,
                "server_given_up": health["given_up"]}
     record("bench_serve_attack", settings, rows, summary)
 
@@ -305,7 +318,7 @@ def main() -> None:
         histories = pl.read_parquet(prepared / "test.parquet")["history"].to_list()
         bodies = [json.dumps({"sessions": h, "n_samples": args.n_samples, "k": 10}).encode() for h in histories]
         if args.attack:
-            return attack_bench(args, model, prepared, bodies)
+            return attack_bench(args, model, prepared, bodies, Path(tmp) / "server.log")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(model, prepared, port, args.max_batch)

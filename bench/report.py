@@ -29,6 +29,8 @@ TARGETS = [
     ("bench_serve_attack", "load test beside attackers: no light request failed", "light_failed_attacked", "max", 0),
     ("bench_serve_attack", "load test beside attackers: open connections within the cap (file limit 256)",
      "server_connections_within_cap", "min", True),
+    ("bench_serve_attack", "load test beside attackers: the server never out of file descriptors",
+     "server_out_of_files_errors", "max", 0),
     ("bench_heavy_user", "one heavy user (10k -> 1M events): prepare peak memory grows no faster than the events", "memory_growth_over_events_growth", "max", 1.0),
     ("bench_generate", "batched constrained decoder faster than one user at a time", "speedup_over_one_at_a_time", "min", 1.0),
     ("bench_generate", "the set decoder's time per user within 3x greedy's (default settings)", "set_decoder_time_over_greedy", "max", 3.0),

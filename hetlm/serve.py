@@ -134,7 +134,7 @@ class ServeConfig(BaseModel):
     request_timeout_s: float = Field(60.0, gt=0)  # a request not answered by then gets 503
     header_timeout_s: float = Field(10.0, gt=0)  # request headers must be complete by then (`serve`)
     body_timeout_s: float = Field(10.0, gt=0)   # and the body this long after the headers (`serve`)
-    max_connections: int = Field(256, ge=1)     # open connections (`serve`; at most the file limit less 64)
+    max_connections: int = Field(256, ge=1)     # open connections (`serve`; at most the file limit less 128)
     allowed_hosts: list[str] = Field(default_factory=lambda: list(LOOPBACK_HOSTS))  # Host header names; "*": any
     token: str | None = Field(None, min_length=16, repr=False)  # bearer token required on every path but /health
 
@@ -500,7 +500,10 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
     return Guarded
 
 
-FD_MARGIN = 64  # file descriptors kept for the model's files, logs and the listening socket
+# asyncio accepts up to `backlog` connections at a time before any reaches `connection_made` (where the cap is
+# applied), so the file descriptors kept below the file limit are those plus the model's files, logs and sockets.
+BACKLOG = 64
+FD_MARGIN = BACKLOG + 64
 
 
 def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
@@ -517,5 +520,5 @@ def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000,
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     connections = limits.max_connections if files == resource.RLIM_INFINITY else min(
         limits.max_connections, max(files - FD_MARGIN, 1))
-    uvicorn.run(create_app(model, limits=limits, **options), host=host, port=port,
+    uvicorn.run(create_app(model, limits=limits, **options), host=host, port=port, backlog=BACKLOG,
                 http=guarded_protocol(limits.header_timeout_s, limits.body_timeout_s, connections))
