@@ -443,8 +443,9 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
     times out idle keep-alive connections only): a connection whose request headers are not complete
     `header_timeout_s` after it opened or after its last response, or whose body is not complete
     `body_timeout_s` after its headers, is closed; and at most `max_connections` stay open: a new one closes
-    the connection that has waited longest for its client's request (never one whose request is being
-    answered), or, when every one is being answered, gets a 503 itself. Bodies are buffered only while they
+    the connection that has waited longest for its client's request, among those that never had a request
+    answered first (kept-alive clients last; never one whose request is being answered), or, when every one
+    is being answered, gets a 503 itself. Bodies are buffered only while they
     arrive, so held bodies take at most max_connections x max_body_bytes."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -458,6 +459,7 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
         _timer = None
         _owed = None           # what the client owes: h11.IDLE (request headers) or h11.SEND_BODY; None: nothing
         waiting_since = None   # loop time since when it owes it
+        answered = False       # whether a request of this connection was answered
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -468,7 +470,7 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
                     transport.write(busy)
                     transport.close()
                     return
-                min(waiting, key=lambda c: c.waiting_since).transport.close()
+                min(waiting, key=lambda c: (c.answered, c.waiting_since)).transport.close()
             self._track()
 
         def handle_events(self) -> None:
@@ -476,6 +478,7 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
             self._track()
 
         def on_response_complete(self) -> None:
+            self.answered = True
             super().on_response_complete()
             self._track()
 

@@ -485,14 +485,17 @@ def test_slow_bodies_time_out_and_open_connections_are_capped(micro_scorer, taob
     app = create_app(micro_scorer, limits=LIMITS)
     with running(app, http=guarded_protocol(60, 60, 20)) as url:  # the cap alone closes connections here
         host, port = url.removeprefix("http://").split(":")
-        attackers = []
-        for _ in range(300):
-            conn = socket.create_connection((host, int(port)), timeout=30)
-            conn.sendall(head)
-            attackers.append(conn)
         with httpx.Client(base_url=url, timeout=60) as client:
-            assert client.post("/predict", json=body).status_code == 200  # served beside them
-        assert all(map(closed_by_server, attackers[:280]))  # oldest first
+            assert client.post("/predict", json=body).status_code == 200  # then kept alive, idle
+            attackers = []
+            for _ in range(300):
+                conn = socket.create_connection((host, int(port)), timeout=30)
+                conn.sendall(head)
+                attackers.append(conn)
+            # served beside them, on the same connection: a client that had an answer is closed last
+            assert client.post("/predict", json=body).status_code == 200
+            assert client.get("/health").json()["requests"] >= 2
+        assert all(map(closed_by_server, attackers[:281]))  # oldest first
         for conn in attackers:
             conn.close()
     with running(app, http=guarded_protocol(60, 0.5, 100)) as url:
