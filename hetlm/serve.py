@@ -503,10 +503,11 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
     return Guarded
 
 
-# asyncio accepts up to `backlog` connections at a time before any reaches `connection_made` (where the cap is
-# applied), so the file descriptors kept below the file limit are those plus the model's files, logs and sockets.
-BACKLOG = 64
-FD_MARGIN = BACKLOG + 64
+# asyncio accepts up to `backlog` connections per turn of the event loop, and a connection reaches
+# `connection_made` (where the cap applies) two or three turns later: the file descriptors kept below the file
+# limit are those bursts plus the model's files, logs and sockets.
+BACKLOG = 16
+FD_MARGIN = 4 * BACKLOG + 64
 
 
 def serve(model: str | Path | Scorer, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
