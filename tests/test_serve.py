@@ -518,8 +518,12 @@ def with_auto_map(folder, tmp_path, config_file):
     config = json.loads(path.read_text())
     config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
                           "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    if "tokenizer_class" in config:  # a class transformers lacks: without the fix it asks "[y/N]" and runs the code
+        config["tokenizer_class"] = "EvilTokenizer"
     path.write_text(json.dumps(config))
-    (path.parent / "tokenization_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    (path.parent / "tokenization_evil.py").write_text(
+        f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast): pass\n")
     (path.parent / "modeling_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
     return copy
 
