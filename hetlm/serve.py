@@ -184,6 +184,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._main_rows: int | None = None  # the cheapest request's rows in the main worker's batch
+        self._main_busy = asyncio.Event()    # set while the main worker scores
         self._resume = threading.Event()     # cleared while the express worker scores
         self._resume.set()
         self.requests = self.batches = 0
@@ -218,15 +219,18 @@ class Batcher:
                     self._arrived.clear()
                 if batch:
                     self._main_rows = batch[0].rows
+                    self._main_busy.set()
                     try:
                         await self._score(batch, self._resume.wait)
                     finally:
                         self._main_rows = None
+                        self._main_busy.clear()
         finally:
             express.cancel()
 
     async def _express(self) -> None:
         while True:
+            await self._main_busy.wait()
             await asyncio.sleep(EXPRESS_POLL_S)
             first = self._cheapest()
             if self._main_rows is None or first is None or not self._main_rows > 2 * first.rows:
