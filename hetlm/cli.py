@@ -57,6 +57,8 @@ GapOverride, CollapseOverride = _as_trained(float, _GAP), _as_trained(bool, _COL
 MinLenOverride, LongOverride = _as_trained(int, _MIN_LEN), _as_trained(str, _LONG)
 LongCutoffOverride = _as_trained(int, "session length (pages) above which sessions are long")
 SkipBadRows = Annotated[bool, typer.Option(help="drop bad rows and count them instead of stopping")]
+EmbeddingCache = Annotated[Optional[Path], typer.Option(
+    help="clusterwise models: folder caching the routing encoder's embeddings (default: no disk cache)")]
 Partitions = Annotated[int, typer.Option(help="logs larger than memory: hash users into N partitions done one at a time")]
 
 
@@ -621,6 +623,7 @@ def score(
     max_new_tokens: int = typer.Option(40, help="longest next session generated (pages)"),
     batch_users: int = typer.Option(64, help="users scored and written per batch"),
     batch_size: int = typer.Option(64, help="decoded sequences per forward pass"),
+    embedding_cache: EmbeddingCache = None,
     user: UserColumn = None,
     page: PageColumn = None,
     time: TimeColumn = None,
@@ -660,7 +663,7 @@ def score(
                                                    n_samples=n_samples, seed=seed), overrides)
     try:
         scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, embedding_cache=embedding_cache)
         _override_cleaning(scorer, gap_minutes=gap_minutes, collapse_repeats=collapse_repeats,
                            min_session_len=min_session_len, long_sessions=long_sessions,
                            long_session_cutoff=long_session_cutoff)
@@ -689,6 +692,12 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="larger request bodies get 413"),
     max_sessions: int = typer.Option(1000, help="requests with more sessions get 413"),
     max_pages: int = typer.Option(20_000, help="requests with more pages get 413"),
+    allowed_host: Optional[list[str]] = typer.Option(
+        None, help="Host header name clients may use, beside the loopback names and --host (repeatable; * any)"),
+    token: Optional[str] = typer.Option(None, envvar="HETLM_SERVE_TOKEN", show_default=False,
+                                        help="bearer token every request but /health must send (16+ characters; "
+                                             "set it when binding beyond loopback)"),
+    embedding_cache: EmbeddingCache = None,
     collapse_repeats: CollapseOverride = None,
     min_session_len: MinLenOverride = None,
     long_sessions: LongOverride = None,
@@ -702,11 +711,17 @@ def serve(
     from .serve import ServeConfig
     from .serve import serve as run_server
 
-    limits = _config(ServeConfig, config, _given(ctx, max_body_bytes=max_body_bytes, max_sessions=max_sessions,
-                                                 max_pages=max_pages, max_batch=max_batch, max_wait_ms=max_wait_ms),
-                     overrides)
+    given = _given(ctx, max_body_bytes=max_body_bytes, max_sessions=max_sessions, max_pages=max_pages,
+                   max_batch=max_batch, max_wait_ms=max_wait_ms, token=token)
+    if allowed_host:
+        given["allowed_hosts"] = [*ServeConfig().allowed_hosts, *allowed_host]
+    limits = _config(ServeConfig, config, given, overrides)
+    if host not in ("127.0.0.1", "localhost", "::1") and limits.token is None:
+        console.print(f"[yellow]serving on {host} without a token: anyone who can reach it may use it "
+                      "(--token or HETLM_SERVE_TOKEN)")
     try:
-        scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens)
+        scorer = Scorer.from_pretrained(model_dir, tokenizer, routing=routing, max_new_tokens=max_new_tokens,
+                                        embedding_cache=embedding_cache)
         _override_cleaning(scorer, collapse_repeats=collapse_repeats, min_session_len=min_session_len,
                            long_sessions=long_sessions, long_session_cutoff=long_session_cutoff)
         run_server(scorer, host, port, limits=limits)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,10 +98,12 @@ def decode_sessions(model: PreTrainedModel, input_ids_list: list[list[int]], row
 
 @torch.inference_mode()
 def decode(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[Decoding], max_new_tokens: int = 40,
-           batch_size: int = 64, progress: bool = False, first_pages_of: Sequence[int] = ()) -> Decoded:
+           batch_size: int = 64, progress: bool = False, first_pages_of: Sequence[int] = (),
+           between_passes: Callable[[], None] | None = None) -> Decoded:
     """One next session per row, each decoded as its `Decoding` says, and for the rows `first_pages_of` the
     log-probabilities of the session's first page over pages (as `generate.next_page_scores`, from the
-    decoder's own first step instead of another pass over the prompt).
+    decoder's own first step instead of another pass over the prompt). `between_passes` is called before each
+    pass of `batch_size` rows (the server pauses costly work there while it scores cheap requests).
 
     Same prompts and constraints as `generate.generate_next_sessions` (history + [BOS], left padded, only
     pages and [EOS] emitted); a greedy row gives the same session as it does there (up to float rounding
@@ -118,6 +120,8 @@ def decode(model: PreTrainedModel, input_ids_list: list[list[int]], rows: list[D
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("sample sessions", total=len(prompts))
         for batch in sorted_batches(np.array([len(p) for p in prompts]), batch_size):
+            if between_passes is not None:
+                between_passes()
             ids, mask = (t.to(model.device) for t in pad_sequences([prompts[i] for i in batch], side="left"))
             sampler = LogitsProcessorList([NoImmediateRepeat(), RowSampler([rows[i] for i in batch])])
             cache = {_cache_kwarg(model): _shared_prompt_cache(model, ids)}

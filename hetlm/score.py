@@ -32,7 +32,7 @@ hashed part at a time (as `prepare --partitions`), so memory does not grow with 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -190,6 +190,7 @@ class Scorer:
     calibrator: OutcomeCalibrator | None = None  # Platt scaling of P(Cart), P(Purchase) (experiment model folders)
     set_decoder: SetDecoder | None = None  # the model folder's fitted set decoder (experiment and train write one)
     cleaning: SessionCleaning | None = None  # None: the one recorded in the tokenizer by `hetlm prepare`
+    embedding_cache: str | Path | None = None  # a folder caching the routing encoder's embeddings (default: none)
     vocab: dict[str, int] = field(init=False, repr=False)
     outcome_ids: dict[str, int | None] = field(init=False)
 
@@ -207,6 +208,8 @@ class Scorer:
             raise ValueError("routing applies to clusterwise models only; this is a single LM")
         if (self.routing or self.model.routing) == "selector" and self.model.selector is None:
             raise ValueError(f"this {self.model.kind} model has no selector; route by 'centroid'")
+        if self.embedding_cache is not None and self.model.routed:
+            self.model.encoder = self.model.encoder | {"cache_dir": str(self.embedding_cache)}
         self.model.user_encoder  # noqa: B018 (loaded now: a missing encoder fails at start, not at a request)
         self.cleaning = self.cleaning or SessionCleaning.from_tokenizer(self.tokenizer)
         self.vocab = self.tokenizer.get_vocab()
@@ -242,8 +245,13 @@ class Scorer:
                 "history_budget_tokens": self.history_budget, "max_new_tokens": self.max_new_tokens,
                 "outcome_pages": {name: i is not None for name, i in self.outcome_ids.items()}}
         if self.model.routed:
+            encoder = self.model.encoder
             info |= {"clusters": self.model.active, "cluster_sizes": self.model.sizes,
-                     "routing": self.routing or self.model.routing, "encoder": self.model.encoder}
+                     "routing": self.routing or self.model.routing,
+                     # by name only: the settings may hold local paths, not for clients to see
+                     "encoder": {"name": encoder.get("name"), "pooling": encoder.get("pooling"),
+                                 "model": Path(encoder["model_name_or_path"]).name
+                                 if encoder.get("model_name_or_path") else "all-MiniLM-L6-v2 (packaged)"}}
         info["outcome_calibration"] = asdict(self.calibrator) if self.calibrator is not None else None
         info["default_decoder"] = self.strategy(ScoreConfig())
         info["cleaning"] = asdict(self.cleaning)
@@ -258,22 +266,25 @@ class Scorer:
                              "and `hetlm experiment` into the model folder); this model has none: use greedy")
         return options.strategy
 
-    def score(self, histories: Sequence[History], options: Sequence[ScoreConfig]) -> list[UserScore]:
-        """One `UserScore` per history (raises ValueError if a history's last session does not fit)."""
+    def score(self, histories: Sequence[History], options: Sequence[ScoreConfig],
+              between_passes: Callable[[], None] | None = None) -> list[UserScore]:
+        """One `UserScore` per history (raises ValueError if a history's last session does not fit);
+        `between_passes` is called before each decoding pass (`outcomes.decode`)."""
         fitted = fit_histories(sessions_frame(histories), self.vocab, self.history_budget)
         if fitted.height < len(histories):
             missing = sorted(set(range(len(histories))) - set(fitted["user"].to_list()))
             raise ValueError(f"history {missing[0]}: its most recent session does not fit the model's context "
                              f"({self.history_budget} tokens)")
-        return self.score_fitted(fitted, options)
+        return self.score_fitted(fitted, options, between_passes)
 
-    def score_fitted(self, fitted: pl.DataFrame, options: Sequence[ScoreConfig]) -> list[UserScore]:
+    def score_fitted(self, fitted: pl.DataFrame, options: Sequence[ScoreConfig],
+                     between_passes: Callable[[], None] | None = None) -> list[UserScore]:
         """Scores of users whose histories are already fitted (a `fit_histories` frame)."""
         histories, inputs = fitted["history"].to_list(), fitted["input_ids"].to_list()
         clusters, cluster_probs = route_users(self.model, self.model.embed(histories), self.routing, inputs)
         strategies = [self.strategy(o) for o in options]
         decoded = for_each_cluster(self.model, clusters, lambda lm, idx: self._decode(
-            lm, idx.tolist(), inputs, options, strategies))
+            lm, idx.tolist(), inputs, options, strategies, between_passes))
         next_sessions = [d.next_session for d in decoded]
         set_users = [i for i, d in enumerate(decoded) if d.first_page_logprobs is not None]
         if set_users:
@@ -285,12 +296,13 @@ class Scorer:
                 for i in range(len(inputs))]
 
     def _decode(self, lm: PreTrainedModel, users: list[int], inputs: list[list[int]],
-                options: Sequence[ScoreConfig], strategies: list[str]) -> list[_Decoded]:
+                options: Sequence[ScoreConfig], strategies: list[str],
+                between_passes: Callable[[], None] | None = None) -> list[_Decoded]:
         """The decodings of these users (all routed to `lm`), in one batched `decode`."""
         owner, is_next, rows = self._rows(users, inputs, options)
         next_rows = [j for j, first in enumerate(is_next) if first]  # one per user, in the order of `users`
         decoded = decode(lm, [inputs[i] for i in owner], rows, self.max_new_tokens, self.batch_size,
-                         first_pages_of=next_rows)
+                         first_pages_of=next_rows, between_passes=between_passes)
         next_session: dict[int, list[int]] = {}
         draws: dict[int, list[list[int]]] = {i: [] for i in users}
         for i, first, session in zip(owner, is_next, decoded.sessions):

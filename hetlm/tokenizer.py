@@ -7,6 +7,7 @@ whitespace-split text is exact: `tok("home apparel_mens Cart")` gives three ids,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,8 +38,26 @@ def build_tokenizer(pages: Iterable[str]) -> PreTrainedTokenizerFast:
     )
 
 
+class CustomCodeError(ValueError):
+    """A model or tokenizer folder that names its own Python code."""
+
+
+def refuse_custom_code(folder: str | Path, config_file: str) -> None:
+    """hetlm never needs a folder's own Python, and a model folder may come from anyone: a config that names
+    some (`auto_map`, which transformers would run after a prompt) is refused, not run."""
+    path = Path(folder) / config_file
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # missing or unreadable: the loader's own error says so
+    if isinstance(config, dict) and "auto_map" in config:
+        raise CustomCodeError(f"{path} names Python code of its own (auto_map: {sorted(config['auto_map'])}); hetlm "
+                              "runs no code from a model folder: use a folder saved by hetlm, or remove auto_map")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    tok = AutoTokenizer.from_pretrained(str(path))
+    refuse_custom_code(path, "tokenizer_config.json")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     ids = [tok.convert_tokens_to_ids(t) for t in SPECIALS]
     if ids != [PAD_ID, UNK_ID, BOS_ID, EOS_ID]:
         raise ValueError(f"{path}: not a hetlm page tokenizer (special ids {ids}, expected 0-3)")

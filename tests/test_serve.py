@@ -1,7 +1,10 @@
 """The HTTP service, started for real with uvicorn on loopback and called with httpx, on a micro k-means
-clusterwise model: predictions equal `hetlm score`'s, validation (422), limits (413), dynamic batching."""
+clusterwise model: predictions equal `hetlm score`'s (same fields), validation (422), limits (413), dynamic
+batching, compute bounds (queue, 503, cancellation), Host and token checks, connection guards, untrusted folders."""
 
+import asyncio
 import dataclasses
+import json
 import shutil
 import socket
 import threading
@@ -23,13 +26,14 @@ from hetlm.cluster.kmeans import KMeansClusterwise
 from hetlm.encoders import encoder_from_settings
 from hetlm.outcomes import OutcomeCalibrator
 from hetlm.score import ScoreConfig, Scorer, log_sessions
-from hetlm.serve import ServeConfig, create_app, header_timeout_protocol
+from hetlm.serve import Batcher, PredictRequest, ServeConfig, create_app, guarded_protocol
 from hetlm.tokenizer import load_tokenizer
 from hetlm.train import TrainConfig
 
 from .test_score import assert_same_score, log_head, train_micro
 
-LIMITS = ServeConfig(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20)
+LIMITS = ServeConfig(max_body_bytes=40_000, max_sessions=40, max_pages=400, max_batch=8, max_wait_ms=20,
+                     max_n_samples=32, max_batch_rows=100)
 OPTIONS = {"k": 5, "n_samples": 4, "seed": 2}
 CALIBRATOR = OutcomeCalibrator({"cart": (0.5, -1.0), "purchase": (0.8, -2.0)}, n_samples=4, n_users=50)
 
@@ -135,10 +139,12 @@ def test_predictions_equal_score_command(server, clusterwise, tmp_path):
         got = server.post("/predict", json={"sessions": history, **OPTIONS})
         assert got.status_code == 200, got.text
         got = got.json()
-        assert got["cluster"] == row["cluster"] and got["cluster_probability"] == pytest.approx(row["cluster_prob"])
-        assert got["next_session"] == row["next_session"]
-        assert [p["page"] for p in got["top_pages"]] == row["top_pages"]
-        np.testing.assert_allclose([p["probability"] for p in got["top_pages"]], row["top_probs"], rtol=1e-4)
+        # the fields of score's Parquet, by the same names and shapes
+        assert set(row) - {"user"} <= set(got)
+        assert got["cluster"] == row["cluster"] and got["cluster_prob"] == pytest.approx(row["cluster_prob"])
+        assert got["next_session"] == row["next_session"] and got["decoder"] == row["decoder"]
+        assert got["top_pages"] == row["top_pages"]
+        np.testing.assert_allclose(got["top_probs"], row["top_probs"], rtol=1e-4)
         assert (got["p_cart"], got["p_purchase"]) == (row["p_cart"], row["p_purchase"])
         assert (got["p_cart_calibrated"], got["p_purchase_calibrated"]) == (
             row["p_cart_calibrated"], row["p_purchase_calibrated"]) == pytest.approx(
@@ -152,6 +158,11 @@ def test_unknown_pages_are_reported(server):
     assert got["unknown_pages"] == ["no_such_page", "another_unknown"]  # normalised like ingest, then [UNK]
     # n_samples 0: the exact probability that the first page is Cart, no sampling
     assert 0 < got["p_cart"] < 1 and got["se_cart"] == 0 and got["n_samples"] == 0 and len(got["top_pages"]) == 10
+
+
+def test_a_request_of_unknown_pages_only_gets_422(server):
+    got = server.post("/predict", json={"sessions": [["no such page", "nor this"], ["x_1", "x_2"]], "n_samples": 0})
+    assert got.status_code == 422 and "none of the pages sent is known" in got.json()["detail"]
 
 
 def test_raw_sessions_are_cleaned_as_prepare_cleans_a_log(server):
@@ -197,6 +208,9 @@ def test_long_sessions_are_cut_at_the_training_logs_cutoff(server, taobao_prepar
     ({"sessions": [["Cart"]], "n_samples": 2.0}, "n_samples"),
     ({"sessions": [["Cart"]], "seed": 10**100}, "seed"),
     ({"sessions": [["Cart"]], "temperature": 1e-40}, "temperature"),  # logits would overflow: an empty session
+    ({"sessions": [["Cart", "[EOS]"]]}, "sessions.0.1"),  # special tokens, refused as `hetlm score` refuses them
+    ({"sessions": [["Cart", "Purchase"], [" [BOS] ", "Cart"]]}, "sessions.1.0"),
+    ({"sessions": [["[PAD]", "[UNK]"]]}, "sessions.0.0"),
 ])
 def test_malformed_requests_get_422(server, body, where):
     got = server.post("/predict", json=body)
@@ -230,10 +244,8 @@ def test_concurrent_requests_are_batched(server, taobao_prepared):
     assert all(r.status_code == 200 for r in together)
     assert after["requests"] - before["requests"] == 12 and after["batches"] - before["batches"] < 12
     for a, b in zip(alone, (r.json() for r in together)):
-        top_a, top_b = a.pop("top_pages"), b.pop("top_pages")
-        assert [p["page"] for p in top_a] == [p["page"] for p in top_b]
-        np.testing.assert_allclose([p["probability"] for p in top_a], [p["probability"] for p in top_b], rtol=1e-4)
-        assert a.pop("cluster_probability") == pytest.approx(b.pop("cluster_probability"))
+        np.testing.assert_allclose(a.pop("top_probs"), b.pop("top_probs"), rtol=1e-4)
+        assert a.pop("cluster_prob") == pytest.approx(b.pop("cluster_prob"))
         assert a == b
 
 
@@ -258,10 +270,10 @@ def poisoned(scorer: Scorer) -> Scorer:
     """`scorer` failing on any batch that holds a page named "poison" (a request that breaks the model code)."""
     real = scorer.score
 
-    def score(histories, options):
+    def score(histories, options, between_passes=None):
         if any(page == "poison" for history in histories for session in history for page in session):
             raise RuntimeError("poisoned request")
-        return real(histories, options)
+        return real(histories, options, between_passes)
 
     scorer.score = score
     return scorer
@@ -290,7 +302,7 @@ def test_poisoned_requests_fail_alone_and_every_valid_request_in_their_batches_s
 
 def test_connections_stalled_mid_headers_are_closed(clusterwise, taobao_prepared):
     app = create_app(Scorer.from_pretrained(clusterwise, max_new_tokens=10), limits=LIMITS)
-    with running(app, http=header_timeout_protocol(0.5)) as url:
+    with running(app, http=guarded_protocol(0.5, 60, 100)) as url:
         host, port = url.removeprefix("http://").split(":")
         stalled = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
         for conn in stalled:
@@ -305,3 +317,246 @@ def test_connections_stalled_mid_headers_are_closed(clusterwise, taobao_prepared
             assert client.post("/predict", json=body).status_code == 200
         for conn in stalled:
             conn.close()
+
+
+def test_per_request_budget(server):
+    got = server.post("/predict", json={"sessions": [["Cart", "Purchase"]], "n_samples": 33})
+    assert got.status_code == 422 and "at most 32" in got.json()["detail"]
+    with pytest.raises(ValueError, match="max_batch_rows"):
+        ServeConfig(max_n_samples=64, max_batch_rows=32)
+
+
+def test_cheap_requests_are_batched_first_and_apart_from_costly_ones():
+    async def batches():
+        batcher = Batcher(None, max_batch=8, max_wait_ms=0, max_rows=40, max_queue=16)
+        heavy = [batcher.submit(PredictRequest(sessions=[["a", "b"]], n_samples=16)) for _ in range(3)]
+        light = [batcher.submit(PredictRequest(sessions=[["a", "b"]], n_samples=n)) for n in (0, 1, 1, 0)]
+        light[1].cancel()  # its client hung up: never scored
+        await asyncio.sleep(0)  # done callbacks run
+        taken = [[w.request.n_samples for w in batcher._take()] for _ in range(4)]
+        return taken, batcher.given_up, heavy
+
+    taken, given_up, _ = asyncio.run(batches())
+    # cheapest first; a costly request never rides along with cheap ones; at most 40 rows per batch
+    assert taken == [[0, 0, 1], [16, 16], [16], []] and given_up == 1
+
+
+def test_cheap_requests_go_first_while_a_costly_batch_is_scored():
+    """The costly batch is paused between its decoding passes while a cheap request that came later is scored."""
+    light_done, order = threading.Event(), []
+
+    class Fake:
+        def score(self, histories, options, between_passes=None):
+            if options[0].n_samples == 0:
+                order.append("light")
+                light_done.set()
+            else:
+                for _ in range(3000):  # decoding passes, until the cheap request is done (or 30 s)
+                    if between_passes is not None:
+                        between_passes()
+                    if light_done.is_set():
+                        break
+                    time.sleep(0.01)
+                order.append("heavy")
+            return [None] * len(histories)
+
+    async def serve():
+        batcher = Batcher(Fake(), max_batch=8, max_wait_ms=0, max_rows=40, max_queue=16)
+        worker = asyncio.create_task(batcher.run())
+        heavy = batcher.submit(PredictRequest(sessions=[["a", "b"]], n_samples=16))
+        await asyncio.sleep(0.1)  # the costly batch under way
+        light = batcher.submit(PredictRequest(sessions=[["a", "b"]], n_samples=0))
+        await asyncio.wait_for(asyncio.gather(heavy, light), 60)
+        worker.cancel()
+
+    asyncio.run(serve())
+    assert order == ["light", "heavy"]
+
+
+@contextmanager
+def blocked(scorer: Scorer):
+    """`scorer` whose batches wait until released, recording the histories of each batch it scores."""
+    real, entered, release, seen = scorer.score, threading.Event(), threading.Event(), []
+
+    def score(histories, options, between_passes=None):
+        entered.set()
+        release.wait(60)
+        seen.append(histories)
+        return real(histories, options, between_passes)
+
+    scorer.score = score
+    try:
+        yield entered, release, seen
+    finally:
+        release.set()
+        scorer.score = real
+
+
+def wait_for(client, **health):
+    deadline = time.monotonic() + 30
+    while any(client.get("/health").json()[k] != v for k, v in health.items()):
+        assert time.monotonic() < deadline, client.get("/health").json()
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def micro_scorer(clusterwise):
+    return Scorer.from_pretrained(clusterwise, max_new_tokens=10)
+
+
+def test_full_queue_gets_503_and_requests_of_clients_that_hung_up_are_not_scored(micro_scorer):
+    limits = LIMITS.model_copy(update={"max_queue": 2, "max_batch": 1})
+    body = {"sessions": [["category_2520377", "Cart"]], "n_samples": 0}
+    with blocked(micro_scorer) as (entered, release, seen), running(create_app(micro_scorer, limits=limits)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        first = pool.submit(client.post, "/predict", json=body)
+        assert entered.wait(30)  # being scored, blocked
+        host, port = url.removeprefix("http://").split(":")
+        gone = socket.create_connection((host, int(port)), timeout=10)  # a request whose client then hangs up
+        payload = json.dumps({"sessions": [["category_2520377", "hung_up_client"]], "n_samples": 0}).encode()
+        gone.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        second = pool.submit(client.post, "/predict", json=body)
+        wait_for(client, waiting=2)
+        full = client.post("/predict", json=body)
+        assert full.status_code == 503 and "2 requests are waiting" in full.json()["detail"]
+        gone.close()
+        wait_for(client, waiting=1, given_up=1)
+        release.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    assert len(seen) == 2 and not any("hung_up_client" in s for h in seen for user in h for s in user)
+
+
+def test_requests_not_answered_in_time_get_503(micro_scorer):
+    limits = LIMITS.model_copy(update={"request_timeout_s": 0.3})
+    with blocked(micro_scorer), running(create_app(micro_scorer, limits=limits)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        got = client.post("/predict", json={"sessions": [["category_2520377", "Cart"]], "n_samples": 0})
+        assert got.status_code == 503 and "not answered within 0.3 s" in got.json()["detail"]
+
+
+def test_host_header_and_bearer_token(micro_scorer):
+    token = "s3cret-token-of-the-user"
+    body = {"sessions": [["category_2520377", "Cart"]], "n_samples": 0}
+    limits = LIMITS.model_copy(update={"token": token, "allowed_hosts": [*LIMITS.allowed_hosts, "hetlm.internal"]})
+    with running(create_app(micro_scorer, limits=LIMITS)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        # a page on another site whose name now resolves to 127.0.0.1 (DNS rebinding) sends its own Host
+        assert client.get("/model", headers={"host": "attacker.example"}).status_code == 400
+        assert client.post("/predict", json=body, headers={"host": "attacker.example:8000"}).status_code == 400
+        assert client.get("/model", headers={"host": "localhost:8000"}).status_code == 200
+        assert "token" not in client.get("/model").json()["limits"]
+    with running(create_app(micro_scorer, limits=limits)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/health").status_code == 200  # liveness stays open
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": token}):
+            got = client.post("/predict", json=body, headers=headers)
+            assert got.status_code == 401 and got.headers["www-authenticate"] == "Bearer"
+        assert client.get("/model").status_code == 401
+        auth = {"authorization": f"Bearer {token}"}
+        assert client.post("/predict", json=body, headers=auth).status_code == 200
+        assert client.get("/model", headers=auth | {"host": "hetlm.internal"}).status_code == 200
+        assert "s3cret" not in client.get("/model", headers=auth).text
+
+
+def test_serve_command_passes_token_and_hosts(clusterwise, monkeypatch):
+    import hetlm.serve
+
+    got = {}
+    monkeypatch.setattr(hetlm.serve, "serve", lambda scorer, host, port, limits: got.update(limits=limits, host=host))
+    monkeypatch.setenv("HETLM_SERVE_TOKEN", "from-the-environment-0123")
+    result = CliRunner().invoke(cli, ["serve", str(clusterwise), "--host", "0.0.0.0", "--allowed-host", "box.lan"])
+    assert result.exit_code == 0, result.output
+    assert got["limits"].token == "from-the-environment-0123" and "box.lan" in got["limits"].allowed_hosts
+    assert "localhost" in got["limits"].allowed_hosts
+
+
+def closed_by_server(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1024) == b""
+    except ConnectionResetError:  # closed with bytes it had not read
+        return True
+
+
+def test_slow_bodies_time_out_and_open_connections_are_capped(micro_scorer, taobao_prepared):
+    """300 clients that send headers and one byte of a body (the red team's attack, under the body limit) cannot
+    hold the server: above the cap the stalest waiting connection is closed, and a held body times out."""
+    body = {"sessions": pl.read_parquet(taobao_prepared[0] / "test.parquet")["history"][0].to_list()[-3:],
+            "n_samples": 0}
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 30000\r\n\r\n{")
+    app = create_app(micro_scorer, limits=LIMITS)
+    with running(app, http=guarded_protocol(60, 60, 20)) as url:  # the cap alone closes connections here
+        host, port = url.removeprefix("http://").split(":")
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.post("/predict", json=body).status_code == 200  # then kept alive, idle
+            attackers = []
+            for _ in range(300):
+                conn = socket.create_connection((host, int(port)), timeout=30)
+                conn.sendall(head)
+                attackers.append(conn)
+            # served beside them, on the same connection: a client that had an answer is closed last
+            assert client.post("/predict", json=body).status_code == 200
+            assert client.get("/health").json()["requests"] >= 2
+        assert all(map(closed_by_server, attackers[:281]))  # oldest first
+        for conn in attackers:
+            conn.close()
+    with running(app, http=guarded_protocol(60, 0.5, 100)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(5)]
+        for conn in held:
+            conn.sendall(head)
+        assert all(map(closed_by_server, held))  # once the body is late
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.post("/predict", json=body).status_code == 200
+        for conn in held:
+            conn.close()
+
+
+def with_auto_map(folder, tmp_path, config_file):
+    """A copy of a saved model folder whose `config_file` names custom code, as a hostile folder would."""
+    copy = tmp_path / "hostile"
+    shutil.copytree(folder, copy)
+    path = copy / config_file
+    config = json.loads(path.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None],
+                          "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    if "tokenizer_class" in config:  # a class transformers lacks: without the fix it asks "[y/N]" and runs the code
+        config["tokenizer_class"] = "EvilTokenizer"
+    path.write_text(json.dumps(config))
+    (path.parent / "tokenization_evil.py").write_text(
+        f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast): pass\n")
+    (path.parent / "modeling_evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    return copy
+
+
+@pytest.mark.parametrize("config_file", ["tokenizer/tokenizer_config.json", "config.json"])
+def test_a_model_folder_naming_custom_code_is_refused(clusterwise, tmp_path, config_file, monkeypatch):
+    hostile = with_auto_map(clusterwise.parent / "model", tmp_path, config_file)
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run the folder's code"))
+    with pytest.raises(ValueError, match="auto_map"):
+        load_model(hostile)
+    for command in (["serve", str(hostile)],
+                    ["score", str(hostile), str(log_head(tmp_path / "log.csv", 500)), "--source", "taobao",
+                     "--out", str(tmp_path / "scores.parquet")]):
+        result = CliRunner().invoke(cli, command, input="y\n")
+        assert result.exit_code == 2 and "auto_map" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_model_folder_cannot_choose_where_embeddings_are_cached(clusterwise, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(clusterwise, copy)
+    assert "cache_dir" not in json.loads((copy / "clusterwise.json").read_text())["encoder"]  # not saved
+    elsewhere = tmp_path / "elsewhere"
+    config = json.loads((copy / "clusterwise.json").read_text())
+    config["encoder"] |= {"cache_dir": str(elsewhere), "model_name_or_path": None}
+    (copy / "clusterwise.json").write_text(json.dumps(config))
+    history = [["category_2520377", "Cart"], ["category_4159072", "Cart"]]
+    scorer = Scorer.from_pretrained(copy, max_new_tokens=4)
+    scorer.score([history], [ScoreConfig(n_samples=0)])
+    assert not elsewhere.exists()
+    description = json.dumps(scorer.describe())
+    assert str(tmp_path) not in description and str(clusterwise) not in description
+    cached = Scorer.from_pretrained(copy, max_new_tokens=4, embedding_cache=tmp_path / "mine")
+    cached.score([history], [ScoreConfig(n_samples=0)])
+    assert (tmp_path / "mine" / "embeddings.sqlite").is_file() and not elsewhere.exists()

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..checkpoint import hf_bars_off, save_model, write_dir_atomically
 from ..encoders import encoder_from_settings
-from ..tokenizer import SPECIALS, load_tokenizer
+from ..tokenizer import SPECIALS, CustomCodeError, load_tokenizer, refuse_custom_code
 from .likelihood import history_dataset, likelihood_assignment
 from .selector import Selector
 
@@ -132,7 +132,9 @@ class ClusterwiseLM:
         np.save(path / "centroids.npy", self.centroids)
         if self.selector is not None:
             self.selector.save_pretrained(path / "selector")
-        config = dict(kind=self.kind, active=self.active, routing=self.routing, encoder=self.encoder,
+        # The encoder's cache_dir is a path of this machine: a loaded folder never names where caches go.
+        encoder = {k: v for k, v in self.encoder.items() if k != "cache_dir"}
+        config = dict(kind=self.kind, active=self.active, routing=self.routing, encoder=encoder,
                       sizes={str(k): v for k, v in self.sizes.items()}, info=self.info)
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
@@ -149,14 +151,16 @@ class ClusterwiseLM:
         models = {k: _load_lm(path / f"cluster_{k}", device) for k in config["active"]}
         selector = Selector.from_pretrained(path / "selector") if (path / "selector").exists() else None
         return cls(kind=config["kind"], models=models, centroids=np.load(path / "centroids.npy"),
-                   selector=selector, routing=config["routing"], encoder=config["encoder"],
+                   selector=selector, routing=config["routing"],
+                   encoder={k: v for k, v in config["encoder"].items() if k != "cache_dir"},  # see save_pretrained
                    sizes={int(k): v for k, v in config["sizes"].items()}, info=config.get("info", {}),
                    tokenizer=tokenizer)
 
 
 def _load_lm(path: Path, device: str) -> PreTrainedModel:
+    refuse_custom_code(path, "config.json")
     with hf_bars_off():
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(device).eval()
 
 
 def for_each_cluster(model: ClusterwiseLM, clusters: np.ndarray,
@@ -187,6 +191,8 @@ def load_model(model_dir: str | Path, device: str = "cpu", tokenizer_dir: str | 
         raise ValueError(f"{model_dir} is neither a save_pretrained LM folder nor a clusterwise model folder")
     try:
         model = ClusterwiseLM.from_pretrained(model_dir, device, tokenizer_dir)
+    except CustomCodeError:
+        raise
     except Exception as err:  # noqa: BLE001 (whatever the loaders raise, the user needs the folder and the cause)
         cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ValueError(f"the model folder {model_dir} cannot be loaded ({type(err).__name__}: {cause}); it is "
