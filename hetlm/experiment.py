@@ -388,10 +388,11 @@ def write_run(result: RunResult, run: RunFolder, clock: Clock) -> None:
     run.write_results(result)
     extras = {run.tables_file.name: lambda: write_atomically(run.tables_file, tables_markdown(result)),
               run.report_file.name: lambda: write_report(run.path)}
-    failed = []
+    failed, report = [], None
     for name, write in extras.items():
         try:
-            write()
+            written = write()
+            report = written if name == run.report_file.name else report
         except Exception as err:  # noqa: BLE001 (results.json is written: report any failure, keep going)
             failed.append(name)
             reason = os_error_message(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
@@ -399,7 +400,7 @@ def write_run(result: RunResult, run: RunFolder, clock: Clock) -> None:
     console.print(M.format_table({n: r.combined | r.extra for n, r in result.results.items()},
                                  metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
                                           "MRR"], title="Combined over test users"))
-    for line in report.verdict.lines() if report.verdict else []:
+    for line in report.verdict.lines() if report and report.verdict else []:
         console.print(escape(line))
     console.print(f"stage times (s): {clock.seconds}")
     written = [f.name for f in (run.results_file, run.tables_file, run.report_file) if f.name not in failed]
