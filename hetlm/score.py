@@ -7,13 +7,13 @@ For each user (a history: sessions of page names, oldest first) a `Scorer` gives
                             (`hetlm.set_decoder`, the default where the folder has one), greedy, or sampled
                             with the user's seed; `decoder` names which
     top_pages, top_probs    the k most likely first pages of the next session (the decoder's first step)
-    p_cart, p_purchase      n_samples = 0 (default): P(the next session's first page is Cart / Purchase), exact
-                            from the first step's logits (no sampling; it leaves out outcomes later in the
-                            session, so it is lower than the next one); n_samples > 0: P(Cart / Purchase
-    se_cart, se_purchase    anywhere in the next session), Monte Carlo (`hetlm.outcomes`) with standard errors
-                            (0 for the exact one); NaN when the page is not in the vocabulary
-    outcome_estimate        which of the two: "first page (exact)" or "monte carlo (N sessions)"
-    p_*_calibrated          the Monte Carlo ones after the model folder's Platt scaling (`OutcomeCalibrator`,
+    p_cart_first_page,      P(the next session's first page is Cart / Purchase), exact from the first step's
+    p_purchase_first_page   logits (no sampling, always filled; it leaves out outcomes later in the session, so
+                            it is a lower bound of p_cart / p_purchase, good for ranking users)
+    p_cart, p_purchase      P(Cart / Purchase anywhere in the next session), Monte Carlo over n_samples drawn
+    se_cart, se_purchase    sessions (`hetlm.outcomes`) with standard errors; NaN when n_samples = 0 (the
+                            default: no sampling) or the page is not in the vocabulary
+    p_*_calibrated          p_cart / p_purchase after the model folder's Platt scaling (`OutcomeCalibrator`,
                             written by `hetlm experiment`); NaN when the folder has none or n_samples = 0
     unknown_pages           pages of the history used that the tokenizer does not know (mapped to [UNK])
     sessions_used           how many of the most recent sessions fit the model's context
@@ -66,7 +66,6 @@ from .sessions import CleaningReport, SessionCleaning, build_samples, session_id
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID
 
 History = Sequence[Sequence[str]]
-FIRST_PAGE = "first page (exact)"
 
 
 class ScoreConfig(BaseModel):
@@ -84,8 +83,8 @@ class ScoreConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63, strict=True,
                       description="seed of the sampled next session and of the outcome estimate")
     n_samples: int = Field(0, ge=0, le=1024, strict=True, description="sessions drawn for the Monte Carlo P(Cart), "
-                           "P(Purchase) in the whole next session (e.g. 32); 0: the exact probability that the "
-                           "next session's first page is Cart / Purchase, no sampling (fast)")
+                           "P(Purchase) in the whole next session (e.g. 32); 0 draws none (fast): p_cart and "
+                           "p_purchase are NaN, the exact p_*_first_page are always given")
 
 
 @dataclass
@@ -104,7 +103,8 @@ class UserScore:
     p_cart_calibrated: float = float("nan")      # after the model folder's OutcomeCalibrator, if it has one
     p_purchase_calibrated: float = float("nan")
     decoder: str = "greedy"                      # how next_session was decoded: set, greedy or sample
-    outcome_estimate: str = FIRST_PAGE           # what p_cart / p_purchase are (see the module docstring)
+    p_cart_first_page: float = float("nan")      # exact P(first page is Cart); NaN: no Cart page in the vocabulary
+    p_purchase_first_page: float = float("nan")
 
 
 SCORE_SCHEMA = {
@@ -112,7 +112,7 @@ SCORE_SCHEMA = {
     "top_pages": pl.List(pl.Utf8), "top_probs": pl.List(pl.Float64), "p_cart": pl.Float64, "se_cart": pl.Float64,
     "p_purchase": pl.Float64, "se_purchase": pl.Float64, "unknown_pages": pl.List(pl.Utf8),
     "sessions_used": pl.Int64, "p_cart_calibrated": pl.Float64, "p_purchase_calibrated": pl.Float64,
-    "decoder": pl.Utf8, "outcome_estimate": pl.Utf8,
+    "decoder": pl.Utf8, "p_cart_first_page": pl.Float64, "p_purchase_first_page": pl.Float64,
 }
 
 
@@ -336,14 +336,12 @@ class Scorer:
         return owner, is_next, rows
 
     def _user_score(self, i, clusters, cluster_probs, next_session, decoded, histories, decoder) -> UserScore:
+        nan = {name: float("nan") for name in OUTCOMES}
+        p, se = nan, nan
         if decoded.draws:
             outcomes = estimate_outcomes([decoded.draws], self.outcome_ids)
             p = {name: outcomes.p[name][0] for name in OUTCOMES}
             se = {name: outcomes.se[name][0] for name in OUTCOMES}
-            estimate = f"monte carlo ({len(decoded.draws)} sessions)"
-        else:
-            p, estimate = decoded.first_page_outcomes, FIRST_PAGE
-            se = {name: 0.0 if not np.isnan(v) else float("nan") for name, v in p.items()}
         pages, probs = decoded.top
         unknown = list(dict.fromkeys(p for s in histories[i] for p in s if p not in self.vocab))
         return UserScore(
@@ -352,7 +350,7 @@ class Scorer:
             top_pages=self.tokenizer.convert_ids_to_tokens(pages), top_probs=probs,
             p_cart=float(p["cart"]), se_cart=float(se["cart"]), p_purchase=float(p["purchase"]),
             se_purchase=float(se["purchase"]), unknown_pages=unknown, sessions_used=len(histories[i]),
-            decoder=decoder, outcome_estimate=estimate,
+            decoder=decoder, **{f"p_{name}_first_page": decoded.first_page_outcomes[name] for name in OUTCOMES},
             **{f"p_{name}_calibrated": float(self.calibrator.transform(name, [p[name]])[0])
                # fitted on Monte Carlo estimates (`hetlm experiment` with outcome_samples > 0), not first-page ones
                for name in OUTCOMES if self.calibrator is not None and decoded.draws},
@@ -403,7 +401,9 @@ def score_notes(scorer: Scorer, options: ScoreConfig, users_in_log: int, users_s
                      f"beside max_new_tokens {scorer.max_new_tokens})")
     missing = [OUTCOMES[name] for name, i in scorer.outcome_ids.items() if i is None]
     if options.n_samples == 0:
-        notes.append("p_cart, p_purchase are NaN: n_samples is 0 (no sessions drawn to estimate them)")
+        notes.append("p_cart, p_purchase are NaN: n_samples is 0 (no sessions drawn to estimate them); "
+                     "p_cart_first_page, p_purchase_first_page are exact, or pass --n-samples 32 for the "
+                     "whole next session")
     elif missing:
         notes.append(f"{', '.join(missing)} is not a page of the model's vocabulary (its training log has no such "
                      "outcome events): its probability is NaN")

@@ -108,14 +108,14 @@ class PredictResponse(BaseModel):
     decoder: str = Field(description="how next_session was decoded: set, greedy or sample")
     top_pages: list[str] = Field(description="most likely first pages of the next session, likeliest first")
     top_probs: list[float] = Field(description="their probabilities")
-    p_cart: float | None = Field(description="n_samples 0: P(the next session's first page is Cart), exact; n_samples N: "
-                                             "P(Cart anywhere in the next session), Monte Carlo over N sessions; null "
-                                             "when the vocabulary has no Cart page")
+    p_cart: float | None = Field(description="P(Cart anywhere in the next session), Monte Carlo over n_samples "
+                                             "sessions; null when n_samples is 0 or the vocabulary has no Cart page")
     se_cart: float | None
     p_purchase: float | None
     se_purchase: float | None
-    outcome_estimate: str = Field(description="what p_cart / p_purchase are: 'first page (exact)' or "
-                                               "'monte carlo (N sessions)'")
+    p_cart_first_page: float | None = Field(description="P(the next session's first page is Cart), exact, no "
+                                                        "sampling; a lower bound of p_cart")
+    p_purchase_first_page: float | None
     p_cart_calibrated: float | None = Field(description="p_cart after the model's Platt scaling; null without one")
     p_purchase_calibrated: float | None
     n_samples: int

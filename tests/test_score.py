@@ -55,7 +55,7 @@ def assert_same_score(a, b):
     a, b = asdict(a), asdict(b)
     np.testing.assert_allclose(a.pop("top_probs"), b.pop("top_probs"), rtol=1e-4)
     assert a.pop("cluster_prob") == pytest.approx(b.pop("cluster_prob"), rel=1e-5)
-    for key in ("p_cart", "p_purchase"):  # exact first-page probabilities carry the same float noise
+    for key in ("p_cart_first_page", "p_purchase_first_page"):  # exact from logits: the same float noise
         np.testing.assert_allclose(a.pop(key), b.pop(key), rtol=1e-4)
     assert a == b or all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a), (a, b)
 
@@ -99,8 +99,8 @@ def test_batch_scores_equal_single_scores(taobao_prepared, scorer):
     assert first.cluster is None and first.cluster_prob == 1.0  # a single LM has no clusters
     assert len(first.top_pages) == 5 and first.top_probs == sorted(first.top_probs, reverse=True)
     assert 0 <= first.p_cart <= 1 and first.se_cart == pytest.approx(math.sqrt(first.p_cart * (1 - first.p_cart) / 6))
-    assert first.outcome_estimate == "monte carlo (6 sessions)" and len(no_outcomes.top_pages) == 3
-    assert no_outcomes.outcome_estimate == "first page (exact)" and no_outcomes.se_cart == 0
+    assert 0 < first.p_cart_first_page < 1 and len(no_outcomes.top_pages) == 3
+    assert math.isnan(no_outcomes.p_cart) and math.isnan(no_outcomes.se_cart) and 0 < no_outcomes.p_cart_first_page < 1
     assert sampled.unknown_pages == ["never_seen_page"]
     for history, score in zip(histories, together):  # the most recent whole sessions that fit 128 - 12 - 1
         costs = [len(s) + 2 for s in history[::-1]]
@@ -119,8 +119,8 @@ def test_default_outcomes_are_the_exact_first_page_probabilities(taobao_prepared
     logprobs = next_page_scores(scorer.model.models[0], fitted["input_ids"].to_list())
     for name in ("cart", "purchase"):
         exact = np.exp(logprobs[:, scorer.outcome_ids[name]])
-        assert [getattr(s, f"p_{name}") for s in scores] == pytest.approx(exact, rel=1e-4, abs=1e-7)
-    assert {s.outcome_estimate for s in scores} == {"first page (exact)"}
+        assert [getattr(s, f"p_{name}_first_page") for s in scores] == pytest.approx(exact, rel=1e-4, abs=1e-7)
+        assert all(math.isnan(getattr(s, f"p_{name}")) for s in scores)  # no sessions drawn: not estimated
 
 
 def test_score_command_streams_bounded_batches(micro, tmp_path):

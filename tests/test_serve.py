@@ -156,8 +156,8 @@ def test_unknown_pages_are_reported(server):
     body = {"sessions": [["category_2520377", "Cart"], ["no such page", "Cart", "another_unknown"]], "n_samples": 0}
     got = server.post("/predict", json=body).json()
     assert got["unknown_pages"] == ["no_such_page", "another_unknown"]  # normalised like ingest, then [UNK]
-    # n_samples 0: the exact probability that the first page is Cart, no sampling
-    assert 0 < got["p_cart"] < 1 and got["se_cart"] == 0 and got["n_samples"] == 0 and len(got["top_pages"]) == 10
+    # n_samples 0: the exact probability that the first page is Cart, no sampling; no whole-session estimate
+    assert 0 < got["p_cart_first_page"] < 1 and got["p_cart"] is None and got["n_samples"] == 0 and len(got["top_pages"]) == 10
 
 
 def test_a_request_of_unknown_pages_only_gets_422(server):
@@ -246,6 +246,8 @@ def test_concurrent_requests_are_batched(server, taobao_prepared):
     for a, b in zip(alone, (r.json() for r in together)):
         np.testing.assert_allclose(a.pop("top_probs"), b.pop("top_probs"), rtol=1e-4)
         assert a.pop("cluster_prob") == pytest.approx(b.pop("cluster_prob"))
+        for key in ("p_cart_first_page", "p_purchase_first_page"):  # from logits: float noise of the padding
+            assert a.pop(key) == pytest.approx(b.pop(key), rel=1e-4)
         assert a == b
 
 
