@@ -16,6 +16,13 @@ SHIPPED = REPO / "data" / "taobao-sample" / "UserBehavior_sample.csv.gz"
 SHARED_DATA = Path(os.environ.get("HETLM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def shipped_head(path: Path, rows: int) -> Path:
+    """The first `rows` rows of the shipped Taobao sample, written to `path` as plain CSV."""
+    with gzip.open(SHIPPED, "rt") as f:
+        path.write_text("".join(itertools.islice(f, rows)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
@@ -40,9 +47,7 @@ def small_run(tmp_path_factory) -> Path:
     from hetlm.experiment import ExperimentConfig, run_experiment
 
     root = tmp_path_factory.mktemp("report")
-    log = root / "log.csv"
-    with gzip.open(SHIPPED, "rt") as f:
-        log.write_text("".join(itertools.islice(f, 12_000)))
+    log = shipped_head(root / "log.csv", 12_000)
     config = ExperimentConfig.model_validate({
         "name": "report test", "path": str(log),
         "prepare": {"max_train_targets_per_user": 1, "max_len": 128},

@@ -1,8 +1,6 @@
 """The command line end to end: prepare on every shared dataset, clear errors on bad input, and the
 train -> generate -> evaluate chain and the experiment runner on a small real slice."""
 
-import gzip
-import itertools
 import json
 import math
 
@@ -16,7 +14,7 @@ from hetlm.cluster.base import load_model
 from hetlm.ingest import read_events
 from hetlm.tokenizer import load_tokenizer
 
-from .conftest import REPO, SHIPPED
+from .conftest import REPO, shipped_head
 
 runner = CliRunner()
 
@@ -73,10 +71,7 @@ def test_bad_input_is_a_clear_error(shared_data, tmp_path):
 @pytest.fixture(scope="module")
 def small_log(tmp_path_factory):
     """The first 25,000 rows of the shipped Taobao sample."""
-    path = tmp_path_factory.mktemp("log") / "log.csv"
-    with gzip.open(SHIPPED, "rt") as f:
-        path.write_text("".join(itertools.islice(f, 25_000)))
-    return path
+    return shipped_head(tmp_path_factory.mktemp("log") / "log.csv", 25_000)
 
 
 def test_train_generate_evaluate_chain(small_log, tmp_path):

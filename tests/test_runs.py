@@ -1,8 +1,6 @@
 """Run folders that are never lost or mixed: `hetlm experiment` on a folder log, an --out that holds
 another run, results before extras, fingerprints checked by `hetlm report`, Ctrl-C and failures said plainly."""
 
-import gzip
-import itertools
 import json
 import shutil
 
@@ -13,7 +11,7 @@ from hetlm.cli import app
 from hetlm.experiment import ExperimentConfig, run_experiment
 from hetlm.runs import RunFolder
 from tests.analytics_exports import browsing, write_ga4
-from tests.conftest import SHIPPED
+from tests.conftest import shipped_head
 
 runner = CliRunner()
 
@@ -33,10 +31,7 @@ def tiny_config(path, source="taobao", **changes) -> ExperimentConfig:
 
 @pytest.fixture(scope="module")
 def taobao_log(tmp_path_factory):
-    log = tmp_path_factory.mktemp("log") / "log.csv"
-    with gzip.open(SHIPPED, "rt") as f:
-        log.write_text("".join(itertools.islice(f, 6_000)))
-    return log
+    return shipped_head(tmp_path_factory.mktemp("log") / "log.csv", 6_000)
 
 
 @pytest.fixture(scope="module")
