@@ -560,6 +560,9 @@ def experiment(
     from .runs import RunFolder
 
     cfg = _config(ExperimentConfig, config, given, overrides)
+    if data and config and not any(o.startswith("name=") for o in overrides or ()):
+        # the config's name describes its own log: a run on another one is named after that log
+        cfg = cfg.model_copy(update={"name": f"{data.name} ({cfg.source}), settings of {config.name}"})
     try:
         run_experiment(cfg, out, progress=progress, overwrite=overwrite)
     except (IngestError, DataError) as err:

@@ -106,3 +106,13 @@ def test_prepare_refuses_an_out_that_holds_something_else(tmp_path):
     assert result.exit_code == 2 and "not a prepared folder" in flat(result.output)
     prepare("generic", log, tmp_path / "p", PrepareConfig(split="user"), **options)
     prepare("generic", log, tmp_path / "p", PrepareConfig(split="user"), **options)  # a prepared folder: replaced
+
+
+def test_an_experiment_on_another_log_is_named_after_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("hetlm.experiment.run_experiment", lambda cfg, *args, **kwargs: seen.append(cfg.name))
+    for extra in ([], ["--set", "name=mine"]):
+        result = CliRunner().invoke(app, ["experiment", str(QUICK), "--out", str(tmp_path / "run"),
+                                          "--data", str(NON_UTF8), "--source", "ga360", *extra])
+        assert result.exit_code == 0, result.output
+    assert seen == [f"{NON_UTF8.name} (ga360), settings of quick.json", "mine"]
