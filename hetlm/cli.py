@@ -618,9 +618,9 @@ def score(
     strategy: Optional[str] = typer.Option(None, help="set | greedy | sample (the next session); default: set (the "
                                                        "expected-IoU set decoder) where the model folder has one, else greedy"),
     temperature: float = typer.Option(1.0, help="sampling temperature of the next session"),
-    n_samples: int = typer.Option(0, help="0: P(Cart), P(Purchase) = exact probability that the next session's first "
-                                           "page is Cart / Purchase (fast); N: Monte Carlo P(Cart / Purchase anywhere "
-                                           "in the next session) from N sampled sessions per user (slow, e.g. 32)"),
+    n_samples: int = typer.Option(0, help="sessions sampled per user for the Monte Carlo p_cart, p_purchase (P(Cart / "
+                                           "Purchase anywhere in the next session); slow, e.g. 32); 0 samples none and "
+                                           "leaves them NaN. The exact p_*_first_page columns are always given"),
     seed: int = typer.Option(0, help="seed of the sampled sessions (a user's numbers depend only on it and the history)"),
     routing: Optional[str] = typer.Option(None, help="clusterwise models: selector | centroid | likelihood"),
     max_new_tokens: int = typer.Option(40, help="longest next session generated (pages)"),
