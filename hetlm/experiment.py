@@ -383,26 +383,29 @@ def add_composites(results: dict[str, ModelResult], reference: str) -> None:
             r.composite_ties_win = M.composite_score(r.combined, ref, "win")
 
 
+def _write_extra(file: Path, write):
+    """What `write()` returns; None (with a warning) if it fails: results.json is written by then, so any
+    failure is reported and the run goes on."""
+    try:
+        return write()
+    except Exception as err:  # noqa: BLE001
+        reason = os_error_message(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+        console.print(f"[bold yellow]warning:[/] {file.name} not written ({reason})")
+        return None
+
+
 def write_run(result: RunResult, run: RunFolder, clock: Clock) -> None:
     """results.json first, then tables.md and the report: a failing extra is a message, never a lost run."""
     run.write_results(result)
-    extras = {run.tables_file.name: lambda: write_atomically(run.tables_file, tables_markdown(result)),
-              run.report_file.name: lambda: write_report(run.path)}
-    failed, report = [], None
-    for name, write in extras.items():
-        try:
-            written = write()
-            report = written if name == run.report_file.name else report
-        except Exception as err:  # noqa: BLE001 (results.json is written: report any failure, keep going)
-            failed.append(name)
-            reason = os_error_message(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
-            console.print(f"[bold yellow]warning:[/] {name} not written ({reason})")
+    tables = _write_extra(run.tables_file, lambda: write_atomically(run.tables_file, tables_markdown(result)))
+    report = _write_extra(run.report_file, lambda: write_report(run.path))
     console.print(M.format_table({n: r.combined | r.extra for n, r in result.results.items()},
                                  metrics=["HR", "IoA", "IoP", "IoU", "Val-P", "New-P", "F1-Cart/Purchase", "BLEU",
                                           "MRR"], title="Combined over test users"))
     for line in report.verdict.lines() if report and report.verdict else []:
         console.print(escape(line))
     console.print(f"stage times (s): {clock.seconds}")
-    written = [f.name for f in (run.results_file, run.tables_file, run.report_file) if f.name not in failed]
-    retry = f"; rerun `hetlm report {run.path}` for the report" if run.report_file.name in failed else ""
+    written = [f.name for f, ok in ((run.results_file, True), (run.tables_file, tables), (run.report_file, report))
+               if ok]
+    retry = "" if report else f"; rerun `hetlm report {run.path}` for the report"
     console.print(f"run folder: {run.path}  ({', '.join(written)}{retry})")
