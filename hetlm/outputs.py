@@ -18,7 +18,10 @@ from pathlib import Path
 from .provenance import sha256
 
 SUMMARY = "summary.json"
-PREPARED_FILES = ("train.parquet", "val.parquet", "test.parquet", "tokenizer/tokenizer.json",
+SPLIT_FILES = ("train.parquet", "val.parquet", "test.parquet")
+OLD_TOKENIZER = ".tokenizer.old"  # the replaced tokenizer/ while publish_prepared swaps in the new one
+PREPARED_ENTRIES = (*SPLIT_FILES, "tokenizer", SUMMARY)  # what publish_prepared writes into a prepared folder
+PREPARED_FILES = (*SPLIT_FILES, "tokenizer/tokenizer.json",
                   "tokenizer/tokenizer_config.json")
 
 
@@ -103,9 +106,9 @@ def publish_prepared(new: Path, out: Path, summary: dict) -> None:
     summary.json goes first, so between the renames `out` reads as incomplete, not as the old run."""
     summary["fingerprints"] = fingerprints(new)
     (out / SUMMARY).unlink(missing_ok=True)
-    for name in ("train.parquet", "val.parquet", "test.parquet"):
+    for name in SPLIT_FILES:
         os.replace(new / name, out / name)
-    old = out / ".tokenizer.old"
+    old = out / OLD_TOKENIZER
     shutil.rmtree(old, ignore_errors=True)
     if (out / "tokenizer").exists():
         os.replace(out / "tokenizer", old)

@@ -38,7 +38,7 @@ from .sessions import (
     split_within_sessions,
     time_split_quantiles,
 )
-from .outputs import publish_prepared, work_dir, writable_folder
+from .outputs import OLD_TOKENIZER, PREPARED_ENTRIES, publish_prepared, work_dir, writable_folder
 from .partitioned import Ingested, Partitions, ingest_log
 from .tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, build_tokenizer
 
@@ -48,8 +48,6 @@ ROW_GROUP_ROWS = 8192  # samples per Parquet row group: what a streaming reader 
 SAMPLE_CHUNK_TARGETS = 20_000  # targets whose samples are built and written at once
 LARGE_VOCABULARY = 100_000  # pages beyond which prepare warns: the tiny preset's embeddings alone are 12.8M+
 SCRATCH = ".prepare-"  # prepare's scratch folders inside --out
-# What a prepared folder holds (publish_prepared): another non-empty --out is refused.
-PREPARED_NAMES = ("train.parquet", "val.parquet", "test.parquet", "tokenizer", "summary.json")
 
 
 class PrepareConfig(BaseModel):
@@ -130,12 +128,12 @@ def _not_foreign(out: Path) -> Path:
     """`out`, unless it is a non-empty folder that holds more than a prepared folder does (e.g. a model folder:
     publishing would replace its tokenizer/)."""
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_NAMES
-                         and not p.name.startswith((SCRATCH, ".tokenizer.old")))
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_ENTRIES
+                         and not p.name.startswith((SCRATCH, OLD_TOKENIZER)))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ValueError(f"--out {out} is not a prepared folder (it holds {shown}); prepare writes "
-                             f"{', '.join(PREPARED_NAMES)} there and would replace them: give a new or empty folder")
+                             f"{', '.join(PREPARED_ENTRIES)} there and would replace them: give a new or empty folder")
     return out
 
 
